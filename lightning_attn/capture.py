@@ -1,0 +1,158 @@
+"""Find the self-attention layers of a timm ViT and record their softmax weights for one forward.
+
+timm attention modules (``Attention``, ``EvaAttention``, BEiT's ``Attention``...) compute the softmax matrix by
+hand and pass it through ``attn_drop`` only when ``fused_attn`` is False; by default they call
+``F.scaled_dot_product_attention`` and the matrix never exists. :func:`record_attention` therefore switches
+``fused_attn`` off on the hooked modules only, hooks ``attn_drop``, and undoes both on exit, whatever happens.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AttentionRecorder", "find_attention_modules", "record_attention"]
+
+#: Called for every attention layer as its hook fires: ``(layer_index, attention)`` with attention (B, heads, N, N).
+AttentionCallback = Callable[[int, Tensor], None]
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "attn_drop", None), nn.Module) and hasattr(module, "fused_attn")
+
+
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return ``(qualified_name, module)`` for every token self-attention layer of ``model``, in module order.
+
+    A layer qualifies when it exposes both ``attn_drop`` (the module that receives the softmax weights) and
+    ``fused_attn`` (timm's switch between SDPA and the explicit softmax path). This covers timm's ViT family
+    (vit_*, deit*, deit3, dinov2, clip, flexivit), EVA/EVA02 and BEiT, whatever their class names.
+
+    Raises:
+        ValueError: if ``model`` has no such layer (a CNN, Swin window attention, XCiT channel attention, ...).
+
+    Example::
+
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+        >>> [name for name, _ in find_attention_modules(vit)]
+        ['blocks.0.attn', 'blocks.1.attn']
+    """
+    found = [(name, m) for name, m in model.named_modules() if _is_attention(m)]
+    if not found:
+        raise ValueError(
+            f"no attention layers with `attn_drop` and `fused_attn` found in {type(model).__name__}: "
+            "lightning_attn records the softmax weights of timm token self-attention (vit_*, deit*, dinov2, clip, "
+            "flexivit, eva02, beit). Swin window attention, XCiT channel attention, CaiT talking heads and CNNs are "
+            "not token self-attention. If your ViT wraps the backbone, pass the backbone itself "
+            "(e.g. `record_attention(model.backbone)` or `AttentionMonitor(module='backbone')`)."
+        )
+    return found
+
+
+class AttentionRecorder:
+    """Owns the hooks and ``fused_attn`` flags of one recording; use it through :func:`record_attention`.
+
+    Attributes:
+        names: qualified names of the hooked layers, in module order.
+        attentions: one (B, heads, N, N) tensor per layer call, in the order the layers ran (empty when
+            ``store=False``).
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[tuple[str, nn.Module]],
+        on_attention: AttentionCallback | None = None,
+        store: bool = True,
+    ) -> None:
+        self.names = [name for name, _ in modules]
+        self.attentions: list[Tensor] = []
+        self._modules = [m for _, m in modules]
+        self._on_attention = on_attention
+        self._store = store
+        self._calls = 0
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._saved_flags: list[tuple[nn.Module, object]] = []
+
+    @property
+    def num_calls(self) -> int:
+        """How many attention matrices were seen since the recording started."""
+        return self._calls
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        # The input of attn_drop is the softmax matrix itself (before dropout, which is a no-op in eval anyway).
+        attn = inputs[0]
+        index = self._calls
+        self._calls += 1
+        if self._store:
+            self.attentions.append(attn)
+        if self._on_attention is not None:
+            self._on_attention(index, attn)
+
+    def attach(self) -> None:
+        try:
+            for module in self._modules:
+                self._saved_flags.append((module, module.fused_attn))
+                module.fused_attn = False
+                self._handles.append(module.attn_drop.register_forward_hook(self._hook))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Remove every hook and restore every ``fused_attn`` flag; safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+        while self._saved_flags:
+            module, flag = self._saved_flags.pop()
+            module.fused_attn = flag
+
+
+@contextmanager
+def record_attention(
+    model: nn.Module,
+    modules: Sequence[nn.Module] | Sequence[tuple[str, nn.Module]] | None = None,
+    on_attention: AttentionCallback | None = None,
+    store: bool = True,
+) -> Iterator[AttentionRecorder]:
+    """Record the softmax attention of every self-attention layer of ``model`` during the forwards in the block.
+
+    Inside the block, fused attention is off on the hooked layers only; on exit (also when the block raises)
+    all hooks are removed and every ``fused_attn`` flag is back to its previous value, so outside the block the
+    model runs exactly as before.
+
+    Args:
+        model: a timm ViT (or any module holding timm-style attention layers).
+        modules: the attention layers to hook; default: :func:`find_attention_modules` of ``model``.
+        on_attention: called as each layer's hook fires with ``(index, attention)``; lets a caller reduce each
+            matrix at once instead of keeping L of them (see :func:`lightning_attn.attention_maps`).
+        store: keep the matrices in ``recorder.attentions``; turn off when ``on_attention`` consumes them.
+
+    Example::
+
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+        >>> with record_attention(vit.eval()) as rec, torch.no_grad():
+        ...     _ = vit(torch.randn(2, 3, 32, 32))
+        >>> [tuple(a.shape) for a in rec.attentions]
+        [(2, 3, 17, 17), (2, 3, 17, 17)]
+    """
+    if modules is None:
+        named = find_attention_modules(model)
+    else:
+        named = [m if isinstance(m, tuple) else (type(m).__name__, m) for m in modules]
+        bad = [name for name, m in named if not _is_attention(m)]
+        if bad or not named:
+            raise ValueError(
+                f"`modules` must be attention layers exposing `attn_drop` and `fused_attn`; got {bad or 'none'}. "
+                "Leave `modules=None` to find them automatically."
+            )
+    recorder = AttentionRecorder(named, on_attention=on_attention, store=store)
+    recorder.attach()
+    try:
+        yield recorder
+    finally:
+        recorder.release()

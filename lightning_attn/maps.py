@@ -1,0 +1,235 @@
+"""Per-layer attention maps of a batch of images on the patch grid: raw query rows and cumulative rollout.
+
+:func:`attention_maps` runs one forward inside :func:`~lightning_attn.capture.record_attention` and reduces each
+layer's attention as its hook fires: heads are fused, the query row is taken and the rollout advanced, so working
+memory stays O(B * N^2) whatever the depth and head count; the L x heads x N x N matrices are never kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .capture import find_attention_modules, record_attention
+from .layout import TokenLayout, token_layout
+from .rollout import check_discard_ratio, check_head_fusion, discard_weakest, fuse_heads, residual_transition
+
+__all__ = ["AGGREGATIONS", "METHODS", "AttentionMaps", "attention_maps", "query_row"]
+
+METHODS = ("raw", "rollout")
+AGGREGATIONS = ("mean", "max", "min")
+
+
+@dataclass
+class AttentionMaps:
+    """Result of :func:`attention_maps`; every map is float32 on the model's device.
+
+    Attributes:
+        raw: (B, L, gh, gw) query row of each layer's head-fused attention, patch tokens only; None if not asked.
+        rollout: (B, L, gh, gw) the same row of the cumulative rollout after each layer; None if not asked.
+        grid_size: (gh, gw) patch grid of the input.
+        num_prefix_tokens: tokens dropped from the maps (class, distillation, registers).
+        query: ``"cls"`` or ``"mean"`` (the mean over patch-token rows).
+        logits: the model's output for the images.
+        layer_names: qualified names of the attention layers, in forward order.
+        matrices: full head-fused (B, N, N) attention of the layers named in ``keep_matrices``, by layer index.
+    """
+
+    raw: Tensor | None
+    rollout: Tensor | None
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    query: str
+    logits: Tensor
+    layer_names: list[str]
+    matrices: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def __getitem__(self, method: str) -> Tensor:
+        maps = getattr(self, method, None) if method in METHODS else None
+        if maps is None:
+            raise KeyError(f"no {method!r} maps: computed methods are {[m for m in METHODS if getattr(self, m) is not None]}")
+        return maps
+
+    def aggregate(self, reduction: str = "mean", method: str = "raw") -> Tensor:
+        """Reduce a method's per-layer maps over layers by mean, max or min: (B, gh, gw)."""
+        if reduction not in AGGREGATIONS:
+            raise ValueError(f"`reduction` must be one of {AGGREGATIONS}, got {reduction!r}")
+        maps = self[method]
+        if reduction == "mean":
+            return maps.mean(dim=1)
+        return maps.amax(dim=1) if reduction == "max" else maps.amin(dim=1)
+
+    @property
+    def aggregates(self) -> dict[str, Tensor]:
+        """Mean, max and min over layers of the raw maps, each (B, gh, gw), as in the reference write-ups."""
+        return {r: self.aggregate(r, "raw") for r in AGGREGATIONS}
+
+
+def query_row(matrix: Tensor, layout: TokenLayout) -> Tensor:
+    """The query row of a (B, N, N) token matrix restricted to patch columns: (B, num_patches).
+
+    ``layout.query == "cls"`` takes row 0; ``"mean"`` averages the patch-token rows.
+    """
+    p = layout.num_prefix_tokens
+    if layout.query == "cls":
+        row = matrix[:, 0, :]
+    else:
+        row = matrix[:, p:, :].mean(dim=1)
+    return row[:, p:]
+
+
+def _check_images(model: nn.Module, images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"`images` must be a (B, C, H, W) tensor, got {shape}")
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    expected = getattr(proj, "in_channels", None)
+    if expected is not None and images.shape[1] != expected:
+        raise ValueError(
+            f"`images` have {images.shape[1]} channels but {type(model).__name__} expects {expected}: "
+            f"preprocess them to (B, {expected}, H, W) (e.g. repeat a grey channel, drop alpha)"
+        )
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else None)
+    return torch.device("cpu"), None
+
+
+class _ModeGuard:
+    """Put every submodule in eval and restore each one's own flag (frozen BatchNorms inside a training model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._modes = [(m, m.training) for m in model.modules()]
+        self._model = model
+
+    def __enter__(self) -> None:
+        self._model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self._modes:
+            module.training = mode
+
+
+class _Reducer:
+    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        methods: Sequence[str],
+        head_fusion: str,
+        discard_ratio: float,
+        keep_matrices: Iterable[int],
+    ) -> None:
+        self.layout = layout
+        self.methods = methods
+        self.head_fusion = head_fusion
+        self.discard_ratio = discard_ratio
+        self.keep = set(keep_matrices)
+        self.raw: list[Tensor] = []
+        self.rollout: list[Tensor] = []
+        self.matrices: dict[int, Tensor] = {}
+        self._product: Tensor | None = None
+
+    def __call__(self, index: int, attention: Tensor) -> None:
+        n = attention.shape[-1]
+        if n != self.layout.num_tokens:
+            raise ValueError(
+                f"attention layer {index} has {n} tokens but the layout expects {self.layout.num_tokens} "
+                f"({self.layout.num_prefix_tokens} prefix + {self.layout.grid_size[0]}x{self.layout.grid_size[1]} "
+                "patches): the model's patch embedding or prefix tokens differ from what was read; pass `layout=`"
+            )
+        fused = fuse_heads(attention.detach(), self.head_fusion)
+        if index in self.keep:
+            self.matrices[index] = fused
+        if "raw" in self.methods:
+            self.raw.append(query_row(fused, self.layout))
+        if "rollout" in self.methods:
+            step = residual_transition(discard_weakest(fused, self.discard_ratio))
+            self._product = step if self._product is None else step @ self._product
+            self.rollout.append(query_row(self._product, self.layout))
+
+    def stack(self, rows: list[Tensor]) -> Tensor | None:
+        if not rows:
+            return None
+        b = rows[0].shape[0]
+        return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+
+def attention_maps(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    methods: Sequence[str] = METHODS,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    query: str = "auto",
+    keep_matrices: Iterable[int] = (),
+    layout: TokenLayout | None = None,
+) -> AttentionMaps:
+    """Per-layer raw attention and rollout maps of ``images`` on the patch grid, in one forward.
+
+    Runs under ``no_grad`` on the model's device with every submodule in eval mode (each put back in the mode
+    it was in), computes in float32 whatever the input or autocast dtype, and leaves no hook behind.
+
+    Args:
+        model: a timm ViT.
+        images: (B, C, H, W) preprocessed for the model; moved to the model's device and parameter dtype.
+        methods: any of ``"raw"`` and ``"rollout"``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        discard_ratio: share in [0, 1) of each fused matrix's smallest entries zeroed before the rollout.
+        query: ``"auto"`` (class token when the head reads it, else patch mean), ``"cls"`` or ``"mean"``.
+        keep_matrices: layer indices whose full head-fused (B, N, N) attention to keep in ``.matrices``.
+        layout: override the token layout read from the model (for non-timm wrappers).
+
+    Example::
+
+        >>> import timm, torch
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3)
+        >>> maps = attention_maps(vit, torch.randn(2, 3, 32, 32))
+        >>> tuple(maps.raw.shape), tuple(maps.rollout.shape), maps.grid_size, maps.query
+        ((2, 3, 4, 4), (2, 3, 4, 4), (4, 4), 'cls')
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"`methods` must be a non-empty subset of {METHODS}, got {tuple(methods)!r}")
+    check_head_fusion(head_fusion)
+    check_discard_ratio(discard_ratio)
+    _check_images(model, images)
+    modules = find_attention_modules(model)
+    if layout is None:
+        layout = token_layout(model, (images.shape[-2], images.shape[-1]), query=query)
+    keep = [int(i) for i in keep_matrices]
+    bad = [i for i in keep if not 0 <= i < len(modules)]
+    if bad:
+        raise ValueError(f"`keep_matrices` {bad} out of range: the model has {len(modules)} attention layers")
+
+    device, dtype = _model_device_dtype(model)
+    images = images.to(device=device, dtype=dtype if dtype is not None else images.dtype)
+    reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep)
+    with _ModeGuard(model), torch.no_grad(), record_attention(model, modules, on_attention=reducer, store=False) as rec:
+        logits = model(images)
+    if rec.num_calls != len(modules):
+        raise RuntimeError(
+            f"{len(modules)} attention layers were hooked but {rec.num_calls} attention matrices were seen: "
+            "the model skips or repeats layers in its forward; use record_attention() directly"
+        )
+    return AttentionMaps(
+        raw=reducer.stack(reducer.raw),
+        rollout=reducer.stack(reducer.rollout),
+        grid_size=layout.grid_size,
+        num_prefix_tokens=layout.num_prefix_tokens,
+        query=layout.query,
+        logits=logits.float() if isinstance(logits, Tensor) else logits,
+        layer_names=[name for name, _ in modules],
+        matrices=reducer.matrices,
+    )

@@ -1,0 +1,122 @@
+r"""Attention rollout (Abnar & Zuidema, 2020) as pure tensor math: head fusion, discard, residual, product.
+
+For layer :math:`l` with softmax attention :math:`A_l` (B, heads, N, N):
+
+.. math::
+
+    F_l = \operatorname{fuse}_{h}(A_l) \qquad
+    \hat A_l = \frac{F_l + I}{(F_l + I)\,\mathbf 1} \qquad
+    R_l = \hat A_l R_{l-1}, \quad R_{-1} = I
+
+where ``fuse`` is the mean, max or min over heads and, before the residual, the
+``floor(N * N * discard_ratio)`` smallest entries of each sample's :math:`F_l` are set to zero (never entry
+[0, 0]). All math runs in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HEAD_FUSIONS",
+    "attention_rollout",
+    "check_discard_ratio",
+    "check_head_fusion",
+    "discard_weakest",
+    "fuse_heads",
+    "residual_transition",
+]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def check_head_fusion(head_fusion: str) -> None:
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"`head_fusion` must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def check_discard_ratio(discard_ratio: float) -> None:
+    if not isinstance(discard_ratio, (int, float)) or not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"`discard_ratio` must be a number in [0, 1), got {discard_ratio!r}")
+
+
+def fuse_heads(attention: Tensor, head_fusion: str = "mean") -> Tensor:
+    """Fuse the heads of a (B, heads, N, N) attention into (B, N, N) float32 by mean, max or min."""
+    check_head_fusion(head_fusion)
+    if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f"expected attention of shape (B, heads, N, N), got {tuple(attention.shape)}")
+    attention = attention.float()
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    return attention.amin(dim=1)
+
+
+def discard_weakest(fused: Tensor, discard_ratio: float) -> Tensor:
+    """Zero the ``floor(N*N*discard_ratio)`` smallest entries of each sample of ``fused`` (B, N, N), never [0, 0].
+
+    Applied per sample: the copied vit-explain code zeroes them in batch element 0 only.
+    """
+    check_discard_ratio(discard_ratio)
+    b, n, _ = fused.shape
+    k = math.floor(n * n * discard_ratio)
+    if k == 0:
+        return fused
+    flat = fused.reshape(b, n * n)
+    # Entry [0, 0] must survive: make it the largest so it is never among the k smallest.
+    candidates = flat.clone()
+    candidates[:, 0] = float("inf")
+    weakest = candidates.topk(k, dim=-1, largest=False).indices
+    return flat.scatter(-1, weakest, 0.0).reshape(b, n, n)
+
+
+def residual_transition(fused: Tensor) -> Tensor:
+    """Â = (F + I) / row sums: the residual connection modelled as identity, rows normalised to 1.
+
+    The row sums keep their dimension; ``a / a.sum(dim=-1)`` would broadcast over the last axis and divide each
+    column ``j`` by the sum of row ``j`` instead.
+    """
+    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    a = fused + eye
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+def attention_rollout(
+    attentions: Sequence[Tensor],
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    """Cumulative attention rollout after every layer.
+
+    Args:
+        attentions: L tensors (B, heads, N, N) in forward order, e.g. ``record_attention(...).attentions``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        discard_ratio: share in [0, 1) of each fused matrix's entries zeroed, smallest first.
+
+    Returns:
+        (B, L, N, N) float32: ``R_l`` after layers 0..l for every l.
+
+    Example::
+
+        >>> import torch
+        >>> attn = [torch.softmax(torch.randn(2, 3, 5, 5), dim=-1) for _ in range(4)]
+        >>> r = attention_rollout(attn)
+        >>> tuple(r.shape), bool(torch.allclose(r.sum(-1), torch.ones(2, 4, 5)))
+        ((2, 4, 5, 5), True)
+    """
+    check_head_fusion(head_fusion)
+    check_discard_ratio(discard_ratio)
+    if len(attentions) == 0:
+        raise ValueError("`attentions` is empty: no attention layer ran (was the forward inside record_attention?)")
+    out = []
+    rollout = None
+    for attention in attentions:
+        step = residual_transition(discard_weakest(fuse_heads(attention, head_fusion), discard_ratio))
+        rollout = step if rollout is None else step @ rollout
+        out.append(rollout)
+    return torch.stack(out, dim=1)
