@@ -20,8 +20,22 @@ __all__ = ["AttentionRecorder", "find_attention_modules", "record_attention"]
 AttentionCallback = Callable[[int, Tensor], None]
 
 
-def _is_attention(module: nn.Module) -> bool:
+# timm layers that follow the same `fused_attn`/`attn_drop` pattern but are not token self-attention, so rollout
+# over a token sequence does not apply to them; keyed by class name, the reason goes into the error message.
+NOT_TOKEN_SELF_ATTENTION = {
+    "WindowAttention": "Swin window attention (per local window, no global token)",
+    "XCA": "XCiT cross-covariance attention (over channels, not tokens)",
+    "ClassAttn": "CaiT/XCiT class attention (a single class query over the patches)",
+    "TalkingHeadAttn": "CaiT talking-heads attention (heads mixed after the softmax)",
+}
+
+
+def _has_attention_api(module: nn.Module) -> bool:
     return isinstance(getattr(module, "attn_drop", None), nn.Module) and hasattr(module, "fused_attn")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return _has_attention_api(module) and type(module).__name__ not in NOT_TOKEN_SELF_ATTENTION
 
 
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -43,6 +57,14 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     found = [(name, m) for name, m in model.named_modules() if _is_attention(m)]
     if not found:
+        skipped = sorted({type(m).__name__ for m in model.modules() if _has_attention_api(m)})
+        if skipped:
+            reasons = "; ".join(f"{n}: {NOT_TOKEN_SELF_ATTENTION[n]}" for n in skipped)
+            raise ValueError(
+                f"{type(model).__name__} has attention layers, but none is token self-attention ({reasons}). "
+                "Attention rollout needs a plain ViT-style encoder (vit_*, deit*, dinov2, clip, flexivit, eva02, "
+                "beit); if only part of your model is one, pass that submodule."
+            )
         raise ValueError(
             f"no attention layers with `attn_drop` and `fused_attn` found in {type(model).__name__}: "
             "lightning_attn records the softmax weights of timm token self-attention (vit_*, deit*, dinov2, clip, "

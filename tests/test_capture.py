@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from lightning_attn import find_attention_modules, record_attention
+from lightning_attn.capture import NOT_TOKEN_SELF_ATTENTION
+
+from conftest import MODELS, input_for, make_vit
+from reference import attention_from_qkv
+
+
+def _no_hooks(model: torch.nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules()
+    )
+
+
+def test_captured_attention_equals_attention_recomputed_from_qkv():
+    model = make_vit("vit")
+    layers = [m for _, m in find_attention_modules(model)]
+    assert all(m.fused_attn for m in layers), "the test must start from timm's default fused attention"
+    inputs: list[torch.Tensor] = []
+    pre = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach())) for m in layers]
+    x = input_for("vit")
+    with torch.no_grad(), record_attention(model) as rec:
+        model(x)
+    for h in pre:
+        h.remove()
+    assert len(rec.attentions) == len(layers) == 3
+    for layer, x_in, captured in zip(layers, inputs, rec.attentions):
+        assert captured.shape == (3, 3, 17, 17)
+        expected = attention_from_qkv(layer, x_in)
+        torch.testing.assert_close(captured.double(), expected, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(captured.sum(-1), torch.ones(3, 3, 17))
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_every_family_records_one_matrix_per_layer(key):
+    model = make_vit(key)
+    _, _, prefix, _ = MODELS[key]
+    x = input_for(key, batch=2)
+    with torch.no_grad(), record_attention(model) as rec:
+        model(x)
+    h, w = x.shape[-2:]
+    patch = model.patch_embed.patch_size[0]
+    n = prefix + (h // patch) * (w // patch)
+    assert [tuple(a.shape) for a in rec.attentions] == [(2, 3, n, n)] * 3
+    assert rec.names == [f"blocks.{i}.attn" for i in range(3)]
+    assert _no_hooks(model)
+
+
+def test_flags_and_hooks_restored_and_fused_outputs_unchanged():
+    model = make_vit("vit")
+    layers = [m for _, m in find_attention_modules(model)]
+    layers[1].fused_attn = False  # a user's own setting must survive too
+    x = input_for("vit")
+    with torch.no_grad():
+        before = model(x)
+        with record_attention(model):
+            assert not any(m.fused_attn for m in layers)
+            model(x)
+        after = model(x)
+    assert [m.fused_attn for m in layers] == [True, False, True]
+    assert _no_hooks(model)
+    assert torch.equal(before, after)
+
+
+def test_restored_when_the_forward_raises():
+    model = make_vit("vit")
+    layers = [m for _, m in find_attention_modules(model)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with record_attention(model) as rec:
+            model(input_for("vit"))
+            raise RuntimeError("boom")
+    assert all(m.fused_attn for m in layers)
+    assert _no_hooks(model)
+    # the wrong input raises inside timm itself: same guarantee
+    with pytest.raises(Exception):
+        with record_attention(model):
+            model(torch.randn(1, 3, 40, 40))
+    assert all(m.fused_attn for m in layers) and _no_hooks(model)
+    assert len(rec.attentions) == 3
+
+
+def test_nothing_recorded_outside_the_context():
+    model = make_vit("vit")
+    with torch.no_grad(), record_attention(model) as rec:
+        model(input_for("vit"))
+    model(input_for("vit"))
+    assert len(rec.attentions) == 3
+
+
+def test_streaming_callback_receives_layer_indices_without_storing():
+    model = make_vit("vit")
+    seen = []
+    with torch.no_grad(), record_attention(model, on_attention=lambda i, a: seen.append((i, a.shape)), store=False) as rec:
+        model(input_for("vit", batch=1))
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert rec.attentions == [] and rec.num_calls == 3
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("resnet10t", {}, "no attention layers with `attn_drop`"),
+        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "Swin window"),
+        ("xcit_nano_12_p16_224", dict(depth=1), "XCiT cross-covariance"),
+    ],
+)
+def test_models_without_token_self_attention_raise(name, kwargs, match):
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        find_attention_modules(model)
+    assert "pass" in str(err.value)
+    with pytest.raises(ValueError):
+        with record_attention(model):
+            pass
+
+
+def test_not_token_self_attention_registry_names_real_timm_classes():
+    import timm.models.cait as cait
+    import timm.models.swin_transformer as swin
+    import timm.models.xcit as xcit
+
+    classes = {c.__name__ for mod in (cait, swin, xcit) for c in vars(mod).values() if isinstance(c, type)}
+    assert set(NOT_TOKEN_SELF_ATTENTION) <= classes
+
+
+def test_explicit_modules_must_be_attention_layers():
+    model = make_vit("vit")
+    with pytest.raises(ValueError, match="`modules` must be attention layers"):
+        with record_attention(model, modules=[model.blocks[0].mlp]):
+            pass
+    with torch.no_grad(), record_attention(model, modules=[model.blocks[2].attn]) as rec:
+        model(input_for("vit"))
+    assert len(rec.attentions) == 1

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from lightning_attn import attention_maps, record_attention, token_layout
+from lightning_attn.capture import find_attention_modules
+
+from conftest import MODELS, input_for, make_vit
+import reference
+
+
+def _reference_maps(model, x, head_fusion, discard_ratio, prefix, query):
+    with torch.no_grad(), record_attention(model) as rec:
+        logits = model(x)
+    h, w = x.shape[-2:]
+    patch = model.patch_embed.patch_size
+    grid = (h // patch[0], w // patch[1])
+    raw = reference.query_rows(reference.raw_fused(rec.attentions, head_fusion), prefix, query)
+    roll = reference.query_rows(reference.rollout(rec.attentions, head_fusion, discard_ratio), prefix, query)
+    b, l = raw.shape[:2]
+    return raw.reshape(b, l, *grid), roll.reshape(b, l, *grid), logits
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+@pytest.mark.parametrize("head_fusion, discard_ratio", [("mean", 0.0), ("max", 0.9), ("min", 0.9), ("mean", 0.9)])
+def test_maps_equal_float64_reference(key, head_fusion, discard_ratio):
+    model = make_vit(key)
+    _, _, prefix, query = MODELS[key]
+    x = input_for(key, batch=3)
+    maps = attention_maps(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    raw, roll, logits = _reference_maps(model, x, head_fusion, discard_ratio, prefix, query)
+    assert maps.num_prefix_tokens == prefix and maps.query == query
+    assert maps.grid_size == raw.shape[-2:]
+    assert maps.raw.dtype == maps.rollout.dtype == torch.float32
+    np.testing.assert_allclose(maps.raw.numpy(), raw, atol=1e-6)
+    np.testing.assert_allclose(maps.rollout.numpy(), roll, atol=1e-5)
+    torch.testing.assert_close(maps.logits, logits)
+
+
+def test_query_rule_follows_the_head():
+    # the class token only speaks for the image when the head reads it
+    assert token_layout(make_vit("vit"), (32, 32)).query == "cls"
+    assert token_layout(make_vit("vit", global_pool="avg"), (32, 32)).query == "mean"
+    assert token_layout(make_vit("eva02"), (42, 42)).query == "mean"
+    assert token_layout(make_vit("gap"), (32, 32)).num_prefix_tokens == 0
+    assert token_layout(make_vit("vit", global_pool="avg"), (32, 32), query="cls").query == "cls"
+    with pytest.raises(ValueError, match="no class token"):
+        token_layout(make_vit("gap"), (32, 32), query="cls")
+    with pytest.raises(ValueError, match="`query`"):
+        token_layout(make_vit("vit"), (32, 32), query="first")
+
+
+def test_raw_maps_are_the_unnormalised_weights_and_batch_elements_independent():
+    model = make_vit("vit")
+    x = input_for("vit", batch=4)
+    maps = attention_maps(model, x)
+    # class-token row over patches: sums to 1 minus what went to the class token itself
+    assert (maps.raw.sum(dim=(-2, -1)) <= 1 + 1e-6).all() and (maps.raw >= 0).all()
+    single = attention_maps(model, x[2:3])
+    torch.testing.assert_close(single.rollout[0], maps.rollout[2], atol=1e-6, rtol=1e-5)
+
+
+def test_dynamic_image_size_uses_the_grid_of_the_actual_input():
+    model = make_vit("vit", dynamic_img_size=True)
+    maps = attention_maps(model, torch.randn(2, 3, 48, 64))
+    assert maps.grid_size == (6, 8) and maps.raw.shape == (2, 3, 6, 8)
+
+
+def test_aggregates_over_layers():
+    maps = attention_maps(make_vit("vit"), input_for("vit"))
+    agg = maps.aggregates
+    torch.testing.assert_close(agg["mean"], maps.raw.mean(1))
+    assert torch.equal(agg["max"], maps.raw.max(1).values) and torch.equal(agg["min"], maps.raw.min(1).values)
+    assert maps.aggregate("max", "rollout").shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="reduction"):
+        maps.aggregate("median")
+
+
+def test_keep_matrices_and_methods_subset():
+    model = make_vit("vit")
+    x = input_for("vit")
+    maps = attention_maps(model, x, methods=("raw",), keep_matrices=[0, 2])
+    assert maps.rollout is None and set(maps.matrices) == {0, 2}
+    with torch.no_grad(), record_attention(model) as rec:
+        model(x)
+    torch.testing.assert_close(maps.matrices[2], rec.attentions[2].mean(1))
+    with pytest.raises(KeyError, match="rollout"):
+        maps["rollout"]
+    with pytest.raises(ValueError, match="keep_matrices"):
+        attention_maps(model, x, keep_matrices=[3])
+    with pytest.raises(ValueError, match="methods"):
+        attention_maps(model, x, methods=("gradcam",))
+
+
+def test_model_state_restored_and_no_hooks_left():
+    model = make_vit("vit", drop_rate=0.1)
+    model.train()
+    model.blocks[1].eval()  # a user's frozen submodule keeps its own mode
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attention_maps(model, input_for("vit"))
+    assert model.training and not model.blocks[1].training and model.blocks[0].training
+    assert all(m.fused_attn for _, m in find_attention_modules(model))
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_maps_under_bf16_autocast_are_float32_and_close():
+    model = make_vit("vit")
+    x = input_for("vit")
+    exact = attention_maps(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention_maps(model, x)
+    assert low.raw.dtype == torch.float32 and low.rollout.dtype == torch.float32
+    torch.testing.assert_close(low.rollout, exact.rollout, atol=0.05, rtol=0.1)
+
+
+def test_bf16_parameters_take_float32_images():
+    model = make_vit("vit").to(torch.bfloat16)
+    maps = attention_maps(model, input_for("vit"))
+    assert maps.raw.dtype == torch.float32 and torch.isfinite(maps.rollout).all()
+
+
+def test_clear_errors_for_wrong_input():
+    model = make_vit("vit")
+    with pytest.raises(ValueError, match="1 channels but VisionTransformer expects 3"):
+        attention_maps(model, torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        attention_maps(model, torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="no attention layers"):
+        attention_maps(timm.create_model("resnet10t", pretrained=False), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="head_fusion"):
+        attention_maps(model, input_for("vit"), head_fusion="avg")
