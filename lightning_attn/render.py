@@ -1,0 +1,348 @@
+"""Image utilities that turn attention tensors into one labelled grid image: colour, overlay, assemble.
+
+Everything takes tensors, never models, and stays on the input's device; :func:`make_grid` makes the only
+device -> host copy, one per grid. matplotlib is used only to read a colormap's table, once per name.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = [
+    "LABEL_SIZE",
+    "check_cmap",
+    "colorize",
+    "colormap_lut",
+    "grid_shape",
+    "make_grid",
+    "matrix_tiles",
+    "normalize_per_map",
+    "overlay",
+    "tile_shape",
+    "to_display",
+]
+
+LABEL_SIZE = 24
+"""Thickness in pixels of the label strips :func:`make_grid` adds: the header's height, the row strip's width."""
+
+_FONT_SIZE = 14
+_BACKGROUND = 1.0  # white padding and label strips, black text
+_TEXT = (0, 0, 0)
+
+
+def check_cmap(name: str) -> None:
+    """Raise a ValueError unless ``name`` is a matplotlib colormap name."""
+    if not isinstance(name, str) or name not in matplotlib.colormaps:
+        raise ValueError(
+            f"`cmap` must be a matplotlib colormap name such as 'jet', 'viridis', 'inferno', 'magma' or 'turbo' "
+            f"(any name in matplotlib.colormaps works, '_r' reverses), got {name!r}"
+        )
+
+
+@lru_cache(maxsize=None)
+def _lut(name: str) -> np.ndarray:
+    check_cmap(name)
+    table = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def colormap_lut(name: str, device: torch.device | str | None = None) -> Tensor:
+    """The 256 colours of matplotlib colormap ``name`` as a (256, 3) float32 table in [0, 1] on ``device``.
+
+    The table is read from matplotlib once per name and cached; each call returns a fresh tensor.
+
+    Raises:
+        ValueError: ``name`` is not a matplotlib colormap.
+
+    Example::
+
+        >>> lut = colormap_lut("gray")
+        >>> tuple(lut.shape), lut[0].tolist(), lut[-1].tolist()
+        ((256, 3), [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    """
+    return torch.tensor(_lut(name), device=device)
+
+
+def normalize_per_map(maps: Tensor) -> Tensor:
+    """Min-max normalise each map over its last two dims to [0, 1] in float32; a constant map becomes all zeros.
+
+    Raises:
+        ValueError: ``maps`` has fewer than 2 dims or holds NaN or inf (checking reads one bool on the host).
+
+    Example::
+
+        >>> normalize_per_map(torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]]])).tolist()
+        [[[0.0, 0.5], [0.25, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    """
+    if maps.dim() < 2:
+        raise ValueError(f"`maps` must have shape (..., h, w), got {tuple(maps.shape)}")
+    maps = maps.float()
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    # amin/amax propagate NaN and inf, so checking the extremes checks every entry at a fraction of the cost.
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise ValueError("maps contain NaN or inf: check the model's outputs (e.g. overflow under fp16)")
+    span = hi - lo
+    return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def colorize(maps01: Tensor, lut: Tensor) -> Tensor:
+    """Colour (..., h, w) values in [0, 1] with a (256, 3) table: (..., 3, h, w) on the table's device.
+
+    Binning follows matplotlib: value v takes colour ``min(floor(v * 256), 255)``, so the result equals
+    ``matplotlib.colormaps[name](v)[..., :3]`` for a 256-colour map. Values outside [0, 1] are clamped.
+
+    Example::
+
+        >>> colorize(torch.tensor([[0.0, 1.0]]), colormap_lut("gray")).squeeze(-2).tolist()
+        [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]
+    """
+    index = (maps01.clamp(0.0, 1.0) * 256).long().clamp(0, 255)  # also keeps a stray NaN in range
+    return lut[index.to(lut.device)].movedim(-1, -3)
+
+
+def _check_tile_size(tile_size: int) -> None:
+    if not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"`tile_size` must be a positive int (pixels), got {tile_size!r}")
+
+
+def tile_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
+    """(tile_h, tile_w) of an image of ``height`` x ``width`` shown with ``tile_size`` pixels on its long side.
+
+    Example::
+
+        >>> tile_shape(224, 224, 96), tile_shape(64, 96, 96), tile_shape(96, 64, 96)
+        ((96, 96), (64, 96), (96, 64))
+    """
+    _check_tile_size(tile_size)
+    if height >= width:
+        return tile_size, max(1, round(tile_size * width / height))
+    return max(1, round(tile_size * height / width)), tile_size
+
+
+def _check_alpha(alpha: float) -> None:
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be a number in [0, 1] (weight of the heatmap), got {alpha!r}")
+
+
+def overlay(images: Tensor, maps: Tensor, tile_size: int, cmap: str = "jet", alpha: float = 0.5) -> Tensor:
+    """Each image followed by each of its maps as a heatmap blended over it: (B, K + 1, 3, tile_h, tile_w).
+
+    Tiles keep the image's aspect ratio with ``tile_size`` pixels on the long side (see :func:`tile_shape`).
+    Column 0 is the image resized to the tile (bilinear, antialiased); column k + 1 is map k upsampled to the
+    tile (bilinear, ``align_corners=False``), min-max normalised per tile, coloured with ``cmap`` and blended as
+    ``alpha * heat + (1 - alpha) * image``. A map is stretched to the whole image whatever its grid.
+
+    Args:
+        images: (B, 3, H, W) display-ready images in [0, 1] (see :func:`to_display`).
+        maps: (B, K, gh, gw) maps of any scale, e.g. per-layer attention on the patch grid.
+        tile_size: pixels on the long side of each tile.
+        cmap: matplotlib colormap name.
+        alpha: weight of the heatmap in [0, 1].
+
+    Returns:
+        (B, K + 1, 3, tile_h, tile_w) float32 in [0, 1] on the images' device.
+
+    Raises:
+        ValueError: bad shapes or arguments, or maps with NaN or inf.
+
+    Example::
+
+        >>> tiles = overlay(torch.rand(2, 3, 64, 96), torch.rand(2, 4, 4, 6), tile_size=48)
+        >>> tuple(tiles.shape)
+        (2, 5, 3, 32, 48)
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"`images` must be (B, 3, H, W) in [0, 1] (see to_display), got {tuple(images.shape)}")
+    if maps.dim() != 4 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"`maps` must be (B, K, gh, gw) with the images' batch size: images {tuple(images.shape)}, "
+            f"maps {tuple(maps.shape)}"
+        )
+    _check_alpha(alpha)
+    check_cmap(cmap)
+    size = tile_shape(images.shape[-2], images.shape[-1], tile_size)
+    shown = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    shown = shown.clamp(0.0, 1.0).unsqueeze(1)
+    up = F.interpolate(maps.float().to(images.device), size=size, mode="bilinear", align_corners=False)
+    heat = colorize(normalize_per_map(up), colormap_lut(cmap, images.device))
+    return torch.cat([shown, alpha * heat + (1.0 - alpha) * shown], dim=1)
+
+
+def matrix_tiles(matrices: Tensor, tile_size: int, cmap: str = "jet") -> Tensor:
+    """Token x token attention matrices as square colour heatmaps: (B, K, 3, tile_size, tile_size).
+
+    Each matrix is min-max normalised on its own and upsampled nearest-neighbour, so every entry is a crisp
+    block (blocks differ by a pixel when ``tile_size`` is not a multiple of N). Nothing is drawn underneath.
+
+    Args:
+        matrices: (B, K, N, N), e.g. K layers' head-fused attention.
+        tile_size: side of each square tile in pixels.
+        cmap: matplotlib colormap name.
+
+    Raises:
+        ValueError: bad shapes or arguments, or matrices with NaN or inf.
+
+    Example::
+
+        >>> tuple(matrix_tiles(torch.rand(2, 3, 17, 17), tile_size=34).shape)
+        (2, 3, 3, 34, 34)
+    """
+    if matrices.dim() != 4:
+        raise ValueError(f"`matrices` must be (B, K, N, N), got {tuple(matrices.shape)}")
+    _check_tile_size(tile_size)
+    check_cmap(cmap)
+    # Nearest upsampling commutes with per-entry colouring: colour the N x N matrix, then enlarge.
+    colour = colorize(normalize_per_map(matrices), colormap_lut(cmap, matrices.device))
+    b, k = matrices.shape[:2]
+    up = F.interpolate(colour.flatten(0, 1), size=(tile_size, tile_size), mode="nearest")
+    return up.view(b, k, 3, tile_size, tile_size)
+
+
+def grid_shape(
+    rows: int,
+    cols: int,
+    tile_h: int,
+    tile_w: int,
+    has_col_labels: bool = False,
+    has_row_labels: bool = False,
+    padding: int = 2,
+) -> tuple[int, int]:
+    r"""(height, width) of the image :func:`make_grid` returns.
+
+    .. math::
+
+        H = [\text{col labels}] \cdot L + R \cdot t_h + (R + 1) \cdot p \qquad
+        W = [\text{row labels}] \cdot L + C \cdot t_w + (C + 1) \cdot p
+
+    with :data:`LABEL_SIZE` :math:`L` and ``padding`` :math:`p`.
+
+    Example::
+
+        >>> grid_shape(2, 3, 32, 32, has_col_labels=True, padding=2)
+        (94, 104)
+    """
+    height = LABEL_SIZE * bool(has_col_labels) + rows * tile_h + (rows + 1) * padding
+    width = LABEL_SIZE * bool(has_row_labels) + cols * tile_w + (cols + 1) * padding
+    return height, width
+
+
+def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=_FONT_SIZE)
+    except TypeError:  # Pillow < 10.1 has one bitmap font and no size
+        return ImageFont.load_default()
+
+
+def _draw_centred(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    text: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+) -> None:
+    """Draw ``text`` centred in ``box`` (x0, y0, x1, y1), dropping trailing characters that would not fit."""
+    x0, y0, x1, y1 = box
+    while text and draw.textlength(text, font=font) > x1 - x0:
+        text = text[:-1]
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = x0 + (x1 - x0 - (right - left)) // 2 - left
+    y = y0 + (y1 - y0 - (bottom - top)) // 2 - top
+    draw.text((x, y), text, fill=_TEXT, font=font)
+
+
+def make_grid(
+    tiles: Tensor,
+    col_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    padding: int = 2,
+) -> np.ndarray:
+    """Assemble (R, C, 3, tile_h, tile_w) tiles in [0, 1] into one labelled HWC uint8 image.
+
+    Tiles are separated by ``padding`` white pixels (also around the border). Column labels go in a white
+    header strip of :data:`LABEL_SIZE` pixels, centred over each column; row labels in a strip of the same width
+    on the left, rotated to read bottom to top. Labels too long for their tile are cut short. The grid is built
+    and converted to uint8 on the tiles' device and copied to the host once; text is then drawn with PIL.
+    The shape is :func:`grid_shape`.
+
+    Raises:
+        ValueError: ``tiles`` is not 5-D with 3 channels, a label count differs from the grid's, or ``padding``
+            is negative.
+
+    Example::
+
+        >>> grid = make_grid(torch.rand(2, 3, 3, 32, 32), col_labels=["image", "L0", "L1"])
+        >>> grid.shape, grid.dtype, grid.shape[:2] == grid_shape(2, 3, 32, 32, has_col_labels=True)
+        ((94, 104, 3), dtype('uint8'), True)
+    """
+    if tiles.dim() != 5 or tiles.shape[2] != 3:
+        raise ValueError(f"`tiles` must be (rows, cols, 3, tile_h, tile_w), got {tuple(tiles.shape)}")
+    rows, cols, _, th, tw = tiles.shape
+    for name, labels, count in (("col_labels", col_labels, cols), ("row_labels", row_labels, rows)):
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"`{name}` has {len(labels)} labels but the grid has {count}: pass one per {name[:3]}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"`padding` must be a non-negative int, got {padding!r}")
+    top = LABEL_SIZE if col_labels is not None else 0
+    left = LABEL_SIZE if row_labels is not None else 0
+
+    # Pad every tile right and bottom, lay the tiles out by reshaping, then pad the top-left border and strips.
+    padded = F.pad(tiles.float(), (0, padding, 0, padding), value=_BACKGROUND)
+    grid = padded.permute(2, 0, 3, 1, 4).reshape(3, rows * (th + padding), cols * (tw + padding))
+    grid = F.pad(grid, (left + padding, 0, top + padding, 0), value=_BACKGROUND)
+    pixels = (grid.clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+    if col_labels is None and row_labels is None:
+        return pixels
+
+    image = Image.fromarray(pixels)
+    draw, font = ImageDraw.Draw(image), _font()
+    step_x, step_y = tw + padding, th + padding
+    for c, label in enumerate(col_labels or ()):
+        x0 = left + padding + c * step_x
+        _draw_centred(draw, (x0, 0, x0 + tw, top), str(label), font)
+    for r, label in enumerate(row_labels or ()):
+        # Draw on a horizontal strip, then turn it a quarter counter-clockwise into place.
+        strip = Image.new("RGB", (th, left), (255, 255, 255))
+        _draw_centred(ImageDraw.Draw(strip), (0, 0, th, left), str(label), font)
+        image.paste(strip.rotate(90, expand=True), (0, top + padding + r * step_y))
+    return np.asarray(image)
+
+
+def to_display(images: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Tensor:
+    """Undo the model's input normalisation, ``x * std + mean``, and clamp to [0, 1]: (B, 3, H, W) float32.
+
+    A missing ``mean`` counts as 0 and a missing ``std`` as 1; each may hold one value or one per channel.
+    Grey (1-channel) images are repeated to 3 channels. Runs on the images' device.
+
+    Raises:
+        ValueError: ``images`` is not (B, 1 or 3, H, W), or ``mean``/``std`` length matches neither 1 nor C.
+
+    Example::
+
+        >>> x = (torch.full((1, 3, 2, 2), 0.5) - 0.5) / 0.25
+        >>> to_display(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).unique().tolist()
+        [0.5]
+    """
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"`images` must be (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    channels = images.shape[1]
+    images = images.float()
+    for name, values in (("std", std), ("mean", mean)):
+        if values is not None and len(values) not in (1, channels):
+            raise ValueError(
+                f"`{name}` has {len(values)} values but the images have {channels} channels: pass 1 or {channels} "
+                f"(e.g. timm's `model.pretrained_cfg['{name}']`)"
+            )
+    if std is not None:
+        images = images * torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    if mean is not None:
+        images = images + torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
