@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionRecorder", "find_attention_modules", "record_attention"]
+__all__ = ["AttentionRecorder", "find_attention_modules", "find_vision_transformers", "record_attention"]
 
 #: Called for every attention layer as its hook fires: ``(layer_index, attention)`` with attention (B, heads, N, N).
 AttentionCallback = Callable[[int, Tensor], None]
@@ -72,6 +72,31 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             "not token self-attention. If your ViT wraps the backbone, pass the backbone itself "
             "(e.g. `record_attention(model.backbone)` or `AttentionMonitor(module='backbone')`)."
         )
+    return found
+
+
+def find_vision_transformers(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``root`` (``root`` itself included, as ``""``) that look like a ViT: a
+    ``patch_embed`` module plus token self-attention layers beneath. ``torch.compile`` wrappers are skipped in
+    favour of the eager module they hold, so hooks never touch a compiled graph.
+
+    Example::
+
+        >>> import timm
+        >>> wrapper = nn.ModuleDict({"vit": timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)})
+        >>> [name for name, _ in find_vision_transformers(wrapper)]
+        ['vit']
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if hasattr(module, "_orig_mod"):
+            continue
+        if any(name == outer or name.startswith(outer + ".") or outer == "" for outer, _ in found):
+            continue
+        if isinstance(getattr(module, "patch_embed", None), nn.Module) and any(
+            _is_attention(m) for m in module.modules()
+        ):
+            found.append((name, module))
     return found
 
 

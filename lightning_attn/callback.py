@@ -1,0 +1,462 @@
+"""``AttentionMonitor``: a thin Lightning callback that runs the functional core on fixed probes and logs it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from typing_extensions import override
+
+from .capture import find_attention_modules, find_vision_transformers
+from .layout import QUERIES
+from .maps import AGGREGATIONS, METHODS, AttentionMaps, attention_maps
+from .metrics import normalized_entropy
+from .probes import Probes, display_stats, load_images, model_transform, take_from_loader
+from .render import check_cmap, make_grid, matrix_tiles, overlay, to_display
+from .rollout import check_discard_ratio, check_head_fusion
+from .writers import AttentionWriter, PNGWriter, TensorBoardWriter
+
+__all__ = ["AttentionMonitor"]
+
+_ON_ERROR = ("warn", "raise")
+
+
+def _check_layer_list(name: str, layers: Sequence[int] | None, allow_none: bool) -> tuple[int, ...] | None:
+    if layers is None and allow_none:
+        return None
+    if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers or ()):
+        raise ValueError(f"`{name}` must be a sequence of layer indices (ints, negative counts from the end), got {layers!r}")
+    if len(set(layers)) != len(layers):  # type: ignore[arg-type]
+        raise ValueError(f"`{name}` has repeated layers: {layers!r}")
+    return tuple(layers)  # type: ignore[arg-type]
+
+
+class AttentionMonitor(Callback):
+    r"""Log where each layer of a timm ViT looks on fixed probe images, at every ``every_n_epochs``-th validation.
+
+    Every logged step writes, per method, one image grid (rows = probes; columns = the probe, then one heatmap
+    overlay per chosen layer), a grid of the aggregates over layers (mean / max / min of the raw maps), optionally
+    token x token attention matrices, and per-layer normalised-entropy scalars (0 = all attention on one patch,
+    1 = uniform). A baseline pass runs when training starts, before any update. Hooks exist only during the probe
+    pass, which runs in eval mode on the training device under the trainer's precision; the model's modes, grad
+    flags, fused-attention flags and the global RNG state are as they were afterwards.
+
+    Images and scalars go to the first :class:`~lightning.pytorch.loggers.TensorBoardLogger` of the trainer,
+    tagged ``attention/...`` at ``trainer.global_step``; without one, grids go to PNG files under
+    ``trainer.log_dir/attention/`` (with a warning). Every rank runs the probe pass; only global rank zero writes.
+
+    Args:
+        probes: fixed images to watch: a (B, C, H, W) tensor preprocessed for the model; a list of image paths
+            or PIL images (preprocessed with the model's timm data config, or ``transform``); or an int N, the
+            first N images of the validation dataloader, taken once and kept for the whole run.
+        labels: optional (B,) class of each probe (shown on the grid rows).
+        masks: optional (B, H, W) object mask of each probe, kept for localisation metrics.
+        module: the ViT inside the LightningModule, as an attribute path (``"model.backbone"``) or the module;
+            default: found automatically (the one submodule with a ``patch_embed`` and attention layers).
+        methods: maps to log, any of ``"raw"`` (each layer's attention of the query token) and ``"rollout"``
+            (attention rollout up to each layer).
+        layers: layer indices shown as columns (negative counts from the end); default all.
+        aggregates: reductions over layers of the raw maps shown in the aggregates grid; ``()`` turns it off.
+        matrix_layers: layers whose full token x token attention (head-fused) is logged; default none.
+        every_n_epochs: log at the end of every n-th validation epoch.
+        log_baseline: log once when training starts, before any update (step 0 of a fresh run).
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        discard_ratio: share in [0, 1) of each fused attention's smallest entries zeroed before the rollout.
+        query: ``"auto"`` (class token when the head reads it, else the mean over patch tokens), ``"cls"``, ``"mean"``.
+        tile_size: pixels on the long side of each tile.
+        cmap: matplotlib colormap name of the heatmaps.
+        alpha: heatmap opacity over the image, in [0, 1].
+        log_entropy: log the per-layer normalised entropy scalars.
+        transform: preprocessing for path / PIL probes instead of the model's timm transform.
+        mean: per-channel mean that un-normalises probe pixels for display (default: the model's data config).
+        std: per-channel std, likewise.
+        on_error: ``"warn"`` (default): a failing probe pass warns once per kind of error and is skipped,
+            training goes on; ``"raise"``: the error stops training.
+
+    Raises:
+        ValueError: at construction, for any invalid option; at setup, when the model has no (or several
+            candidate) ViTs, or the probes do not fit the model.
+
+    Example::
+
+        >>> import timm, torch, lightning.pytorch as pl
+        >>> from lightning_attn import AttentionMonitor
+        >>> class LitViT(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = timm.create_model("vit_tiny_patch16_224", pretrained=False,
+        ...                                        img_size=32, patch_size=8, depth=2, num_classes=2)
+        ...     def forward(self, x):
+        ...         return self.model(x)
+        ...     def training_step(self, batch, _):
+        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        ...     def validation_step(self, batch, _):
+        ...         self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.01)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)))
+        >>> loader = torch.utils.data.DataLoader(data, batch_size=4)
+        >>> monitor = AttentionMonitor(probes=torch.randn(2, 3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], default_root_dir=getfixture("tmp_path"),
+        ...                      enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
+        >>> trainer.fit(LitViT(), loader, loader)
+        >>> sorted(k for k in monitor.last_metrics if "raw" in k)
+        ['attention/entropy/raw/layer_00', 'attention/entropy/raw/layer_01']
+    """
+
+    def __init__(
+        self,
+        probes: Tensor | Sequence[str | os.PathLike[str] | Any] | int = 8,
+        *,
+        labels: Tensor | Sequence[int] | None = None,
+        masks: Tensor | None = None,
+        module: str | nn.Module | None = None,
+        methods: Sequence[str] = ("raw", "rollout"),
+        layers: Sequence[int] | None = None,
+        aggregates: Sequence[str] = AGGREGATIONS,
+        matrix_layers: Sequence[int] = (),
+        every_n_epochs: int = 1,
+        log_baseline: bool = True,
+        head_fusion: str = "mean",
+        discard_ratio: float = 0.0,
+        query: str = "auto",
+        tile_size: int = 64,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        log_entropy: bool = True,
+        transform: Callable[[Any], Tensor] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__()
+        if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
+            raise ValueError(
+                "`probes` must be a (B, C, H, W) tensor, a list of image paths or PIL images, or an int N "
+                f"(the first N validation images), got {type(probes).__name__}"
+            )
+        if isinstance(probes, int) and probes < 1:
+            raise ValueError(f"`probes` as an int must be >= 1 (number of validation images), got {probes}")
+        if isinstance(probes, (list, tuple)) and not probes:
+            raise ValueError("`probes` is an empty list: pass at least one image path or PIL image")
+        if isinstance(probes, int) and (labels is not None or masks is not None):
+            raise ValueError("`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader")
+        if isinstance(probes, Tensor):
+            Probes(probes, labels, masks)  # validates shapes now, not at setup
+        if module is not None and not isinstance(module, (str, nn.Module)):
+            raise ValueError(f"`module` must be an attribute path (str) or an nn.Module, got {type(module).__name__}")
+        if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
+            raise ValueError(f"`methods` must be a non-empty sequence of {METHODS}, got {methods!r}")
+        if isinstance(aggregates, str) or any(a not in AGGREGATIONS for a in aggregates):
+            raise ValueError(f"`aggregates` must be a sequence of {AGGREGATIONS} (or empty), got {aggregates!r}")
+        self.layers = _check_layer_list("layers", layers, allow_none=True)
+        if self.layers is not None and not self.layers:
+            raise ValueError("`layers` is empty: pass None for all layers or at least one index")
+        self.matrix_layers = _check_layer_list("matrix_layers", matrix_layers, allow_none=False) or ()
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
+        check_head_fusion(head_fusion)
+        check_discard_ratio(discard_ratio)
+        if query not in QUERIES:
+            raise ValueError(f"`query` must be one of {QUERIES}, got {query!r}")
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 8:
+            raise ValueError(f"`tile_size` must be an int >= 8 (pixels), got {tile_size!r}")
+        check_cmap(cmap)
+        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
+        for name, stats in (("mean", mean), ("std", std)):
+            if stats is not None and len(stats) not in (1, 3):
+                raise ValueError(f"`{name}` must hold 1 or 3 values (one per channel), got {stats!r}")
+        if std is not None and any(s <= 0 for s in std):
+            raise ValueError(f"`std` values must be > 0, got {std!r}")
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}")
+
+        self.probes = probes
+        self.labels = labels
+        self.masks = masks
+        self.module = module
+        self.methods = tuple(methods)
+        self.aggregates = tuple(aggregates)
+        self.every_n_epochs = every_n_epochs
+        self.log_baseline = log_baseline
+        self.head_fusion = head_fusion
+        self.discard_ratio = float(discard_ratio)
+        self.query = query
+        self.tile_size = tile_size
+        self.cmap = cmap
+        self.alpha = float(alpha)
+        self.log_entropy = log_entropy
+        self.transform = transform
+        self.mean = mean
+        self.std = std
+        self.on_error = on_error
+
+        #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
+        self.last_metrics: dict[str, float] = {}
+        self._vit: nn.Module | None = None
+        self._layer_idx: list[int] = []
+        self._matrix_idx: list[int] = []
+        self._probes: Probes | None = None
+        self._display: Tensor | None = None
+        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._writer: AttentionWriter | None = None
+        self._baseline_done = False
+        self._last_step: int | None = None
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=self.methods, every_n_epochs=self.every_n_epochs)
+
+    # ------------------------------------------------------------------ setup
+
+    def _resolve_module(self, pl_module: pl.LightningModule) -> nn.Module:
+        if isinstance(self.module, nn.Module):
+            return getattr(self.module, "_orig_mod", self.module)
+        if isinstance(self.module, str):
+            try:
+                found = pl_module.get_submodule(self.module)
+            except AttributeError as err:
+                names = [n or "<the LightningModule>" for n, _ in find_vision_transformers(pl_module)]
+                raise ValueError(
+                    f"`module={self.module!r}` is not a submodule of {type(pl_module).__name__}: {err}. "
+                    f"ViT candidates found: {names or 'none'}"
+                ) from None
+            return getattr(found, "_orig_mod", found)
+        candidates = find_vision_transformers(pl_module)
+        if len(candidates) == 1:
+            return candidates[0][1]
+        if not candidates:
+            find_attention_modules(pl_module)  # raises the detailed "no attention layers" error if there are none
+            raise ValueError(
+                f"found attention layers in {type(pl_module).__name__} but no ViT (a module with `patch_embed` "
+                "holding them): pass `module=` the attribute path of the model to watch"
+            )
+        names = [n or "<the LightningModule>" for n, _ in candidates]
+        raise ValueError(
+            f"{type(pl_module).__name__} holds several ViTs: {names}. Pass `module=` one of these names "
+            "(e.g. AttentionMonitor(module='student'))"
+        )
+
+    def _check_probe_images(self, images: Tensor) -> None:
+        vit = self._vit
+        assert vit is not None
+        patch_embed = getattr(vit, "patch_embed", None)
+        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+        if channels is not None and images.shape[1] != channels:
+            raise ValueError(
+                f"probe images have {images.shape[1]} channels but {type(vit).__name__} takes {channels}: "
+                "pass probes preprocessed like the training inputs"
+            )
+        img_size = getattr(patch_embed, "img_size", None)
+        strict = getattr(patch_embed, "strict_img_size", False) and not getattr(vit, "dynamic_img_size", False)
+        if strict and img_size is not None and tuple(images.shape[-2:]) != tuple(img_size):
+            raise ValueError(
+                f"probe images are {images.shape[-2]}x{images.shape[-1]} but {type(vit).__name__} takes "
+                f"{img_size[0]}x{img_size[1]} inputs: resize the probes (or build the model with "
+                "`dynamic_img_size=True`)"
+            )
+
+    def _resolve_layers(self, requested: Sequence[int] | None, num_layers: int, name: str) -> list[int]:
+        if requested is None:
+            return list(range(num_layers))
+        bad = [l for l in requested if not -num_layers <= l < num_layers]
+        if bad:
+            raise ValueError(f"`{name}` {bad} out of range: the model has {num_layers} attention layers")
+        return [l % num_layers for l in requested]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._vit = self._resolve_module(pl_module)
+        num_layers = len(find_attention_modules(self._vit))
+        self._layer_idx = self._resolve_layers(self.layers, num_layers, "layers")
+        self._matrix_idx = self._resolve_layers(self.matrix_layers, num_layers, "matrix_layers")
+        self._stats = display_stats(self._vit, self.mean, self.std)
+        if self._probes is None and not isinstance(self.probes, int):
+            if isinstance(self.probes, Tensor):
+                images = self.probes.detach().clone()
+            else:
+                images = load_images(self.probes, self.transform or model_transform(self._vit))
+            self._probes = Probes(images, self.labels, self.masks)
+        if self._probes is not None:
+            self._check_probe_images(self._probes.images)
+        # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        if trainer.is_global_zero and self._writer is None:
+            tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            if tensorboard is not None:
+                self._writer = TensorBoardWriter(tensorboard.experiment)
+            else:
+                directory = Path(log_dir) / "attention"
+                self._writer = PNGWriter(directory)
+                rank_zero_warn(
+                    f"AttentionMonitor found no TensorBoardLogger in `trainer.loggers`: writing PNG grids to "
+                    f"{directory}. Add `TensorBoardLogger` to see them in TensorBoard.",
+                    category=RuntimeWarning,
+                )
+
+    # ------------------------------------------------------------------ when
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_baseline and not self._baseline_done:
+            self._run(trainer, pl_module)
+            self._baseline_done = True
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        self._run(trainer, pl_module)
+
+    # ------------------------------------------------------------------ what
+
+    def _ensure_probes(self, trainer: pl.Trainer, device: torch.device) -> Probes:
+        if self._probes is None:
+            assert isinstance(self.probes, int)
+            loaders = trainer.val_dataloaders
+            if loaders is None and trainer.state.fn == "fit":
+                # Lightning sets validation data up lazily; doing it now is what its val loop does first anyway.
+                try:
+                    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                except MisconfigurationException:  # no `val_dataloader` anywhere: reported below
+                    pass
+                loaders = trainer.val_dataloaders
+            if isinstance(loaders, dict):
+                loaders = next(iter(loaders.values()), None)
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+            if loaders is None:
+                raise ValueError(
+                    f"`probes={self.probes}` takes images from the validation dataloader, but this run has none: "
+                    "define `val_dataloader` or pass `probes` as a tensor or image paths"
+                )
+            self._probes = take_from_loader(loaders, self.probes)
+            self._check_probe_images(self._probes.images)
+        if self._probes.images.device != device:
+            self._probes = self._probes.to(device)
+            self._display = None
+        if self._display is None:
+            mean, std = self._stats or ((0.0,), (1.0,))
+            self._display = to_display(self._probes.images.float(), mean, std)
+        return self._probes
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            rank_zero_warn(message, category=RuntimeWarning)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged
+        assert self._vit is not None, "setup() must run before a probe pass"
+        probes = self._ensure_probes(trainer, pl_module.device)
+        try:
+            with isolate_rng():
+                maps = self._compute(trainer, probes)
+            if trainer.is_global_zero:
+                self._write(maps, probes, step)
+        except Exception as err:  # a transient fault must not kill a long run
+            if self.on_error == "raise":
+                raise
+            self._warn_once(
+                type(err).__name__,
+                f"AttentionMonitor skipped the probe pass at step {step}: {type(err).__name__}: {err}. "
+                "Training goes on; this warning is shown once per kind of error "
+                "(pass on_error='raise' to stop on it instead).",
+            )
+            return
+        self._last_step = step
+
+    def _compute(self, trainer: pl.Trainer, probes: Probes) -> AttentionMaps:
+        plugin = trainer.precision_plugin
+        with plugin.forward_context():
+            maps = attention_maps(
+                self._vit,  # type: ignore[arg-type]
+                plugin.convert_input(probes.images),
+                methods=self.methods,
+                head_fusion=self.head_fusion,
+                discard_ratio=self.discard_ratio,
+                query=self.query,
+                keep_matrices=self._matrix_idx,
+            )
+        for method in self.methods:
+            bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
+            if bad.any():
+                layers = bad.nonzero().flatten().tolist()
+                raise FloatingPointError(f"{method} maps contain NaN or inf at layers {layers}; not drawn")
+        return maps
+
+    def _row_labels(self, probes: Probes, maps: AttentionMaps) -> list[str]:
+        predicted = maps.logits.argmax(-1).tolist() if maps.logits.dim() == 2 else None
+        labels = probes.labels.tolist() if probes.labels is not None else None
+        rows = []
+        for i in range(len(probes)):
+            # short enough for the rotated strip beside a small tile: "#3 y2 p0" (probe, label, prediction)
+            text = f"#{i}"
+            if labels is not None:
+                text += f" y{labels[i]}"
+            if predicted is not None:
+                text += f" p{predicted[i]}"
+            rows.append(text)
+        return rows
+
+    def _write(self, maps: AttentionMaps, probes: Probes, step: int) -> None:
+        writer = self._writer
+        assert writer is not None and self._display is not None
+        rows = self._row_labels(probes, maps)
+        render = dict(tile_size=self.tile_size, cmap=self.cmap, alpha=self.alpha)
+        columns = ["image"] + [f"L{l}" for l in self._layer_idx]
+        for method in self.methods:
+            tiles = overlay(self._display, maps[method][:, self._layer_idx], **render)
+            writer.add_image(f"attention/{method}", make_grid(tiles, columns, rows), step)
+        if self.aggregates and "raw" in self.methods:
+            stacked = torch.stack([maps.aggregate(r, "raw") for r in self.aggregates], dim=1)
+            tiles = overlay(self._display, stacked, **render)
+            writer.add_image("attention/raw_aggregates", make_grid(tiles, ["image", *self.aggregates], rows), step)
+        if self._matrix_idx:
+            matrices = torch.stack([maps.matrices[l] for l in self._matrix_idx], dim=1)
+            tiles = matrix_tiles(matrices, self.tile_size * 2, self.cmap)
+            writer.add_image("attention/matrix", make_grid(tiles, [f"L{l}" for l in self._matrix_idx], rows), step)
+        metrics: dict[str, float] = {}
+        if self.log_entropy:
+            for method in self.methods:
+                values = normalized_entropy(maps[method]).mean(0).tolist()
+                metrics.update({f"attention/entropy/{method}/layer_{l:02d}": v for l, v in enumerate(values)})
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, step)
+        writer.flush()
+        self.last_metrics = metrics
+
+    # ------------------------------------------------------------------ state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"baseline_done": self._baseline_done, "last_step": self._last_step}
+        if isinstance(self.probes, int) and self._probes is not None:
+            # probes taken from the loader must stay the same images after a resume
+            state["probes"] = self._probes.images.cpu()
+            state["labels"] = None if self._probes.labels is None else self._probes.labels.cpu()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._baseline_done = bool(state_dict.get("baseline_done", False))
+        self._last_step = state_dict.get("last_step")
+        if isinstance(self.probes, int) and state_dict.get("probes") is not None:
+            self._probes = Probes(state_dict["probes"], state_dict.get("labels"))
+            self._display = None

@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_attn import AttentionMonitor, find_attention_modules
+from lightning_attn.render import grid_shape
+
+import lit
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _probes(n=3, seed=7):
+    return torch.randn(n, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fit_logs_grids_and_entropy_at_the_trainers_steps(tmp_path):
+    monitor = AttentionMonitor(_probes(3), labels=[0, 1, 2], mean=MEAN, std=STD, tile_size=32)
+    trainer = lit.trainer(tmp_path, [monitor])
+    trainer.fit(lit.LitViT(depth=3), *lit.loaders())
+    acc = lit.read_events(trainer.logger.log_dir)
+
+    image_tags = set(acc.Tags()["images"])
+    assert {"attention/raw", "attention/rollout", "attention/raw_aggregates"} <= image_tags
+    assert "attention/matrix" not in image_tags  # off by default
+    steps = [0, 4, 8]  # baseline before any update, then the end of each epoch (4 train batches per epoch)
+    assert trainer.global_step == 8
+    for tag, cols in (("attention/raw", 4), ("attention/rollout", 4), ("attention/raw_aggregates", 4)):
+        events = acc.Images(tag)
+        assert [e.step for e in events] == steps
+        height, width = grid_shape(3, cols, 32, 32, has_col_labels=True, has_row_labels=True)
+        assert all((e.height, e.width) == (height, width) for e in events)
+    for method in ("raw", "rollout"):
+        for layer in range(3):
+            scalars = acc.Scalars(f"attention/entropy/{method}/layer_{layer:02d}")
+            assert [s.step for s in scalars] == steps
+            assert all(0.0 <= s.value <= 1.0 for s in scalars)
+    assert set(monitor.last_metrics) == {f"attention/entropy/{m}/layer_{l:02d}" for m in ("raw", "rollout") for l in range(3)}
+
+
+def test_grid_pixels_are_the_overlay_of_the_probe(tmp_path):
+    # one probe, constant grey: every image tile pixel is grey; every heat tile is a blend with it
+    probes = torch.zeros(1, 3, lit.IMG, lit.IMG)  # normalised 0 -> display 0.5
+    monitor = AttentionMonitor(probes, mean=MEAN, std=STD, tile_size=32, methods=("raw",), aggregates=())
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, logger=False)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    grid = np.asarray(Image.open(tmp_path / "attention" / "attention__raw_step0000004.png"))
+    top, pad = 24, 2
+    image_tile = grid[top + pad: top + pad + 32, 24 + pad: 24 + pad + 32]
+    assert np.abs(image_tile.astype(int) - 128).max() <= 1
+    heat = grid[top + pad: top + pad + 32, 24 + 2 * pad + 32: 24 + 2 * pad + 64].astype(float)
+    # jet at 0 is dark blue, at 1 dark red: blended 50/50 with grey, the extremes are both present per tile
+    assert heat[..., 2].max() > 150 and heat[..., 0].max() > 150
+
+
+def test_probes_from_image_paths_use_the_models_transform(tmp_path):
+    paths = []
+    for i in range(2):
+        rgb = (np.random.default_rng(i).random((50, 70, 3)) * 255).astype(np.uint8)
+        path = tmp_path / f"probe{i}.png"
+        Image.fromarray(rgb).save(path)
+        paths.append(str(path))
+    monitor = AttentionMonitor(paths, tile_size=32, aggregates=())
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert monitor._probes.images.shape == (2, 3, lit.IMG, lit.IMG)
+    events = lit.read_events(trainer.logger.log_dir).Images("attention/rollout")
+    assert [e.step for e in events] == [0, 4]
+    assert events[0].height == grid_shape(2, 3, 32, 32, True, True)[0]
+
+
+def test_probes_from_the_validation_loader_are_taken_once_and_kept(tmp_path):
+    monitor = AttentionMonitor(5, tile_size=32)
+    trainer = lit.trainer(tmp_path, [monitor], num_sanity_val_steps=0)
+    _, val = lit.loaders()
+    trainer.fit(lit.LitViT(), lit.loaders()[0], val)
+    expected = torch.cat([x for x, _ in val])[:5]
+    torch.testing.assert_close(monitor._probes.images, expected)
+    torch.testing.assert_close(monitor._probes.labels, torch.cat([y for _, y in val])[:5])
+    events = lit.read_events(trainer.logger.log_dir).Images("attention/raw")
+    assert [e.step for e in events] == [0, 4, 8]
+
+
+def test_without_tensorboard_grids_go_to_png_files(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=32)
+    csv = pl.loggers.CSVLogger(tmp_path, name="csv")
+    trainer = lit.trainer(tmp_path, [monitor], logger=csv, max_epochs=1)
+    with pytest.warns(RuntimeWarning, match="no TensorBoardLogger"):
+        trainer.fit(lit.LitViT(), *lit.loaders())
+    files = {p.name for p in (Path(trainer.log_dir) / "attention").glob("*.png")}
+    assert files == {f"attention__{t}_step{s:07d}.png" for t in ("raw", "raw_aggregates", "rollout") for s in (0, 4)}
+
+
+def test_logger_false_writes_pngs_under_default_root_dir(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=32, methods=("rollout",))
+    trainer = lit.trainer(tmp_path, [monitor], logger=False, max_epochs=1)
+    with pytest.warns(RuntimeWarning, match="no TensorBoardLogger"):
+        trainer.fit(lit.LitViT(), *lit.loaders())
+    png = tmp_path / "attention" / "attention__rollout_step0000004.png"
+    assert png.is_file()
+    assert Image.open(png).size[::-1] == grid_shape(2, 3, 32, 32, True, True)
+
+
+def test_probe_pass_changes_nothing(tmp_path):
+    model = lit.LitViT(drop=0.1)
+    trainer = lit.trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(model, *lit.loaders())  # attach the model to a trainer as in real use
+    monitor = AttentionMonitor(_probes(3), tile_size=32, matrix_layers=[0])
+    monitor.setup(trainer, model, "fit")
+    model.train()
+    probes = monitor._probes.images.clone()
+    state = copy.deepcopy(model.state_dict())
+    x = _probes(2, seed=3)
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        model.eval()
+        before = model(x)
+        model.train()
+    grads = [p.requires_grad for p in model.parameters()]
+    monitor._run(trainer, model)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe pass must not consume global RNG"
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(monitor._probes.images, probes)
+    assert all(m.fused_attn for _, m in find_attention_modules(model))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), before)
+    assert monitor.last_metrics
+
+
+def test_validate_alone_logs_and_sanity_check_does_not(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=32)
+    trainer = lit.trainer(tmp_path, [monitor])
+    trainer.validate(lit.LitViT(), lit.loaders()[1])
+    events = lit.read_events(trainer.logger.log_dir).Images("attention/raw")
+    assert [e.step for e in events] == [0]
+
+    monitor = AttentionMonitor(_probes(2), tile_size=32, log_baseline=False, every_n_epochs=2)
+    trainer = lit.trainer(tmp_path / "b", [monitor], max_epochs=4, num_sanity_val_steps=2)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    events = lit.read_events(trainer.logger.log_dir).Images("attention/raw")
+    assert [e.step for e in events] == [8, 16]  # epochs 2 and 4 only; nothing from the sanity check
+
+
+def test_matrix_view_and_chosen_layers(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=32, layers=[-1, 0], matrix_layers=[1])
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    trainer.fit(lit.LitViT(depth=3), *lit.loaders())
+    acc = lit.read_events(trainer.logger.log_dir)
+    raw = acc.Images("attention/raw")[-1]
+    assert raw.width == grid_shape(2, 3, 32, 32, True, True)[1]  # image + 2 chosen layers
+    matrix = acc.Images("attention/matrix")[-1]
+    assert (matrix.height, matrix.width) == grid_shape(2, 1, 64, 64, True, True)
+
+
+def test_failing_probe_pass_warns_once_and_training_goes_on(tmp_path):
+    bad = _probes(2)
+    bad[0, 0, 0, 0] = float("nan")  # NaN pixels -> NaN attention
+    monitor = AttentionMonitor(bad, tile_size=32)
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=3)
+    with pytest.warns(RuntimeWarning, match="skipped the probe pass at step 0: FloatingPointError") as record:
+        trainer.fit(lit.LitViT(), *lit.loaders())
+    assert sum("skipped the probe pass" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 12  # all three epochs ran
+    assert "attention/raw" not in lit.read_events(trainer.logger.log_dir).Tags()["images"]
+
+    strict = AttentionMonitor(bad, tile_size=32, on_error="raise")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        lit.trainer(tmp_path / "s", [strict]).fit(lit.LitViT(), *lit.loaders())
+
+
+def test_bf16_mixed_precision(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=32, on_error="raise")
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-mixed")
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert all(0 <= v <= 1 for v in monitor.last_metrics.values())
+
+
+class TwoViTs(lit.LitViT):
+    def __init__(self):
+        super().__init__()
+        self.teacher = copy.deepcopy(self.model)
+
+
+class NoViT(lit.LitViT):
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * lit.IMG * lit.IMG, 3))
+
+
+@pytest.mark.parametrize(
+    "module, kwargs, match",
+    [
+        (TwoViTs, {}, r"several ViTs: \['model', 'teacher'\].*module="),
+        (NoViT, {}, "no attention layers"),
+        (lit.LitViT, dict(module="backbone"), "`module='backbone'` is not a submodule"),
+        (lit.LitViT, dict(layers=[5]), r"`layers` \[5\] out of range: the model has 2"),
+        (lit.LitViT, dict(probes=torch.randn(2, 1, lit.IMG, lit.IMG)), "1 channels but VisionTransformer takes 3"),
+        (lit.LitViT, dict(probes=torch.randn(2, 3, 48, 48)), "48x48 but VisionTransformer takes 32x32"),
+    ],
+)
+def test_setup_errors_name_the_fix(tmp_path, module, kwargs, match):
+    monitor = AttentionMonitor(**{"probes": _probes(2), **kwargs})
+    with pytest.raises(ValueError, match=match):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(module(), *lit.loaders())
+
+
+def test_module_option_picks_one_of_several(tmp_path):
+    monitor = AttentionMonitor(_probes(2), module="teacher", tile_size=32)
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    model = TwoViTs()
+    trainer.fit(model, *lit.loaders())
+    assert monitor._vit is model.teacher
+
+
+def test_probes_int_without_validation_data(tmp_path):
+    monitor = AttentionMonitor(4)
+    with pytest.raises(ValueError, match="has none"):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(lit.LitViT(), lit.loaders()[0])
+    monitor = AttentionMonitor(100)
+    with pytest.raises(ValueError, match="has only 16"):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(lit.LitViT(), *lit.loaders())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(probes=0), "`probes` as an int must be >= 1"),
+        (dict(probes="img.png"), "`probes` must be"),
+        (dict(probes=[]), "empty list"),
+        (dict(probes=torch.randn(3, 32, 32)), r"\(B, C, H, W\)"),
+        (dict(probes=torch.randn(2, 3, 8, 8), labels=[1]), "1 entries for 2 probes"),
+        (dict(probes=4, labels=[1, 2, 3, 4]), "labels come from the loader"),
+        (dict(methods=("raw", "gradcam")), "`methods`"),
+        (dict(methods="raw"), "`methods`"),
+        (dict(layers=[]), "`layers` is empty"),
+        (dict(layers=[1, 1]), "repeated"),
+        (dict(layers=3), "`layers` must be a sequence"),
+        (dict(aggregates=("median",)), "`aggregates`"),
+        (dict(every_n_epochs=0), "`every_n_epochs` must be an int >= 1"),
+        (dict(head_fusion="avg"), "`head_fusion`"),
+        (dict(discard_ratio=1.0), "`discard_ratio`"),
+        (dict(query="first"), "`query`"),
+        (dict(tile_size=4), "`tile_size`"),
+        (dict(cmap="not_a_cmap"), "`cmap` must be a matplotlib colormap"),
+        (dict(alpha=1.5), "`alpha`"),
+        (dict(mean=(0.1, 0.2)), "`mean` must hold 1 or 3"),
+        (dict(std=(0.0,)), "`std` values must be > 0"),
+        (dict(on_error="ignore"), "`on_error`"),
+        (dict(module=3), "`module` must be"),
+    ],
+)
+def test_constructor_validates_every_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionMonitor(**kwargs)
