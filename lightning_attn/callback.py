@@ -364,22 +364,23 @@ class AttentionMonitor(Callback):
         if step == self._last_step:
             return  # e.g. trainer.validate() right after fit: same weights, same step, already logged
         assert self._vit is not None, "setup() must run before a probe pass"
-        probes = self._ensure_probes(trainer, pl_module.device)
-        try:
-            with isolate_rng():
+        # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
+        with isolate_rng():
+            probes = self._ensure_probes(trainer, pl_module.device)  # misconfiguration raises, always
+            try:
                 maps = self._compute(trainer, probes)
-            if trainer.is_global_zero:
-                self._write(maps, probes, step)
-        except Exception as err:  # a transient fault must not kill a long run
-            if self.on_error == "raise":
-                raise
-            self._warn_once(
-                type(err).__name__,
-                f"AttentionMonitor skipped the probe pass at step {step}: {type(err).__name__}: {err}. "
-                "Training goes on; this warning is shown once per kind of error "
-                "(pass on_error='raise' to stop on it instead).",
-            )
-            return
+                if trainer.is_global_zero:
+                    self._write(maps, probes, step)
+            except Exception as err:  # a transient fault must not kill a long run
+                if self.on_error == "raise":
+                    raise
+                self._warn_once(
+                    type(err).__name__,
+                    f"AttentionMonitor skipped the probe pass at step {step}: {type(err).__name__}: {err}. "
+                    "Training goes on; this warning is shown once per kind of error "
+                    "(pass on_error='raise' to stop on it instead).",
+                )
+                return
         self._last_step = step
 
     def _compute(self, trainer: pl.Trainer, probes: Probes) -> AttentionMaps:

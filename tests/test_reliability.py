@@ -1,0 +1,105 @@
+"""The monitor never changes what training computes, survives resume, strategies, precisions and compile."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_attn import AttentionMonitor, find_attention_modules
+
+import lit
+
+
+def _fit(tmp_path, callbacks, seed=0, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    model = lit.LitViT(depth=2, drop=0.1)  # dropout: training draws from the RNG on every step
+    train, val = lit.loaders()
+    train = torch.utils.data.DataLoader(lit.dataset(32, seed=0), batch_size=8, shuffle=True)
+    val = torch.utils.data.DataLoader(lit.dataset(16, seed=1), batch_size=8, shuffle=True)
+    trainer = lit.trainer(tmp_path, callbacks, max_epochs=3, **kwargs)
+    trainer.fit(model, train, val)
+    return model
+
+
+def test_training_is_bitwise_identical_with_and_without_the_monitor(tmp_path):
+    plain = _fit(tmp_path / "plain", [])
+    # probes from a shuffled validation loader: taking them must not consume the global RNG either
+    monitor = AttentionMonitor(4, tile_size=16, matrix_layers=[0])
+    watched = _fit(tmp_path / "watched", [monitor])
+    assert monitor.last_metrics, "the monitor must have run"
+    assert plain.train_losses == watched.train_losses
+    for (name, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = AttentionMonitor(5, tile_size=16)
+    trainer = lit.trainer(tmp_path, [first, ckpt], enable_checkpointing=True)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    steps_first = [e.step for e in lit.read_events(trainer.logger.log_dir).Images("attention/raw")]
+    assert steps_first == [0, 4, 8]
+
+    second = AttentionMonitor(5, tile_size=16)
+    # a different validation loader: the probes must still be the ones from the first run
+    other_val = torch.utils.data.DataLoader(lit.dataset(16, seed=99), batch_size=8)
+    trainer = lit.trainer(tmp_path, [second, ckpt], enable_checkpointing=True, max_epochs=4)
+    trainer.fit(lit.LitViT(), lit.loaders()[0], other_val, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    steps_second = [e.step for e in lit.read_events(trainer.logger.log_dir).Images("attention/raw")]
+    assert steps_second == [12, 16], "no second baseline at the resume step"
+    assert torch.equal(second._probes.images.cpu(), first._probes.images.cpu())
+
+
+def test_state_dict_round_trip_and_tolerant_load():
+    monitor = AttentionMonitor(3)
+    assert monitor.state_dict() == {"baseline_done": False, "last_step": None}
+    monitor.load_state_dict({})  # a checkpoint from an older version: defaults
+    assert not monitor._baseline_done
+    assert AttentionMonitor(3).state_key == monitor.state_key != AttentionMonitor(3, every_n_epochs=2).state_key
+
+
+def test_bf16_true_parameters(tmp_path):
+    monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16, on_error="raise")
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-true")
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert len(monitor.last_metrics) == 4 and all(0 <= v <= 1 for v in monitor.last_metrics.values())
+
+
+def test_compiled_model_is_not_recompiled_by_the_probe_pass(tmp_path):
+    import torch._dynamo
+
+    class Compiled(lit.LitViT):
+        def __init__(self):
+            super().__init__()
+            # backend="eager": Dynamo's tracing and guards are what a probe pass could disturb; no codegen needed
+            self.model = torch.compile(self.model, backend="eager")
+
+    torch._dynamo.reset()
+    monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16, on_error="raise")
+    model = Compiled()
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=3, num_sanity_val_steps=0)
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        trainer.fit(model, *lit.loaders())
+    assert monitor._vit is model.model._orig_mod  # hooks go on the eager module
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # train (grad) and val (no_grad) forwards, each compiled once at most per mode; a recompilation storm after
+    # every probe pass would add graphs for every epoch
+    assert frames <= 4, dict(torch._dynamo.utils.counters["stats"])
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert all(m.fused_attn for _, m in find_attention_modules(model.model._orig_mod))
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn"])
+def test_ddp_two_cpu_processes_write_once(tmp_path, strategy):
+    monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16)
+    trainer = lit.trainer(tmp_path, [monitor], strategy=strategy, devices=2, max_epochs=2)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    # the spawned ranks chose the version directory; the main process's logger may name the next one
+    (log_dir,) = {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}
+    acc = lit.read_events(log_dir)
+    steps = [e.step for e in acc.Images("attention/raw")]
+    # 32 samples / (2 ranks x batch 8) = 2 steps per epoch; one image per step, written by rank 0 only
+    assert steps == [0, 2, 4]
+    assert [s.step for s in acc.Scalars("attention/entropy/raw/layer_00")] == [0, 2, 4]
