@@ -1,12 +1,17 @@
-"""Per-layer attention maps of a batch of images on the patch grid: raw query rows and cumulative rollout.
+"""Per-layer attention maps of a batch of images on the patch grid: raw query rows, cumulative rollout and the
+gradient-weighted rollout and relevance.
 
-:func:`attention_maps` runs one forward inside :func:`~lightning_attn.capture.record_attention` and reduces each
-layer's attention as its hook fires: heads are fused, the query row is taken and the rollout advanced, so working
-memory stays O(B * N^2) whatever the depth and head count; the L x heads x N x N matrices are never kept.
+:func:`attention_maps` runs one forward inside :func:`~lightning_attn.capture.record_attention`. For ``"raw"`` and
+``"rollout"`` alone it reduces each layer's attention as its hook fires under ``no_grad``: heads are fused, the
+query row is taken and the rollout advanced, so working memory stays O(B * N^2) whatever the depth and head count;
+the L x heads x N x N matrices are never kept. The gradient methods (``"grad_rollout"``, ``"relevance"``) need
+every layer's attention and its gradient, so they keep the matrices and the autograd graph of one forward, which
+then serves all requested methods.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -15,11 +20,31 @@ from torch import Tensor, nn
 
 from .capture import find_attention_modules, record_attention
 from .layout import TokenLayout, token_layout
-from .rollout import check_discard_ratio, check_head_fusion, discard_weakest, fuse_heads, residual_transition
+from .rollout import (
+    check_discard_ratio,
+    check_head_fusion,
+    discard_weakest,
+    fuse_heads,
+    grad_rollout,
+    relevance_propagation,
+    residual_transition,
+)
 
-__all__ = ["AGGREGATIONS", "METHODS", "AttentionMaps", "attention_maps", "query_row"]
+__all__ = [
+    "AGGREGATIONS",
+    "DEFAULT_METHODS",
+    "GRADIENT_METHODS",
+    "METHODS",
+    "AttentionMaps",
+    "attention_maps",
+    "query_row",
+]
 
-METHODS = ("raw", "rollout")
+METHODS = ("raw", "rollout", "grad_rollout", "relevance")
+#: Methods that need the gradient of a class score with respect to each layer's attention (a backward pass).
+GRADIENT_METHODS = ("grad_rollout", "relevance")
+#: What :func:`attention_maps` computes when not told: the two that need no backward pass.
+DEFAULT_METHODS = ("raw", "rollout")
 AGGREGATIONS = ("mean", "max", "min")
 
 
@@ -30,12 +55,17 @@ class AttentionMaps:
     Attributes:
         raw: (B, L, gh, gw) query row of each layer's head-fused attention, patch tokens only; None if not asked.
         rollout: (B, L, gh, gw) the same row of the cumulative rollout after each layer; None if not asked.
+        grad_rollout: (B, L, gh, gw) the same row of the gradient-weighted rollout
+            (:func:`~lightning_attn.rollout.grad_rollout`); None if not asked.
+        relevance: (B, L, gh, gw) the same row of the gradient-weighted relevance
+            (:func:`~lightning_attn.rollout.relevance_propagation`); None if not asked.
         grid_size: (gh, gw) patch grid of the input.
         num_prefix_tokens: tokens dropped from the maps (class, distillation, registers).
         query: ``"cls"`` or ``"mean"`` (the mean over patch-token rows).
         logits: the model's output for the images.
         layer_names: qualified names of the attention layers, in forward order.
         matrices: full head-fused (B, N, N) attention of the layers named in ``keep_matrices``, by layer index.
+        target: (B,) int64 class whose score the gradient methods explain, per image; None when none ran.
     """
 
     raw: Tensor | None
@@ -46,6 +76,9 @@ class AttentionMaps:
     logits: Tensor
     layer_names: list[str]
     matrices: dict[int, Tensor] = field(default_factory=dict)
+    grad_rollout: Tensor | None = None
+    relevance: Tensor | None = None
+    target: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -165,31 +198,126 @@ class _Reducer:
         return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
 
 
+def _check_target(target: object, batch: int) -> None:
+    if target is None:
+        return
+    if isinstance(target, Tensor):
+        integral = not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+        if integral and tuple(target.shape) in ((), (batch,)):
+            return
+        shape = f"{target.dtype} tensor of shape {tuple(target.shape)}"
+    elif isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        return
+    else:
+        shape = type(target).__name__
+    raise ValueError(
+        f"`target` must be None (explain the predicted class), an int class index or an integer tensor of shape "
+        f"({batch},) with one class per image; got {shape}. Pass labels as `labels.long()`."
+    )
+
+
+def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
+    """The (B,) int64 class per image whose logit the gradient methods differentiate."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"gradient methods need (B, num_classes) logits but the model returned shape {tuple(logits.shape)}: "
+            "give the model a classification head (timm `num_classes > 0`) or use methods ('raw', 'rollout')"
+        )
+    b, num_classes = logits.shape
+    if target is None:
+        chosen = logits.detach().argmax(dim=-1)
+    elif isinstance(target, Tensor):
+        chosen = target.to(device=logits.device, dtype=torch.long).expand(b).clone()
+    else:
+        chosen = torch.full((b,), int(target), dtype=torch.long, device=logits.device)
+    if ((chosen < 0) | (chosen >= num_classes)).any():
+        raise ValueError(f"`target` must hold class indices in [0, {num_classes}), got {chosen.tolist()}")
+    return chosen
+
+
+def _query_rows(matrices: Tensor, layout: TokenLayout) -> Tensor:
+    """(B, L, N, N) -> (B, L, gh, gw) query rows over patch columns."""
+    b, num_layers = matrices.shape[:2]
+    rows = torch.stack([query_row(matrices[:, l], layout) for l in range(num_layers)], dim=1)
+    return rows.reshape(b, num_layers, *layout.grid_size)
+
+
+def _check_calls(calls: int, num_modules: int) -> None:
+    if calls != num_modules:
+        raise RuntimeError(
+            f"{num_modules} attention layers were hooked but {calls} attention matrices were seen: "
+            "the model skips or repeats layers in its forward; use record_attention() directly"
+        )
+
+
+def _gradient_pass(
+    model: nn.Module,
+    images: Tensor,
+    modules: list[tuple[str, nn.Module]],
+    target: int | Tensor | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    """One forward keeping every layer's attention in the graph, and d(target logit)/d(attention) of each layer.
+
+    Returns ``(logits, attentions, gradients, target)``, all detached, layers in forward order.
+    """
+    # Lightning validates under no_grad (fit) or inference_mode (trainer.validate): switch autograd back on here,
+    # and clone the images inside so they are normal tensors, not inference tensors that autograd refuses.
+    with torch.inference_mode(False), torch.enable_grad(), record_attention(model, modules, store=True) as rec:
+        # The images require grad so the graph reaches every attention even when all parameters are frozen.
+        x = images.detach().clone().requires_grad_(True)
+        logits = model(x)
+        _check_calls(rec.num_calls, len(modules))
+        chosen = _resolve_target(target, logits)
+        # Images do not interact in an eval-mode ViT, so the gradient of the batch sum is each image's own.
+        score = logits.gather(1, chosen[:, None]).sum()
+        attentions = rec.attentions
+        # autograd.grad with respect to the recorded tensors themselves: each gradient belongs to its own layer
+        # (no backward-hook ordering), and no parameter's .grad is written.
+        wanted = [i for i, a in enumerate(attentions) if a.requires_grad]
+        found = torch.autograd.grad(score, [attentions[i] for i in wanted], allow_unused=True) if wanted else ()
+        gradients = [torch.zeros_like(a) for a in attentions]
+        for i, g in zip(wanted, found):
+            if g is not None:
+                gradients[i] = g
+    return logits.detach(), [a.detach() for a in attentions], [g.detach() for g in gradients], chosen
+
+
 def attention_maps(
     model: nn.Module,
     images: Tensor,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     head_fusion: str = "mean",
     discard_ratio: float = 0.0,
     query: str = "auto",
     keep_matrices: Iterable[int] = (),
     layout: TokenLayout | None = None,
+    target: int | Tensor | None = None,
 ) -> AttentionMaps:
-    """Per-layer raw attention and rollout maps of ``images`` on the patch grid, in one forward.
+    """Per-layer attention maps of ``images`` on the patch grid, in one forward (plus one backward for the
+    gradient methods).
 
-    Runs under ``no_grad`` on the model's device with every submodule in eval mode (each put back in the mode
-    it was in), computes in float32 whatever the input or autocast dtype, and leaves no hook behind.
+    Runs on the model's device with every submodule in eval mode (each put back in the mode it was in), computes
+    in float32 whatever the input or autocast dtype, and leaves no hook behind. ``"raw"`` and ``"rollout"`` alone
+    run under ``no_grad`` and reduce each layer as it runs (O(B * N^2) memory). ``"grad_rollout"`` and
+    ``"relevance"`` switch autograd on locally (also inside ``no_grad`` or ``inference_mode``), keep every layer's
+    attention and take the gradient of each image's target logit with respect to them with ``torch.autograd.grad``:
+    parameters' ``.grad`` stay as they were and frozen parameters are fine. That single forward then also serves
+    ``"raw"`` and ``"rollout"``, with the same results as the streaming path.
 
     Args:
         model: a timm ViT.
         images: (B, C, H, W) preprocessed for the model; moved to the model's device and parameter dtype.
-        methods: any of ``"raw"`` and ``"rollout"``.
-        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        discard_ratio: share in [0, 1) of each fused matrix's smallest entries zeroed before the rollout.
+        methods: any of ``"raw"``, ``"rollout"``, ``"grad_rollout"`` and ``"relevance"``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads for ``"raw"`` and ``"rollout"`` (the gradient
+            methods always take the mean of the gradient-weighted heads).
+        discard_ratio: share in [0, 1) of each fused matrix's smallest entries zeroed before ``"rollout"`` and
+            ``"grad_rollout"``.
         query: ``"auto"`` (class token when the head reads it, else patch mean), ``"cls"`` or ``"mean"``.
         keep_matrices: layer indices whose full head-fused (B, N, N) attention to keep in ``.matrices``.
         layout: override the token layout read from the model (for non-timm wrappers).
+        target: class explained by the gradient methods: None for each image's predicted class (argmax of the
+            logits), an int for all images, or a (B,) integer tensor (e.g. the labels). Ignored by the others.
 
     Example::
 
@@ -198,13 +326,19 @@ def attention_maps(
         >>> maps = attention_maps(vit, torch.randn(2, 3, 32, 32))
         >>> tuple(maps.raw.shape), tuple(maps.rollout.shape), maps.grid_size, maps.query
         ((2, 3, 4, 4), (2, 3, 4, 4), (4, 4), 'cls')
+        >>> maps = attention_maps(vit, torch.randn(2, 3, 32, 32), methods=("relevance",), target=torch.tensor([3, 7]))
+        >>> tuple(maps["relevance"].shape), maps.target.tolist(), maps.raw
+        ((2, 3, 4, 4), [3, 7], None)
     """
+    if isinstance(methods, str):
+        raise ValueError(f"`methods` must be a sequence of names from {METHODS}, e.g. ({methods!r},); got {methods!r}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"`methods` must be a non-empty subset of {METHODS}, got {tuple(methods)!r}")
     check_head_fusion(head_fusion)
     check_discard_ratio(discard_ratio)
     _check_images(model, images)
+    _check_target(target, images.shape[0])
     modules = find_attention_modules(model)
     if layout is None:
         layout = token_layout(model, (images.shape[-2], images.shape[-1]), query=query)
@@ -216,13 +350,32 @@ def attention_maps(
     device, dtype = _model_device_dtype(model)
     images = images.to(device=device, dtype=dtype if dtype is not None else images.dtype)
     reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep)
-    with _ModeGuard(model), torch.no_grad(), record_attention(model, modules, on_attention=reducer, store=False) as rec:
-        logits = model(images)
-    if rec.num_calls != len(modules):
-        raise RuntimeError(
-            f"{len(modules)} attention layers were hooked but {rec.num_calls} attention matrices were seen: "
-            "the model skips or repeats layers in its forward; use record_attention() directly"
-        )
+    gradient_maps: dict[str, Tensor] = {}
+    chosen = None
+    if any(m in GRADIENT_METHODS for m in methods):
+        if getattr(model, "num_classes", None) == 0:
+            # timm then returns pooled features, whose argmax is no class: refuse rather than explain noise
+            raise ValueError(
+                f"gradient methods {GRADIENT_METHODS} explain a class logit, but {type(model).__name__} has "
+                "`num_classes=0` (no classification head); pass the model with its head or use ('raw', 'rollout')"
+            )
+        with _ModeGuard(model):
+            logits, attentions, gradients, chosen = _gradient_pass(model, images, modules, target)
+        with torch.no_grad():
+            # the same reducer as the streaming path, fed the stored matrices: identical raw/rollout maps
+            for index, attention in enumerate(attentions):
+                reducer(index, attention)
+            if "grad_rollout" in methods:
+                gradient_maps["grad_rollout"] = _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
+            if "relevance" in methods:
+                gradient_maps["relevance"] = _query_rows(relevance_propagation(attentions, gradients), layout)
+        del attentions, gradients
+    else:
+        with _ModeGuard(model), torch.no_grad(), record_attention(
+            model, modules, on_attention=reducer, store=False
+        ) as rec:
+            logits = model(images)
+        _check_calls(rec.num_calls, len(modules))
     return AttentionMaps(
         raw=reducer.stack(reducer.raw),
         rollout=reducer.stack(reducer.rollout),
@@ -232,4 +385,7 @@ def attention_maps(
         logits=logits.float() if isinstance(logits, Tensor) else logits,
         layer_names=[name for name, _ in modules],
         matrices=reducer.matrices,
+        grad_rollout=gradient_maps.get("grad_rollout"),
+        relevance=gradient_maps.get("relevance"),
+        target=chosen,
     )

@@ -1,4 +1,4 @@
-r"""Attention rollout (Abnar & Zuidema, 2020) as pure tensor math: head fusion, discard, residual, product.
+r"""Attention rollout (Abnar & Zuidema, 2020) and its gradient-weighted variants as pure tensor math.
 
 For layer :math:`l` with softmax attention :math:`A_l` (B, heads, N, N):
 
@@ -11,6 +11,10 @@ For layer :math:`l` with softmax attention :math:`A_l` (B, heads, N, N):
 where ``fuse`` is the mean, max or min over heads and, before the residual, the
 ``floor(N * N * discard_ratio)`` smallest entries of each sample's :math:`F_l` are set to zero (never entry
 [0, 0]). All math runs in float32 whatever the input dtype.
+
+:func:`grad_rollout` and :func:`relevance_propagation` weight each head's attention by the gradient of a class
+score with respect to it (:math:`\nabla A_l = \partial y_c / \partial A_l`, same shape as :math:`A_l`) before
+fusing heads; the caller computes the gradients (see :func:`lightning_attn.attention_maps`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ __all__ = [
     "check_head_fusion",
     "discard_weakest",
     "fuse_heads",
+    "grad_rollout",
+    "relevance_propagation",
     "residual_transition",
 ]
 
@@ -119,4 +125,109 @@ def attention_rollout(
         step = residual_transition(discard_weakest(fuse_heads(attention, head_fusion), discard_ratio))
         rollout = step if rollout is None else step @ rollout
         out.append(rollout)
+    return torch.stack(out, dim=1)
+
+
+def _check_pairs(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> None:
+    if len(attentions) == 0:
+        raise ValueError("`attentions` is empty: no attention layer ran (was the forward inside record_attention?)")
+    if len(gradients) != len(attentions):
+        raise ValueError(
+            f"got {len(attentions)} attentions but {len(gradients)} gradients: pass one gradient per layer, "
+            "in the same (forward) order as the attentions"
+        )
+    for index, (attention, gradient) in enumerate(zip(attentions, gradients)):
+        if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
+            raise ValueError(f"expected attention of shape (B, heads, N, N), got {tuple(attention.shape)}")
+        if gradient.shape != attention.shape:
+            raise ValueError(
+                f"layer {index}: gradient shape {tuple(gradient.shape)} differs from attention shape "
+                f"{tuple(attention.shape)}; each gradient must be d(score)/d(attention) of its own layer"
+            )
+
+
+def grad_rollout(
+    attentions: Sequence[Tensor],
+    gradients: Sequence[Tensor],
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    r"""Gradient-weighted attention rollout (vit-explain's ``grad_rollout``) after every layer.
+
+    .. math::
+
+        G_l = \max\bigl(0,\ \operatorname{mean}_h(A_l \odot \nabla A_l)\bigr) \qquad
+        \hat A_l = \frac{G_l + I}{(G_l + I)\,\mathbf 1} \qquad
+        R_l = \hat A_l R_{l-1}, \quad R_{-1} = I
+
+    with the ``floor(N * N * discard_ratio)`` smallest entries of each sample's :math:`G_l` zeroed before the
+    residual (as in :func:`attention_rollout`). Negatives are cut after the head mean, as vit-explain does.
+
+    Args:
+        attentions: L tensors (B, heads, N, N) in forward order.
+        gradients: L tensors of the same shapes, ``gradients[l]`` the gradient of the class score with respect to
+            ``attentions[l]`` (same order: pairing layer ``l``'s gradient with another layer's attention is wrong).
+        discard_ratio: share in [0, 1) of each weighted matrix's entries zeroed, smallest first.
+
+    Returns:
+        (B, L, N, N) float32, rows summing to 1.
+
+    Example::
+
+        >>> import torch
+        >>> attn = [torch.softmax(torch.randn(2, 3, 5, 5), dim=-1) for _ in range(4)]
+        >>> grads = [torch.randn(2, 3, 5, 5) for _ in range(4)]
+        >>> r = grad_rollout(attn, grads, discard_ratio=0.5)
+        >>> tuple(r.shape), bool(torch.allclose(r.sum(-1), torch.ones(2, 4, 5)))
+        ((2, 4, 5, 5), True)
+    """
+    check_discard_ratio(discard_ratio)
+    _check_pairs(attentions, gradients)
+    out = []
+    rollout = None
+    for attention, gradient in zip(attentions, gradients):
+        # upcast before the product: bf16 products of small gradients lose most of their digits
+        weighted = (attention.float() * gradient.float()).mean(dim=1).clamp_min(0.0)
+        step = residual_transition(discard_weakest(weighted, discard_ratio))
+        rollout = step if rollout is None else step @ rollout
+        out.append(rollout)
+    return torch.stack(out, dim=1)
+
+
+def relevance_propagation(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    r"""Gradient-weighted relevance after every layer: Chefer et al. (2021), the rule for self-attention encoders.
+
+    .. math::
+
+        \bar A_l = \operatorname{mean}_h\bigl(\max(0,\ \nabla A_l \odot A_l)\bigr) \qquad
+        R_l = R_{l-1} + \bar A_l R_{l-1}, \quad R_{-1} = I
+
+    Negatives are cut per head before the mean, as in the paper's code. No row normalisation: the identity
+    carries each token's own relevance through the residual connection, and adds nothing to the patch columns
+    of the class-token row.
+
+    Args:
+        attentions: L tensors (B, heads, N, N) in forward order.
+        gradients: L tensors of the same shapes, ``gradients[l]`` the gradient of the class score with respect to
+            ``attentions[l]``.
+
+    Returns:
+        (B, L, N, N) float32, non-negative.
+
+    Example::
+
+        >>> import torch
+        >>> attn = [torch.softmax(torch.randn(2, 3, 5, 5), dim=-1) for _ in range(4)]
+        >>> grads = [torch.randn(2, 3, 5, 5) for _ in range(4)]
+        >>> r = relevance_propagation(attn, grads)
+        >>> tuple(r.shape), bool((r >= 0).all()), bool((r.diagonal(dim1=-2, dim2=-1) >= 1).all())
+        ((2, 4, 5, 5), True, True)
+    """
+    _check_pairs(attentions, gradients)
+    n = attentions[0].shape[-1]
+    relevance = torch.eye(n, device=attentions[0].device).expand(attentions[0].shape[0], n, n)
+    out = []
+    for attention, gradient in zip(attentions, gradients):
+        weighted = (gradient.float() * attention.float()).clamp_min(0.0).mean(dim=1)
+        relevance = relevance + weighted @ relevance
+        out.append(relevance)
     return torch.stack(out, dim=1)

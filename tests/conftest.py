@@ -41,6 +41,16 @@ def input_for(key: str, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, h, w, generator=g)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on shared cores a descheduled OpenMP worker stalls every
+    # small op (measured: ~15x slower with 2 threads under load). Restored after each test.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_vit() -> torch.nn.Module:
     return make_vit("vit")

@@ -93,6 +93,15 @@ def test_keep_matrices_and_methods_subset():
         attention_maps(model, x, keep_matrices=[3])
     with pytest.raises(ValueError, match="methods"):
         attention_maps(model, x, methods=("gradcam",))
+    with pytest.raises(ValueError, match="methods"):
+        attention_maps(model, x, methods=())
+
+
+def test_default_methods_need_no_backward_pass():
+    # the gradient methods cost a backward and keep every layer's matrices: only on request
+    maps = attention_maps(make_vit("vit"), input_for("vit"))
+    assert maps.raw is not None and maps.rollout is not None
+    assert maps.grad_rollout is None and maps.relevance is None and maps.target is None
 
 
 def test_model_state_restored_and_no_hooks_left():

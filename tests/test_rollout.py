@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_attn import attention_rollout, discard_weakest, fuse_heads, record_attention, residual_transition
+from lightning_attn.rollout import grad_rollout, relevance_propagation
 
 from conftest import input_for, make_vit
 import reference
@@ -75,3 +76,44 @@ def test_bfloat16_attention_is_upcast():
     r = attention_rollout(atts)
     assert r.dtype == torch.float32
     np.testing.assert_allclose(r.numpy(), reference.rollout(atts), atol=1e-5)
+
+
+def _random_gradients(b=3, h=4, n=9, layers=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, n, generator=g) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("discard_ratio", [0.0, 0.5, 0.9])
+def test_grad_rollout_equals_float64_reference_on_random_inputs(discard_ratio):
+    atts, grads = _random_attention(), _random_gradients()
+    got = grad_rollout(atts, grads, discard_ratio)
+    expected = reference.grad_rollout([a.double().numpy() for a in atts], [g.double().numpy() for g in grads],
+                                      discard_ratio)
+    assert got.dtype == torch.float32 and got.shape == (3, 4, 9, 9)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.sum(-1), torch.ones(3, 4, 9))
+
+
+def test_relevance_equals_float64_reference_and_clamps_per_head():
+    atts, grads = _random_attention(), _random_gradients()
+    got = relevance_propagation(atts, grads)
+    expected = reference.relevance([a.double().numpy() for a in atts], [g.double().numpy() for g in grads])
+    assert got.dtype == torch.float32 and got.shape == (3, 4, 9, 9)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=1e-4)
+    # one layer, two heads whose products cancel: a mean-then-clamp rule would give 0, Chefer's rule does not
+    a = torch.full((1, 2, 2, 2), 0.5)
+    g = torch.tensor([1.0, -1.0]).reshape(1, 2, 1, 1).expand(1, 2, 2, 2)
+    # heads: max(0, 0.5) = 0.5 and max(0, -0.5) = 0, mean 0.25; R = I + 0.25 * ones @ I
+    torch.testing.assert_close(relevance_propagation([a], [g])[0, 0], torch.eye(2) + 0.25)
+    # while grad_rollout (vit-explain) cuts after the mean: nothing left but the residual
+    torch.testing.assert_close(grad_rollout([a], [g])[0, 0], torch.eye(2))
+
+
+def test_gradient_rules_upcast_bfloat16():
+    atts = [a.bfloat16() for a in _random_attention()]
+    grads = [g.bfloat16() for g in _random_gradients()]
+    for rule, ref in ((relevance_propagation, reference.relevance), (grad_rollout, reference.grad_rollout)):
+        got = rule(atts, grads)
+        assert got.dtype == torch.float32
+        expected = ref([a.double().numpy() for a in atts], [g.double().numpy() for g in grads])
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=1e-4)
