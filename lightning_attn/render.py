@@ -21,6 +21,7 @@ __all__ = [
     "check_cmap",
     "colorize",
     "colormap_lut",
+    "filmstrip",
     "grid_shape",
     "make_grid",
     "matrix_tiles",
@@ -346,3 +347,45 @@ def to_display(images: Tensor, mean: Sequence[float] | None = None, std: Sequenc
     if mean is not None:
         images = images + torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     return images.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
+
+
+def filmstrip(
+    image: Tensor,
+    maps: Tensor,
+    labels: Sequence[str],
+    tile_size: int,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """One image and its maps over time in one labelled row: HWC uint8, the image then one overlay per frame.
+
+    Built from :func:`overlay` (each frame min-max normalised on its own, so frames show where attention is,
+    not how strong it is relative to other frames) and :func:`make_grid`, whose header reads ``"image"`` then
+    ``labels``. The shape is ``grid_shape(1, T + 1, tile_h, tile_w, has_col_labels=True)`` with
+    ``(tile_h, tile_w) = tile_shape(H, W, tile_size)``.
+
+    Args:
+        image: (3, H, W) display-ready image in [0, 1] (see :func:`to_display`).
+        maps: (T, gh, gw) maps of that image, e.g. one layer's map at T training steps.
+        labels: T frame labels such as ``"step 0"``, ``"step 120"``.
+        tile_size: pixels on the long side of each tile.
+        cmap: matplotlib colormap name.
+        alpha: weight of the heatmap in [0, 1].
+
+    Raises:
+        ValueError: bad shapes or arguments, or a label count other than T.
+
+    Example::
+
+        >>> strip = filmstrip(torch.rand(3, 64, 96), torch.rand(3, 4, 6), ["step 0", "step 50", "step 100"], 48)
+        >>> strip.shape, strip.shape[:2] == grid_shape(1, 4, 32, 48, has_col_labels=True)
+        ((60, 202, 3), True)
+    """
+    if image.dim() != 3:
+        raise ValueError(f"`image` must be one (3, H, W) image in [0, 1], got {tuple(image.shape)}")
+    if maps.dim() != 3:
+        raise ValueError(f"`maps` must be (T, gh, gw), one map per frame, got {tuple(maps.shape)}")
+    if len(labels) != maps.shape[0]:
+        raise ValueError(f"`labels` has {len(labels)} labels but there are {maps.shape[0]} maps: pass one per map")
+    tiles = overlay(image.unsqueeze(0), maps.unsqueeze(0), tile_size, cmap=cmap, alpha=alpha)
+    return make_grid(tiles, col_labels=["image", *labels])

@@ -9,12 +9,12 @@ import csv
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["AttentionWriter", "PNGWriter", "TensorBoardWriter"]
+__all__ = ["AttentionWriter", "PNGWriter", "TensorBoardWriter", "save_gif"]
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -103,3 +103,45 @@ class PNGWriter(AttentionWriter):
             if new:
                 rows.writerow(["step", "tag", "value"])
             rows.writerow([step, tag, float(value)])
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], duration_ms: int = 500) -> Path:
+    """Write (H, W, 3) uint8 frames as an animated GIF that loops forever; returns the path written.
+
+    The parent directory is created if needed and the file is GIF whatever its suffix. GIF holds at most 256
+    colours per frame, so Pillow quantises each frame to its own palette: colours come back close, not exact.
+    Pillow also merges a frame identical to the one before into it (shown for both durations), so the file can
+    hold fewer frames than were passed when some repeat; the animation looks the same.
+
+    Args:
+        frames: images of one size, e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step.
+        path: file to write.
+        duration_ms: how long each frame shows, in milliseconds.
+
+    Raises:
+        ValueError: no frames, a frame that is not (H, W, 3) uint8, frames of different sizes, or a
+            ``duration_ms`` that is not a positive int.
+
+    Example::
+
+        >>> import tempfile
+        >>> frames = [np.full((8, 12, 3), v, np.uint8) for v in (0, 128, 255)]
+        >>> with tempfile.TemporaryDirectory() as d, Image.open(save_gif(frames, Path(d) / "a.gif")) as gif:
+        ...     gif.n_frames, gif.size
+        (3, (12, 8))
+    """
+    frames = list(frames)
+    if not frames:
+        raise ValueError("`frames` is empty: pass at least one (H, W, 3) uint8 image")
+    for frame in frames:
+        _check_image(frame)
+    sizes = sorted({frame.shape for frame in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"`frames` must all have one size, got shapes {sizes}: render them with the same tile size")
+    if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 1:
+        raise ValueError(f"`duration_ms` must be a positive int (milliseconds per frame), got {duration_ms!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first, *rest = (Image.fromarray(frame) for frame in frames)
+    first.save(path, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
+    return path

@@ -9,6 +9,7 @@ from lightning_attn.render import (
     check_cmap,
     colorize,
     colormap_lut,
+    filmstrip,
     grid_shape,
     make_grid,
     matrix_tiles,
@@ -313,3 +314,27 @@ def test_to_display_clamps_and_repeats_grey():
 def test_to_display_bad_arguments(images, kwargs, match):
     with pytest.raises(ValueError, match=match):
         to_display(images, **kwargs)
+
+
+# --- filmstrip ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "frames"), [((64, 96), 3), ((40, 40), 1), ((96, 64), 5)])
+def test_filmstrip_is_one_labelled_row_of_overlays(size, frames):
+    image, maps = torch.rand(3, *size), torch.rand(frames, 4, 4)
+    labels = [f"step {120 * t}" for t in range(frames)]
+    strip = filmstrip(image, maps, labels, tile_size=48, cmap="viridis", alpha=0.3)
+    th, tw = tile_shape(*size, 48)
+    assert strip.dtype == np.uint8 and strip.shape == (*grid_shape(1, frames + 1, th, tw, has_col_labels=True), 3)
+    tiles = overlay(image[None], maps[None], tile_size=48, cmap="viridis", alpha=0.3)
+    np.testing.assert_array_equal(strip, make_grid(tiles, col_labels=["image", *labels]))
+
+
+def test_filmstrip_bad_arguments():
+    with pytest.raises(ValueError, match="`labels` has 1 labels but there are 2 maps"):
+        filmstrip(torch.rand(3, 8, 8), torch.rand(2, 2, 2), ["step 0"], tile_size=8)
+    with pytest.raises(ValueError, match=r"`image` must be one \(3, H, W\) image"):
+        filmstrip(torch.rand(1, 3, 8, 8), torch.rand(2, 2, 2), ["a", "b"], tile_size=8)
+    with pytest.raises(ValueError, match=r"`maps` must be \(T, gh, gw\)"):
+        filmstrip(torch.rand(3, 8, 8), torch.rand(1, 2, 2, 2), ["a", "b"], tile_size=8)
+

@@ -7,7 +7,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_attn.writers import AttentionWriter, PNGWriter, TensorBoardWriter
+from lightning_attn.writers import AttentionWriter, PNGWriter, TensorBoardWriter, save_gif
 
 
 def image(height=20, width=30, seed=0):
@@ -86,3 +86,55 @@ def test_custom_writer_needs_only_image_and_scalar():
     assert writer.records == [("a", (20, 30, 3), 1), ("b", 0.5, 1)]
     with pytest.raises(TypeError):
         type("Incomplete", (AttentionWriter,), {})()
+
+
+def flat_frames(count, height=20, width=30):
+    """Frames of distinct flat colours: few enough colours that GIF's palette keeps them exactly."""
+    colours = np.random.default_rng(3).integers(0, 256, (count, 3), dtype=np.uint8)
+    return [np.broadcast_to(c, (height, width, 3)).copy() for c in colours]
+
+
+def test_save_gif_round_trip(tmp_path):
+    frames = flat_frames(4)
+    path = save_gif(frames, tmp_path / "nested" / "layer0.gif", duration_ms=120)
+    assert path == tmp_path / "nested" / "layer0.gif"
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames == len(frames) and gif.size == (30, 20)
+        assert gif.info["loop"] == 0
+        for i, frame in enumerate(frames):
+            gif.seek(i)
+            assert gif.info["duration"] == 120
+            np.testing.assert_array_equal(np.asarray(gif.convert("RGB")), frame)
+
+
+def test_save_gif_detailed_frames_keep_count_and_size(tmp_path):
+    frames = [image(24, 40, seed=s) for s in range(5)]
+    with Image.open(save_gif(frames, tmp_path / "a.gif")) as gif:
+        assert gif.n_frames == 5 and gif.size == (40, 24)
+
+
+def test_save_gif_merges_repeated_frames_keeping_total_time(tmp_path):
+    a, b = flat_frames(2)
+    with Image.open(save_gif([a, a, b], tmp_path / "a.gif", duration_ms=100)) as gif:
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+    assert durations == [200, 100]
+
+
+@pytest.mark.parametrize(
+    ("frames", "kwargs", "match"),
+    [
+        ([], {}, "`frames` is empty"),
+        ([image(20, 30), image(20, 31)], {}, "must all have one size"),
+        ([np.zeros((8, 8), np.uint8)], {}, r"\(H, W, 3\) uint8"),
+        ([image()], dict(duration_ms=0), "`duration_ms` must be a positive int"),
+        ([image()], dict(duration_ms=0.5), "`duration_ms` must be a positive int"),
+    ],
+)
+def test_save_gif_bad_arguments(tmp_path, frames, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        save_gif(frames, tmp_path / "a.gif", **kwargs)
+    assert not (tmp_path / "a.gif").exists()
+
