@@ -24,8 +24,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from .layout import TokenLayout
-from .maps import query_row
+from .layout import TokenLayout, query_row
 
 __all__ = [
     "artifact_mask",
@@ -377,7 +376,7 @@ def head_query_rows(attention: Tensor, layout: TokenLayout) -> Tensor:
     """Each head's query row on the patch grid: (B, heads, N, N) -> (B, heads, gh, gw) float32.
 
     The per-head analogue of the maps: the class-token row or the mean over patch-token rows, as
-    ``layout.query`` says, restricted to patch columns (:func:`~lightning_attn.maps.query_row` with the heads
+    ``layout.query`` says, restricted to patch columns (:func:`~lightning_attn.layout.query_row` with the heads
     folded into the batch).
 
     Raises:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["QUERIES", "TokenLayout", "token_layout"]
+__all__ = ["QUERIES", "TokenLayout", "query_row", "token_layout"]
 
 QUERIES = ("auto", "cls", "mean")
 
@@ -25,11 +25,13 @@ class TokenLayout:
         num_prefix_tokens: tokens before the patches (class, distillation, registers).
         grid_size: (gh, gw) patch grid of the actual input.
         query: ``"cls"`` (row 0, the class token) or ``"mean"`` (mean over patch-token rows).
+        patch_size: (ph, pw) pixels per patch, when known (needed for distances in pixels).
     """
 
     num_prefix_tokens: int
     grid_size: tuple[int, int]
     query: str
+    patch_size: tuple[int, int] | None = None
 
     @property
     def num_patches(self) -> int:
@@ -74,7 +76,7 @@ def token_layout(model: nn.Module, image_size: tuple[int, int], query: str = "au
         >>> import timm
         >>> vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=(64, 96))
         >>> token_layout(vit, (64, 96))
-        TokenLayout(num_prefix_tokens=2, grid_size=(4, 6), query='cls')
+        TokenLayout(num_prefix_tokens=2, grid_size=(4, 6), query='cls', patch_size=(16, 16))
     """
     if query not in QUERIES:
         raise ValueError(f"`query` must be one of {QUERIES}, got {query!r}")
@@ -86,4 +88,17 @@ def token_layout(model: nn.Module, image_size: tuple[int, int], query: str = "au
         query = "cls" if has_cls and getattr(model, "global_pool", "token") == "token" else "mean"
     elif query == "cls" and not has_cls:
         raise ValueError(f"`query='cls'` but {type(model).__name__} has no class token; use query='mean'")
-    return TokenLayout(num_prefix_tokens=num_prefix, grid_size=(h // ph, w // pw), query=query)
+    return TokenLayout(num_prefix_tokens=num_prefix, grid_size=(h // ph, w // pw), query=query, patch_size=(ph, pw))
+
+
+def query_row(matrix: Tensor, layout: TokenLayout) -> Tensor:
+    """The query row of a (B, N, N) token matrix restricted to patch columns: (B, num_patches).
+
+    ``layout.query == "cls"`` takes row 0; ``"mean"`` averages the patch-token rows.
+    """
+    p = layout.num_prefix_tokens
+    if layout.query == "cls":
+        row = matrix[:, 0, :]
+    else:
+        row = matrix[:, p:, :].mean(dim=1)
+    return row[:, p:]

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .capture import find_attention_modules, record_attention
-from .layout import TokenLayout, token_layout
+from .diagnostics import head_query_rows, mean_attention_distance
+from .layout import TokenLayout, query_row, token_layout
 from .rollout import (
     check_discard_ratio,
     check_head_fusion,
@@ -66,6 +67,11 @@ class AttentionMaps:
         layer_names: qualified names of the attention layers, in forward order.
         matrices: full head-fused (B, N, N) attention of the layers named in ``keep_matrices``, by layer index.
         target: (B,) int64 class whose score the gradient methods explain, per image; None when none ran.
+        prefix_attention: (B, L, num_prefix_tokens) what the raw query row gives to each prefix token (class,
+            distillation, registers); None without ``"raw"``.
+        head_maps: per-head query rows (B, heads, gh, gw) of the layers named in ``head_layers``, by layer index.
+        attention_distance: (B, L, heads) mean attention distance in pixels
+            (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``.
     """
 
     raw: Tensor | None
@@ -79,6 +85,9 @@ class AttentionMaps:
     grad_rollout: Tensor | None = None
     relevance: Tensor | None = None
     target: Tensor | None = None
+    prefix_attention: Tensor | None = None
+    head_maps: dict[int, Tensor] = field(default_factory=dict)
+    attention_distance: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -103,19 +112,6 @@ class AttentionMaps:
     def aggregates(self) -> dict[str, Tensor]:
         """Mean, max and min over layers of the raw maps, each (B, gh, gw), as in the reference write-ups."""
         return {r: self.aggregate(r, "raw") for r in AGGREGATIONS}
-
-
-def query_row(matrix: Tensor, layout: TokenLayout) -> Tensor:
-    """The query row of a (B, N, N) token matrix restricted to patch columns: (B, num_patches).
-
-    ``layout.query == "cls"`` takes row 0; ``"mean"`` averages the patch-token rows.
-    """
-    p = layout.num_prefix_tokens
-    if layout.query == "cls":
-        row = matrix[:, 0, :]
-    else:
-        row = matrix[:, p:, :].mean(dim=1)
-    return row[:, p:]
 
 
 def _check_images(model: nn.Module, images: Tensor) -> None:
@@ -162,15 +158,22 @@ class _Reducer:
         head_fusion: str,
         discard_ratio: float,
         keep_matrices: Iterable[int],
+        head_layers: Iterable[int] = (),
+        distance: bool = False,
     ) -> None:
         self.layout = layout
         self.methods = methods
         self.head_fusion = head_fusion
         self.discard_ratio = discard_ratio
         self.keep = set(keep_matrices)
+        self.head_layers = set(head_layers)
+        self.distance = distance
         self.raw: list[Tensor] = []
+        self.prefix: list[Tensor] = []
         self.rollout: list[Tensor] = []
+        self.distances: list[Tensor] = []
         self.matrices: dict[int, Tensor] = {}
+        self.head_maps: dict[int, Tensor] = {}
         self._product: Tensor | None = None
 
     def __call__(self, index: int, attention: Tensor) -> None:
@@ -181,11 +184,23 @@ class _Reducer:
                 f"({self.layout.num_prefix_tokens} prefix + {self.layout.grid_size[0]}x{self.layout.grid_size[1]} "
                 "patches): the model's patch embedding or prefix tokens differ from what was read; pass `layout=`"
             )
-        fused = fuse_heads(attention.detach(), self.head_fusion)
+        attention = attention.detach()
+        fused = fuse_heads(attention, self.head_fusion)
         if index in self.keep:
             self.matrices[index] = fused
+        if index in self.head_layers:
+            self.head_maps[index] = head_query_rows(attention, self.layout)
+        if self.distance:
+            patch = self.layout.patch_size or (1, 1)
+            self.distances.append(
+                mean_attention_distance(attention, self.layout.grid_size, self.layout.num_prefix_tokens, patch)
+            )
         if "raw" in self.methods:
             self.raw.append(query_row(fused, self.layout))
+            # what the query row gives to class/distillation/register tokens, for the register diagnostics
+            p = self.layout.num_prefix_tokens
+            row = fused[:, 0] if self.layout.query == "cls" else fused[:, p:].mean(dim=1)
+            self.prefix.append(row[:, :p])
         if "rollout" in self.methods:
             step = residual_transition(discard_weakest(fused, self.discard_ratio))
             self._product = step if self._product is None else step @ self._product
@@ -196,6 +211,14 @@ class _Reducer:
             return None
         b = rows[0].shape[0]
         return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+
+def _check_layer_indices(name: str, layers: Iterable[int], num_layers: int) -> list[int]:
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"`{name}` {bad} out of range: the model has {num_layers} attention layers")
+    return layers
 
 
 def _check_target(target: object, batch: int) -> None:
@@ -293,6 +316,8 @@ def attention_maps(
     keep_matrices: Iterable[int] = (),
     layout: TokenLayout | None = None,
     target: int | Tensor | None = None,
+    head_layers: Iterable[int] = (),
+    attention_distance: bool = False,
 ) -> AttentionMaps:
     """Per-layer attention maps of ``images`` on the patch grid, in one forward (plus one backward for the
     gradient methods).
@@ -318,6 +343,8 @@ def attention_maps(
         layout: override the token layout read from the model (for non-timm wrappers).
         target: class explained by the gradient methods: None for each image's predicted class (argmax of the
             logits), an int for all images, or a (B,) integer tensor (e.g. the labels). Ignored by the others.
+        head_layers: layer indices whose per-head query rows to keep in ``.head_maps`` (DINO-style head views).
+        attention_distance: compute each layer's per-head mean attention distance (``.attention_distance``).
 
     Example::
 
@@ -342,14 +369,12 @@ def attention_maps(
     modules = find_attention_modules(model)
     if layout is None:
         layout = token_layout(model, (images.shape[-2], images.shape[-1]), query=query)
-    keep = [int(i) for i in keep_matrices]
-    bad = [i for i in keep if not 0 <= i < len(modules)]
-    if bad:
-        raise ValueError(f"`keep_matrices` {bad} out of range: the model has {len(modules)} attention layers")
+    keep = _check_layer_indices("keep_matrices", keep_matrices, len(modules))
+    heads = _check_layer_indices("head_layers", head_layers, len(modules))
 
     device, dtype = _model_device_dtype(model)
     images = images.to(device=device, dtype=dtype if dtype is not None else images.dtype)
-    reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep)
+    reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -385,6 +410,9 @@ def attention_maps(
         logits=logits.float() if isinstance(logits, Tensor) else logits,
         layer_names=[name for name, _ in modules],
         matrices=reducer.matrices,
+        prefix_attention=torch.stack(reducer.prefix, dim=1) if reducer.prefix else None,
+        head_maps=reducer.head_maps,
+        attention_distance=torch.stack(reducer.distances, dim=1) if reducer.distances else None,
         grad_rollout=gradient_maps.get("grad_rollout"),
         relevance=gradient_maps.get("relevance"),
         target=chosen,

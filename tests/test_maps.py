@@ -142,3 +142,29 @@ def test_clear_errors_for_wrong_input():
         attention_maps(timm.create_model("resnet10t", pretrained=False), torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="head_fusion"):
         attention_maps(model, input_for("vit"), head_fusion="avg")
+
+
+@pytest.mark.parametrize("key", ["reg4", "gap", "nonsquare"])
+def test_per_layer_extras_equal_the_recorded_attention(key):
+    from lightning_attn.diagnostics import head_query_rows, mean_attention_distance
+
+    model = make_vit(key)
+    _, _, prefix, query = MODELS[key]
+    x = input_for(key, batch=2)
+    maps = attention_maps(model, x, head_layers=[2], attention_distance=True)
+    with torch.no_grad(), record_attention(model) as rec:
+        model(x)
+    layout = token_layout(model, tuple(x.shape[-2:]))
+    torch.testing.assert_close(maps.head_maps[2], head_query_rows(rec.attentions[2], layout))
+    # per-head rows average to the mean-fused raw map
+    torch.testing.assert_close(maps.head_maps[2].mean(1), maps.raw[:, 2])
+    expected = torch.stack(
+        [mean_attention_distance(a, maps.grid_size, prefix, model.patch_embed.patch_size) for a in rec.attentions], 1
+    )
+    torch.testing.assert_close(maps.attention_distance, expected)
+    assert maps.prefix_attention.shape == (2, 3, prefix)
+    full = reference.raw_fused(rec.attentions)  # (B, L, N, N) float64
+    rows = full[:, :, 0] if query == "cls" else full[:, :, prefix:].mean(axis=2)
+    np.testing.assert_allclose(maps.prefix_attention.numpy(), rows[..., :prefix], atol=1e-6)
+    with pytest.raises(ValueError, match="head_layers"):
+        attention_maps(model, x, head_layers=[3])
