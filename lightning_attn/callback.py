@@ -17,13 +17,15 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .capture import find_attention_modules, find_vision_transformers
+from .diagnostics import register_slice
+from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
 from .layout import QUERIES
-from .maps import AGGREGATIONS, METHODS, AttentionMaps, attention_maps
-from .metrics import normalized_entropy
+from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .probes import Probes, display_stats, load_images, model_transform, take_from_loader
-from .render import check_cmap, make_grid, matrix_tiles, overlay, to_display
+from .render import check_cmap, filmstrip, make_grid, matrix_tiles, overlay, to_display
+from .report import scalar_report
 from .rollout import check_discard_ratio, check_head_fusion
-from .writers import AttentionWriter, PNGWriter, TensorBoardWriter
+from .writers import AttentionWriter, PNGWriter, TensorBoardWriter, save_gif
 
 __all__ = ["AttentionMonitor"]
 
@@ -59,11 +61,14 @@ class AttentionMonitor(Callback):
             or PIL images (preprocessed with the model's timm data config, or ``transform``); or an int N, the
             first N images of the validation dataloader, taken once and kept for the whole run.
         labels: optional (B,) class of each probe (shown on the grid rows).
-        masks: optional (B, H, W) object mask of each probe, kept for localisation metrics.
+        masks: optional (B, H, W) object mask of each probe: the pointing game (share of each method's final
+            map inside the mask) is logged when given.
         module: the ViT inside the LightningModule, as an attribute path (``"model.backbone"``) or the module;
             default: found automatically (the one submodule with a ``patch_embed`` and attention layers).
-        methods: maps to log, any of ``"raw"`` (each layer's attention of the query token) and ``"rollout"``
-            (attention rollout up to each layer).
+        methods: maps to log, any of ``"raw"`` (each layer's attention of the query token), ``"rollout"``
+            (attention rollout up to each layer), and the class-targeted ``"grad_rollout"`` (gradient-weighted
+            rollout) and ``"relevance"`` (Chefer et al. 2021), which explain each probe's label when ``labels``
+            are known, else its predicted class (a backward pass on the probes; parameters' ``.grad`` untouched).
         layers: layer indices shown as columns (negative counts from the end); default all.
         aggregates: reductions over layers of the raw maps shown in the aggregates grid; ``()`` turns it off.
         matrix_layers: layers whose full token x token attention (head-fused) is logged; default none.
@@ -76,6 +81,17 @@ class AttentionMonitor(Callback):
         cmap: matplotlib colormap name of the heatmaps.
         alpha: heatmap opacity over the image, in [0, 1].
         log_entropy: log the per-layer normalised entropy scalars.
+        head_layers: layers whose per-head maps are logged, one tile per head (DINO's view); ``()`` turns it off.
+        diagnostics: log drift from the baseline and from the previous pass (Jensen–Shannon divergence), artifact
+            tokens, register-token share and mean attention distance per layer.
+        artifact_threshold: a patch is an artifact token when it takes more than this many times the median share
+            of the query row.
+        faithfulness: log deletion AUCs (most / least important patches first) of each method's final-layer map
+            and of a random map, each pass (2 x ``faithfulness_steps`` extra forwards of the probes per method).
+        faithfulness_steps: removal steps of the deletion curves.
+        filmstrip_length: the filmstrip shows the baseline and this many most recent passes of the final-layer map.
+        gif: at the end of fit, write an animated GIF per probe of that map over all logged steps under
+            ``<log_dir>/attention/``.
         transform: preprocessing for path / PIL probes instead of the model's timm transform.
         mean: per-channel mean that un-normalises probe pixels for display (default: the model's data config).
         std: per-channel std, likewise.
@@ -109,7 +125,7 @@ class AttentionMonitor(Callback):
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], default_root_dir=getfixture("tmp_path"),
         ...                      enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
         >>> trainer.fit(LitViT(), loader, loader)
-        >>> sorted(k for k in monitor.last_metrics if "raw" in k)
+        >>> sorted(k for k in monitor.last_metrics if k.startswith("attention/entropy/raw"))
         ['attention/entropy/raw/layer_00', 'attention/entropy/raw/layer_01']
     """
 
@@ -133,6 +149,13 @@ class AttentionMonitor(Callback):
         cmap: str = "jet",
         alpha: float = 0.5,
         log_entropy: bool = True,
+        head_layers: Sequence[int] = (-1,),
+        diagnostics: bool = True,
+        artifact_threshold: float = 10.0,
+        faithfulness: bool = False,
+        faithfulness_steps: int = 10,
+        filmstrip_length: int = 8,
+        gif: bool = True,
         transform: Callable[[Any], Tensor] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -162,6 +185,12 @@ class AttentionMonitor(Callback):
         if self.layers is not None and not self.layers:
             raise ValueError("`layers` is empty: pass None for all layers or at least one index")
         self.matrix_layers = _check_layer_list("matrix_layers", matrix_layers, allow_none=False) or ()
+        self.head_layers = _check_layer_list("head_layers", head_layers, allow_none=False) or ()
+        for name, value, low in (("faithfulness_steps", faithfulness_steps, 1), ("filmstrip_length", filmstrip_length, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if isinstance(artifact_threshold, bool) or not isinstance(artifact_threshold, (int, float)) or artifact_threshold <= 1:
+            raise ValueError(f"`artifact_threshold` must be a number > 1 (times the median share), got {artifact_threshold!r}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
         check_head_fusion(head_fusion)
@@ -196,6 +225,14 @@ class AttentionMonitor(Callback):
         self.cmap = cmap
         self.alpha = float(alpha)
         self.log_entropy = log_entropy
+        self.diagnostics = diagnostics
+        self.artifact_threshold = float(artifact_threshold)
+        self.faithfulness = faithfulness
+        self.faithfulness_steps = faithfulness_steps
+        self.filmstrip_length = filmstrip_length
+        self.gif = gif
+        # the map whose evolution the filmstrip and GIFs show: the final-layer rollout when logged
+        self._film_method = "rollout" if "rollout" in self.methods else self.methods[0]
         self.transform = transform
         self.mean = mean
         self.std = std
@@ -206,6 +243,12 @@ class AttentionMonitor(Callback):
         self._vit: nn.Module | None = None
         self._layer_idx: list[int] = []
         self._matrix_idx: list[int] = []
+        self._head_idx: list[int] = []
+        self._registers: slice | None = None
+        self._log_dir: Path | None = None
+        self._baseline_maps: dict[str, Tensor] | None = None
+        self._previous_maps: dict[str, Tensor] | None = None
+        self._history: list[tuple[int, Tensor]] = []  # (step, final-layer map (B, gh, gw)) of every logged pass
         self._probes: Probes | None = None
         self._display: Tensor | None = None
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -282,6 +325,8 @@ class AttentionMonitor(Callback):
         num_layers = len(find_attention_modules(self._vit))
         self._layer_idx = self._resolve_layers(self.layers, num_layers, "layers")
         self._matrix_idx = self._resolve_layers(self.matrix_layers, num_layers, "matrix_layers")
+        self._head_idx = self._resolve_layers(self.head_layers, num_layers, "head_layers")
+        self._registers = register_slice(self._vit)
         self._stats = display_stats(self._vit, self.mean, self.std)
         if self._probes is None and not isinstance(self.probes, int):
             if isinstance(self.probes, Tensor):
@@ -293,6 +338,7 @@ class AttentionMonitor(Callback):
             self._check_probe_images(self._probes.images)
         # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
         log_dir = trainer.log_dir or trainer.default_root_dir
+        self._log_dir = Path(log_dir)
         if trainer.is_global_zero and self._writer is None:
             tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if tensorboard is not None:
@@ -368,9 +414,22 @@ class AttentionMonitor(Callback):
         with isolate_rng():
             probes = self._ensure_probes(trainer, pl_module.device)  # misconfiguration raises, always
             try:
-                maps = self._compute(trainer, probes)
+                maps, curves = self._compute(trainer, probes)
+                metrics = scalar_report(
+                    maps,
+                    self.methods,
+                    entropy=self.log_entropy,
+                    baseline=self._baseline_maps if self.diagnostics else None,
+                    previous=self._previous_maps if self.diagnostics else None,
+                    registers=self._registers if self.diagnostics else None,
+                    artifact_threshold=self.artifact_threshold if self.diagnostics else None,
+                    masks=probes.masks,
+                    faithfulness=curves,
+                )
+                self._remember(maps, step)
                 if trainer.is_global_zero:
-                    self._write(maps, probes, step)
+                    self._write(maps, probes, metrics, step)
+                self.last_metrics = metrics
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
                     raise
@@ -383,26 +442,51 @@ class AttentionMonitor(Callback):
                 return
         self._last_step = step
 
-    def _compute(self, trainer: pl.Trainer, probes: Probes) -> AttentionMaps:
+    def _compute(self, trainer: pl.Trainer, probes: Probes) -> tuple[AttentionMaps, dict[str, PerturbationCurves]]:
         plugin = trainer.precision_plugin
+        vit = self._vit
+        assert vit is not None
+        images = plugin.convert_input(probes.images)
         with plugin.forward_context():
             maps = attention_maps(
-                self._vit,  # type: ignore[arg-type]
-                plugin.convert_input(probes.images),
+                vit,
+                images,
                 methods=self.methods,
                 head_fusion=self.head_fusion,
                 discard_ratio=self.discard_ratio,
                 query=self.query,
                 keep_matrices=self._matrix_idx,
+                target=probes.labels,
+                head_layers=self._head_idx,
+                attention_distance=self.diagnostics,
             )
         for method in self.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
             if bad.any():
                 layers = bad.nonzero().flatten().tolist()
                 raise FloatingPointError(f"{method} maps contain NaN or inf at layers {layers}; not drawn")
-        return maps
+        curves: dict[str, PerturbationCurves] = {}
+        if self.faithfulness:
+            # explain the same class as the gradient methods: the label when known, else the prediction
+            target = probes.labels if probes.labels is not None else maps.logits.argmax(-1)
+            options = dict(target=target, steps=self.faithfulness_steps)
+            with plugin.forward_context():
+                for method in self.methods:
+                    curves[method] = perturbation_curves(vit, images, maps[method][:, -1], **options)
+                curves["random"] = random_perturbation_curves(vit, images, maps.grid_size, **options)
+        return maps, curves
 
-    def _row_labels(self, probes: Probes, maps: AttentionMaps) -> list[str]:
+    def _remember(self, maps: AttentionMaps, step: int) -> None:
+        current = {m: maps[m].detach() for m in self.methods}
+        if self._baseline_maps is None:
+            self._baseline_maps = current
+        self._previous_maps = current
+        self._history.append((step, maps[self._film_method][:, -1].detach()))
+
+    def _row_labels(self, probes: Probes, maps: AttentionMaps, method: str = "raw") -> list[str]:
+        if method in GRADIENT_METHODS and maps.target is not None:
+            # class-targeted maps: the row says which class is explained
+            return [f"#{i} t{t}" for i, t in enumerate(maps.target.tolist())]
         predicted = maps.logits.argmax(-1).tolist() if maps.logits.dim() == 2 else None
         labels = probes.labels.tolist() if probes.labels is not None else None
         rows = []
@@ -416,38 +500,67 @@ class AttentionMonitor(Callback):
             rows.append(text)
         return rows
 
-    def _write(self, maps: AttentionMaps, probes: Probes, step: int) -> None:
+    def _write(self, maps: AttentionMaps, probes: Probes, metrics: dict[str, float], step: int) -> None:
         writer = self._writer
-        assert writer is not None and self._display is not None
+        display = self._display
+        assert writer is not None and display is not None
         rows = self._row_labels(probes, maps)
         render = dict(tile_size=self.tile_size, cmap=self.cmap, alpha=self.alpha)
         columns = ["image"] + [f"L{l}" for l in self._layer_idx]
         for method in self.methods:
-            tiles = overlay(self._display, maps[method][:, self._layer_idx], **render)
-            writer.add_image(f"attention/{method}", make_grid(tiles, columns, rows), step)
+            tiles = overlay(display, maps[method][:, self._layer_idx], **render)
+            labels = self._row_labels(probes, maps, method)
+            writer.add_image(f"attention/{method}", make_grid(tiles, columns, labels), step)
         if self.aggregates and "raw" in self.methods:
             stacked = torch.stack([maps.aggregate(r, "raw") for r in self.aggregates], dim=1)
-            tiles = overlay(self._display, stacked, **render)
+            tiles = overlay(display, stacked, **render)
             writer.add_image("attention/raw_aggregates", make_grid(tiles, ["image", *self.aggregates], rows), step)
         if self._matrix_idx:
             matrices = torch.stack([maps.matrices[l] for l in self._matrix_idx], dim=1)
             tiles = matrix_tiles(matrices, self.tile_size * 2, self.cmap)
             writer.add_image("attention/matrix", make_grid(tiles, [f"L{l}" for l in self._matrix_idx], rows), step)
-        metrics: dict[str, float] = {}
-        if self.log_entropy:
-            for method in self.methods:
-                values = normalized_entropy(maps[method]).mean(0).tolist()
-                metrics.update({f"attention/entropy/{method}/layer_{l:02d}": v for l, v in enumerate(values)})
+        for layer in self._head_idx:
+            heads = maps.head_maps[layer]
+            tiles = overlay(display, heads, **render)
+            header = ["image"] + [f"h{h}" for h in range(heads.shape[1])]
+            writer.add_image(f"attention/heads/layer_{layer:02d}", make_grid(tiles, header, rows), step)
+        # baseline plus the most recent passes of the final-layer map, one row per probe
+        frames = self._history[:1] + self._history[1:][-self.filmstrip_length:]
+        tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
+        header = ["image"] + [f"s{s}" for s, _ in frames]
+        writer.add_image("attention/filmstrip", make_grid(tiles, header, rows), step)
         for tag, value in metrics.items():
             writer.add_scalar(tag, value, step)
         writer.flush()
-        self.last_metrics = metrics
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self.gif and trainer.is_global_zero and self._history and self._display is not None):
+            return
+        directory = (self._log_dir or Path(trainer.default_root_dir)) / "attention"
+        steps = [f"step {s}" for s, _ in self._history]
+        maps = torch.stack([m.to(self._display.device) for _, m in self._history], dim=1)  # (B, T, gh, gw)
+        for i in range(maps.shape[0]):
+            frames = [
+                filmstrip(self._display[i], maps[i, t : t + 1], steps[t : t + 1], self.tile_size * 2, self.cmap, self.alpha)
+                for t in range(maps.shape[1])
+            ]
+            save_gif(frames, directory / f"{self._film_method}_evolution_probe{i:02d}.gif")
 
     # ------------------------------------------------------------------ state
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"baseline_done": self._baseline_done, "last_step": self._last_step}
+        cpu = lambda maps: None if maps is None else {m: t.cpu() for m, t in maps.items()}  # noqa: E731
+        state: dict[str, Any] = {
+            "baseline_done": self._baseline_done,
+            "last_step": self._last_step,
+            # drift is measured from the maps of the first pass and the filmstrip shows every pass: both must
+            # survive a resume
+            "baseline_maps": cpu(self._baseline_maps),
+            "previous_maps": cpu(self._previous_maps),
+            "history": [(s, m.cpu()) for s, m in self._history],
+        }
         if isinstance(self.probes, int) and self._probes is not None:
             # probes taken from the loader must stay the same images after a resume
             state["probes"] = self._probes.images.cpu()
@@ -458,6 +571,9 @@ class AttentionMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._baseline_done = bool(state_dict.get("baseline_done", False))
         self._last_step = state_dict.get("last_step")
+        self._baseline_maps = state_dict.get("baseline_maps")
+        self._previous_maps = state_dict.get("previous_maps")
+        self._history = list(state_dict.get("history", []))
         if isinstance(self.probes, int) and state_dict.get("probes") is not None:
             self._probes = Probes(state_dict["probes"], state_dict.get("labels"))
             self._display = None

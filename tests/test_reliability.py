@@ -49,11 +49,18 @@ def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
     steps_second = [e.step for e in lit.read_events(trainer.logger.log_dir).Images("attention/raw")]
     assert steps_second == [12, 16], "no second baseline at the resume step"
     assert torch.equal(second._probes.images.cpu(), first._probes.images.cpu())
+    # drift keeps measuring from the first run's baseline; the filmstrip/GIF history continues
+    for method in ("raw", "rollout"):
+        assert torch.equal(second._baseline_maps[method].cpu(), first._baseline_maps[method].cpu())
+    assert [step for step, _ in second._history] == [0, 4, 8, 12, 16]
+    assert second.last_metrics["attention/drift_baseline/raw/mean"] > 0
 
 
 def test_state_dict_round_trip_and_tolerant_load():
     monitor = AttentionMonitor(3)
-    assert monitor.state_dict() == {"baseline_done": False, "last_step": None}
+    assert monitor.state_dict() == {
+        "baseline_done": False, "last_step": None, "baseline_maps": None, "previous_maps": None, "history": []
+    }
     monitor.load_state_dict({})  # a checkpoint from an older version: defaults
     assert not monitor._baseline_done
     assert AttentionMonitor(3).state_key == monitor.state_key != AttentionMonitor(3, every_n_epochs=2).state_key
@@ -63,7 +70,8 @@ def test_bf16_true_parameters(tmp_path):
     monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16, on_error="raise")
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-true")
     trainer.fit(lit.LitViT(), *lit.loaders())
-    assert len(monitor.last_metrics) == 4 and all(0 <= v <= 1 for v in monitor.last_metrics.values())
+    entropy = [v for k, v in monitor.last_metrics.items() if k.startswith("attention/entropy/")]
+    assert len(entropy) == 4 and all(0 <= v <= 1 for v in entropy)
 
 
 def test_compiled_model_is_not_recompiled_by_the_probe_pass(tmp_path):
