@@ -1,0 +1,24 @@
+"""The README's main job, in its smoke mode: the example trains and the monitor logs every method."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import train_vit  # noqa: E402
+
+import lit  # noqa: E402
+
+
+def test_example_fast_run_logs_every_method(tmp_path, capsys):
+    trainer = train_vit.main(["--fast", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"tensorboard --logdir {tmp_path}" in out
+    acc = lit.read_events(trainer.log_dir)
+    for method in ("raw", "rollout", "grad_rollout", "relevance"):
+        assert len(acc.Images(f"attention/{method}")) == 2  # baseline + 1 epoch
+        assert len(acc.Scalars(f"attention/pointing_game/{method}")) == 2
+        assert len(acc.Scalars(f"attention/faithfulness/{method}/most_first_auc")) == 2
+    assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
