@@ -94,11 +94,12 @@ def token_layout(model: nn.Module, image_size: tuple[int, int], query: str = "au
 def query_row(matrix: Tensor, layout: TokenLayout) -> Tensor:
     """The query row of a (B, N, N) token matrix restricted to patch columns: (B, num_patches).
 
-    ``layout.query == "cls"`` takes row 0; ``"mean"`` averages the patch-token rows.
+    ``layout.query == "cls"`` takes row 0; ``"mean"`` averages the patch-token rows. Returns new memory.
     """
     p = layout.num_prefix_tokens
     if layout.query == "cls":
         row = matrix[:, 0, :]
     else:
         row = matrix[:, p:, :].mean(dim=1)
-    return row[:, p:]
+    # a copy, not a view: a view would keep the whole (B, N, N) matrix alive for as long as the row is kept
+    return row[:, p:].clone()

@@ -200,7 +200,7 @@ class _Reducer:
             # what the query row gives to class/distillation/register tokens, for the register diagnostics
             p = self.layout.num_prefix_tokens
             row = fused[:, 0] if self.layout.query == "cls" else fused[:, p:].mean(dim=1)
-            self.prefix.append(row[:, :p])
+            self.prefix.append(row[:, :p].clone())  # not a view of the (B, N, N) matrix
         if "rollout" in self.methods:
             step = residual_transition(discard_weakest(fused, self.discard_ratio))
             self._product = step if self._product is None else step @ self._product

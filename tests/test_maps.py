@@ -168,3 +168,13 @@ def test_per_layer_extras_equal_the_recorded_attention(key):
     np.testing.assert_allclose(maps.prefix_attention.numpy(), rows[..., :prefix], atol=1e-6)
     with pytest.raises(ValueError, match="head_layers"):
         attention_maps(model, x, head_layers=[3])
+
+
+def test_kept_rows_do_not_pin_the_full_matrices():
+    # a view of row 0 would keep the whole (B, N, N) matrix alive per layer: memory growing with depth
+    from lightning_attn.layout import TokenLayout, query_row
+
+    m = torch.rand(2, 17, 17)
+    for query in ("cls", "mean"):
+        row = query_row(m, TokenLayout(1, (4, 4), query))
+        assert row.untyped_storage().nbytes() == 2 * 16 * 4
