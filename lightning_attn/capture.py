@@ -9,12 +9,19 @@ hand and pass it through ``attn_drop`` only when ``fused_attn`` is False; by def
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AttentionRecorder", "find_attention_modules", "find_vision_transformers", "record_attention"]
+__all__ = [
+    "AttentionRecorder",
+    "find_attention_modules",
+    "find_vision_transformers",
+    "record_attention",
+    "record_head_attention",
+    "supports_head_streaming",
+]
 
 #: Called for every attention layer as its hook fires: ``(layer_index, attention)`` with attention (B, heads, N, N).
 AttentionCallback = Callable[[int, Tensor], None]
@@ -203,3 +210,86 @@ def record_attention(
         yield recorder
     finally:
         recorder.release()
+
+
+#: Called once per head as a layer runs: ``(layer_index, head_index, num_heads, attention)`` with attention
+#: (B, N, N) float32, the softmax weights of that head.
+HeadCallback = Callable[[int, int, int, Tensor], None]
+
+
+def supports_head_streaming(module: nn.Module) -> bool:
+    """Whether :func:`record_head_attention` can rebuild ``module``'s softmax weights from its normalised q and k.
+
+    True for timm's plain ``Attention`` (vit_*, deit*, dinov2, clip, flexivit): its logits are exactly
+    ``q * scale @ k^T`` plus an optional mask. EVA (rotary embeddings applied after ``k_norm``) and BEiT (relative
+    position bias) add terms that q and k do not show, so they go through :func:`record_attention`.
+    """
+    from timm.layers.attention import Attention
+
+    return type(module) is Attention and isinstance(module.q_norm, nn.Module) and isinstance(module.k_norm, nn.Module)
+
+
+def _head_bias(mask: Tensor | None, is_causal: bool, head: int, n: int, like: Tensor) -> Tensor | None:
+    """The additive bias SDPA applies to one head's logits, as (B or 1, N, N) float32 (None when there is none)."""
+    if is_causal:
+        return torch.full((n, n), float("-inf"), device=like.device).triu(1)
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        mask = mask[:, head if mask.shape[1] > 1 else 0]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=like.device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+@contextmanager
+def record_head_attention(model: nn.Module, modules: Sequence[nn.Module], on_head: HeadCallback) -> Iterator[None]:
+    """Hand the softmax attention of each layer to ``on_head`` one head at a time, keeping timm's fused kernel.
+
+    Hooks on ``q_norm`` and ``k_norm`` see the exact q and k the layer feeds to ``scaled_dot_product_attention``;
+    each head's weights ``softmax(q_h * scale @ k_h^T + bias)`` are rebuilt in float32 and passed on, so at most
+    one head's (B, N, N) matrix exists at a time: the extra memory does not grow with the number of heads, where
+    the unfused path materialises (B, heads, N, N) scores and weights. Every module must pass
+    :func:`supports_head_streaming`. Hooks are removed on exit, errors included; no flag is changed.
+    """
+    bad = [type(m).__name__ for m in modules if not supports_head_streaming(m)]
+    if bad or not modules:
+        raise ValueError(f"record_head_attention needs timm `Attention` layers, got {bad or 'none'}; use record_attention")
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    calls = [0]
+
+    def hooks_for(module: nn.Module) -> None:
+        state: dict[str, Any] = {}
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            state["causal"] = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+
+        def keep_q(mod: nn.Module, args: tuple, q: Tensor) -> None:
+            state["q"] = q
+
+        def use_k(mod: nn.Module, args: tuple, k: Tensor) -> None:
+            q = state.pop("q")
+            index = calls[0]
+            calls[0] += 1
+            heads, n = q.shape[1], q.shape[2]
+            # float32 whatever the training precision: autocast would turn these matmuls back into bf16
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                for h in range(heads):
+                    logits = (q[:, h].float() * module.scale) @ k[:, h].float().transpose(-2, -1)
+                    bias = _head_bias(state.get("mask"), state.get("causal", False), h, n, logits)
+                    if bias is not None:
+                        logits = logits + bias
+                    on_head(index, h, heads, logits.softmax(dim=-1))
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.q_norm.register_forward_hook(keep_q))
+        handles.append(module.k_norm.register_forward_hook(use_k))
+
+    try:
+        for module in modules:
+            hooks_for(module)
+        yield
+    finally:
+        while handles:
+            handles.pop().remove()

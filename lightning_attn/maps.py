@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .capture import find_attention_modules, record_attention
+from .capture import find_attention_modules, record_attention, record_head_attention, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
 from .layout import TokenLayout, query_row, token_layout
 from .rollout import (
@@ -175,26 +175,60 @@ class _Reducer:
         self.matrices: dict[int, Tensor] = {}
         self.head_maps: dict[int, Tensor] = {}
         self._product: Tensor | None = None
+        self._fused: Tensor | None = None
+        self._head_rows: list[Tensor] = []
+        self._head_distances: list[Tensor] = []
 
-    def __call__(self, index: int, attention: Tensor) -> None:
-        n = attention.shape[-1]
+    def _check_tokens(self, index: int, n: int) -> None:
         if n != self.layout.num_tokens:
             raise ValueError(
                 f"attention layer {index} has {n} tokens but the layout expects {self.layout.num_tokens} "
                 f"({self.layout.num_prefix_tokens} prefix + {self.layout.grid_size[0]}x{self.layout.grid_size[1]} "
                 "patches): the model's patch embedding or prefix tokens differ from what was read; pass `layout=`"
             )
+
+    def _distance(self, attention: Tensor) -> Tensor:
+        patch = self.layout.patch_size or (1, 1)
+        return mean_attention_distance(attention, self.layout.grid_size, self.layout.num_prefix_tokens, patch)
+
+    def __call__(self, index: int, attention: Tensor) -> None:
+        """Consume one layer's whole (B, heads, N, N) attention."""
+        self._check_tokens(index, attention.shape[-1])
         attention = attention.detach()
-        fused = fuse_heads(attention, self.head_fusion)
-        if index in self.keep:
-            self.matrices[index] = fused
         if index in self.head_layers:
             self.head_maps[index] = head_query_rows(attention, self.layout)
         if self.distance:
-            patch = self.layout.patch_size or (1, 1)
-            self.distances.append(
-                mean_attention_distance(attention, self.layout.grid_size, self.layout.num_prefix_tokens, patch)
-            )
+            self.distances.append(self._distance(attention))
+        self._finish(index, fuse_heads(attention, self.head_fusion))
+
+    def head(self, index: int, head: int, heads: int, attention: Tensor) -> None:
+        """Consume one head's (B, N, N) float32 attention; the layer is complete after its last head."""
+        if head == 0:
+            self._check_tokens(index, attention.shape[-1])
+            self._fused, self._head_rows, self._head_distances = attention.clone(), [], []
+        elif self.head_fusion == "mean":
+            self._fused += attention
+        elif self.head_fusion == "max":
+            torch.maximum(self._fused, attention, out=self._fused)
+        else:
+            torch.minimum(self._fused, attention, out=self._fused)
+        if index in self.head_layers:
+            self._head_rows.append(query_row(attention, self.layout).reshape(-1, *self.layout.grid_size))
+        if self.distance:
+            self._head_distances.append(self._distance(attention[:, None]))
+        if head == heads - 1:
+            if self._head_rows:
+                self.head_maps[index] = torch.stack(self._head_rows, dim=1)
+            if self._head_distances:
+                self.distances.append(torch.cat(self._head_distances, dim=1))
+            fused = self._fused / heads if self.head_fusion == "mean" else self._fused
+            self._fused = None
+            self._finish(index, fused)
+
+    def _finish(self, index: int, fused: Tensor) -> None:
+        """Everything that needs only the head-fused (B, N, N) matrix of layer ``index``."""
+        if index in self.keep:
+            self.matrices[index] = fused
         if "raw" in self.methods:
             self.raw.append(query_row(fused, self.layout))
             # what the query row gives to class/distillation/register tokens, for the register diagnostics
@@ -396,11 +430,26 @@ def attention_maps(
                 gradient_maps["relevance"] = _query_rows(relevance_propagation(attentions, gradients), layout)
         del attentions, gradients
     else:
-        with _ModeGuard(model), torch.no_grad(), record_attention(
-            model, modules, on_attention=reducer, store=False
-        ) as rec:
-            logits = model(images)
-        _check_calls(rec.num_calls, len(modules))
+        layers = [m for _, m in modules]
+        if all(supports_head_streaming(m) for m in layers):
+            # timm keeps its fused kernel; each head's weights are rebuilt from q and k one at a time, so extra
+            # memory does not grow with the number of heads
+            heads_seen: list[int] = []
+
+            def on_head(index: int, head: int, heads: int, attention: Tensor) -> None:
+                if head == heads - 1:
+                    heads_seen.append(index)
+                reducer.head(index, head, heads, attention)
+
+            with _ModeGuard(model), torch.no_grad(), record_head_attention(model, layers, on_head):
+                logits = model(images)
+            _check_calls(len(heads_seen), len(modules))
+        else:
+            with _ModeGuard(model), torch.no_grad(), record_attention(
+                model, modules, on_attention=reducer, store=False
+            ) as rec:
+                logits = model(images)
+            _check_calls(rec.num_calls, len(modules))
     return AttentionMaps(
         raw=reducer.stack(reducer.raw),
         rollout=reducer.stack(reducer.rollout),

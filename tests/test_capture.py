@@ -136,3 +136,44 @@ def test_explicit_modules_must_be_attention_layers():
     with torch.no_grad(), record_attention(model, modules=[model.blocks[2].attn]) as rec:
         model(input_for("vit"))
     assert len(rec.attentions) == 1
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+def test_head_streaming_equals_the_unfused_softmax(mask_kind):
+    from timm.layers.attention import Attention
+
+    from lightning_attn.capture import record_head_attention
+
+    torch.manual_seed(0)
+    layer = Attention(dim=48, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).eval()
+    layer.qkv.weight.data.mul_(6)
+    x = torch.randn(2, 9, 48)
+    kwargs = {}
+    if mask_kind == "bool":
+        kwargs["attn_mask"] = (torch.rand(2, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)
+    elif mask_kind == "float":
+        kwargs["attn_mask"] = torch.randn(2, 3, 9, 9)
+    elif mask_kind == "causal":
+        kwargs["is_causal"] = True
+    heads = {}
+    with torch.no_grad():
+        with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a)):
+            assert layer.fused_attn, "the fused kernel stays on"
+            fused_out = layer(x, **kwargs)
+        with record_attention(layer) as rec:
+            unfused_out = layer(x, **kwargs)
+    expected = rec.attentions[0]
+    got = torch.stack([heads[h] for h in range(3)], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_out, unfused_out, atol=1e-5, rtol=1e-5)
+    assert not layer._forward_pre_hooks and not layer.q_norm._forward_hooks and not layer.k_norm._forward_hooks
+
+
+def test_head_streaming_is_used_for_plain_attention_only():
+    from lightning_attn.capture import supports_head_streaming
+
+    assert all(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("vit")))
+    assert all(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("reg4")))
+    # rotary embeddings (EVA) and relative position bias (BEiT) are not visible in q and k
+    assert not any(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("eva02")))
+    assert not any(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("beit")))

@@ -178,3 +178,16 @@ def test_kept_rows_do_not_pin_the_full_matrices():
     for query in ("cls", "mean"):
         row = query_row(m, TokenLayout(1, (4, 4), query))
         assert row.untyped_storage().nbytes() == 2 * 16 * 4
+
+
+def test_plain_vit_maps_keep_the_fused_kernel():
+    model = make_vit("vit")
+    seen = []
+    layer = model.blocks[0].attn
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(m.fused_attn))
+    maps = attention_maps(model, input_for("vit"), keep_matrices=[0])
+    handle.remove()
+    assert seen == [True]
+    with torch.no_grad(), record_attention(model) as rec:
+        model(input_for("vit"))
+    torch.testing.assert_close(maps.matrices[0], rec.attentions[0].mean(1), atol=1e-6, rtol=1e-5)
