@@ -232,13 +232,13 @@ def supports_head_streaming(module: nn.Module) -> bool:
 def _head_bias(mask: Tensor | None, is_causal: bool, head: int, n: int, like: Tensor) -> Tensor | None:
     """The additive bias SDPA applies to one head's logits, as (B or 1, N, N) float32 (None when there is none)."""
     if is_causal:
-        return torch.full((n, n), float("-inf"), device=like.device).triu(1)
+        return torch.full((n, n), float("-inf"), dtype=torch.float32, device=like.device).triu(1)
     if mask is None:
         return None
     if mask.dim() == 4:
         mask = mask[:, head if mask.shape[1] > 1 else 0]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=like.device).masked_fill(~mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=torch.float32, device=like.device).masked_fill(~mask, float("-inf"))
     return mask.float()
 
 

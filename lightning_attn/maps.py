@@ -193,6 +193,11 @@ class _Reducer:
 
     def __call__(self, index: int, attention: Tensor) -> None:
         """Consume one layer's whole (B, heads, N, N) attention."""
+        # float32 math even when the forward runs under bf16 autocast (the hook fires inside it)
+        with torch.autocast(device_type=attention.device.type, enabled=False):
+            self._consume(index, attention)
+
+    def _consume(self, index: int, attention: Tensor) -> None:
         self._check_tokens(index, attention.shape[-1])
         attention = attention.detach()
         if index in self.head_layers:
@@ -420,7 +425,7 @@ def attention_maps(
             )
         with _ModeGuard(model):
             logits, attentions, gradients, chosen = _gradient_pass(model, images, modules, target)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
             # the same reducer as the streaming path, fed the stored matrices: identical raw/rollout maps
             for index, attention in enumerate(attentions):
                 reducer(index, attention)

@@ -224,7 +224,8 @@ def relevance_propagation(attentions: Sequence[Tensor], gradients: Sequence[Tens
     """
     _check_pairs(attentions, gradients)
     n = attentions[0].shape[-1]
-    relevance = torch.eye(n, device=attentions[0].device).expand(attentions[0].shape[0], n, n)
+    # dtype explicit: under Lightning's "bf16-true" the default dtype is bfloat16
+    relevance = torch.eye(n, dtype=torch.float32, device=attentions[0].device).expand(attentions[0].shape[0], n, n)
     out = []
     for attention, gradient in zip(attentions, gradients):
         weighted = (gradient.float() * attention.float()).clamp_min(0.0).mean(dim=1)

@@ -191,3 +191,11 @@ def test_plain_vit_maps_keep_the_fused_kernel():
     with torch.no_grad(), record_attention(model) as rec:
         model(input_for("vit"))
     torch.testing.assert_close(maps.matrices[0], rec.attentions[0].mean(1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["eva02", "vit"])
+def test_float32_maps_under_autocast_on_both_capture_paths(key):
+    model = make_vit(key, num_classes=5)  # eva02_tiny is built headless by default
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = attention_maps(model, input_for(key), methods=("raw", "rollout", "relevance"))
+    assert maps.raw.dtype == maps.rollout.dtype == maps.relevance.dtype == torch.float32

@@ -111,3 +111,20 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, strategy):
     # 32 samples / (2 ranks x batch 8) = 2 steps per epoch; one image per step, written by rank 0 only
     assert steps == [0, 2, 4]
     assert [s.step for s in acc.Scalars("attention/entropy/raw/layer_00")] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_every_method_and_faithfulness_under_bf16(tmp_path, precision):
+    # "bf16-true" makes bfloat16 the default dtype inside the forward context: every tensor we create must say
+    # float32, and autocast must not turn the rollout products back into bf16
+    masks = torch.zeros(2, lit.IMG, lit.IMG, dtype=torch.bool)
+    masks[:, 8:24, 8:24] = True
+    monitor = AttentionMonitor(
+        torch.randn(2, 3, lit.IMG, lit.IMG), labels=[0, 1], masks=masks, faithfulness=True, faithfulness_steps=3,
+        methods=("raw", "rollout", "grad_rollout", "relevance"), tile_size=16, on_error="raise",
+    )
+    lit.trainer(tmp_path, [monitor], max_epochs=1, precision=precision).fit(lit.LitViT(), *lit.loaders())
+    values = monitor.last_metrics
+    assert 0 <= values["attention/pointing_game/relevance"] <= 1
+    assert 0 <= values["attention/faithfulness/grad_rollout/most_first_auc"] <= 1
+    assert all(v == v for v in values.values())  # no NaN
