@@ -1,12 +1,29 @@
 """lightning_attn: watch where each layer of a timm Vision Transformer looks while it trains."""
 
 from .callback import AttentionMonitor
-from .capture import AttentionRecorder, find_attention_modules, find_vision_transformers, record_attention
-from .layout import TokenLayout, token_layout
+from .capture import (
+    AttentionRecorder,
+    find_attention_modules,
+    find_vision_transformers,
+    record_attention,
+    record_head_attention,
+    supports_head_streaming,
+)
+from .diagnostics import (
+    artifact_mask,
+    artifact_tokens,
+    attention_drift,
+    head_query_rows,
+    mean_attention_distance,
+    register_share,
+    register_slice,
+)
 from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
+from .layout import TokenLayout, query_row, token_layout
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
 from .probes import Probes
+from .report import scalar_report
 from .rollout import (
     attention_rollout,
     discard_weakest,
@@ -21,25 +38,36 @@ __version__ = "0.1.0"
 __all__ = [
     "GRADIENT_METHODS",
     "METHODS",
-    "PerturbationCurves",
-    "grad_rollout",
-    "perturbation_curves",
-    "pointing_game",
-    "random_perturbation_curves",
-    "relevance_propagation",
     "AttentionMaps",
     "AttentionMonitor",
     "AttentionRecorder",
+    "PerturbationCurves",
+    "Probes",
     "TokenLayout",
+    "artifact_mask",
+    "artifact_tokens",
+    "attention_drift",
     "attention_maps",
     "attention_rollout",
     "discard_weakest",
     "find_attention_modules",
     "find_vision_transformers",
     "fuse_heads",
+    "grad_rollout",
+    "head_query_rows",
+    "mean_attention_distance",
     "normalized_entropy",
-    "Probes",
+    "perturbation_curves",
+    "pointing_game",
+    "query_row",
+    "random_perturbation_curves",
     "record_attention",
+    "record_head_attention",
+    "register_share",
+    "register_slice",
+    "relevance_propagation",
     "residual_transition",
+    "scalar_report",
+    "supports_head_streaming",
     "token_layout",
 ]
