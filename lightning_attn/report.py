@@ -80,5 +80,6 @@ def scalar_report(
         out[f"attention/faithfulness/{method}/least_first_auc"] = curves.least_first_auc.mean()
     if not out:
         return {}
-    values = torch.stack([v.float().reshape(()).to(next(iter(out.values())).device) for v in out.values()])
+    device = next(iter(out.values())).device
+    values = torch.stack([v.float().reshape(()).to(device) for v in out.values()])
     return dict(zip(out, values.tolist()))  # the one device -> host copy
