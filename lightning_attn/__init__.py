@@ -1,5 +1,7 @@
-"""lightning_attn: watch where each layer of a timm Vision Transformer looks while it trains."""
+"""lightning_attn: watch where each layer of a Vision Transformer (timm, Hugging Face transformers, torchvision) looks
+while it trains."""
 
+from .backends import Backend, backend_for, register_slice, supported_models, token_layout
 from .callback import AttentionMonitor
 from .capture import (
     AttentionRecorder,
@@ -16,10 +18,9 @@ from .diagnostics import (
     head_query_rows,
     mean_attention_distance,
     register_share,
-    register_slice,
 )
 from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
-from .layout import TokenLayout, query_row, token_layout
+from .layout import TokenLayout, query_row
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
 from .probes import Probes
@@ -41,6 +42,7 @@ __all__ = [
     "AttentionMaps",
     "AttentionMonitor",
     "AttentionRecorder",
+    "Backend",
     "PerturbationCurves",
     "Probes",
     "TokenLayout",
@@ -49,6 +51,7 @@ __all__ = [
     "attention_drift",
     "attention_maps",
     "attention_rollout",
+    "backend_for",
     "discard_weakest",
     "find_attention_modules",
     "find_vision_transformers",
@@ -68,6 +71,7 @@ __all__ = [
     "relevance_propagation",
     "residual_transition",
     "scalar_report",
+    "supported_models",
     "supports_head_streaming",
     "token_layout",
 ]

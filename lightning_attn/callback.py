@@ -16,12 +16,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .capture import find_attention_modules, find_vision_transformers
-from .diagnostics import register_slice
+from .backends import Backend, backend_for, find_vision_transformers, unsupported_message
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
 from .layout import QUERIES
-from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
-from .probes import Probes, display_stats, load_images, model_transform, take_from_loader
+from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps, check_explainable
+from .probes import Probes, display_stats, load_images, take_from_loader
 from .render import check_cmap, filmstrip, make_grid, matrix_tiles, overlay, to_display
 from .report import scalar_report
 from .rollout import check_discard_ratio, check_head_fusion
@@ -43,7 +42,9 @@ def _check_layer_list(name: str, layers: Sequence[int] | None, allow_none: bool)
 
 
 class AttentionMonitor(Callback):
-    r"""Log where each layer of a timm ViT looks on fixed probe images, at every ``every_n_epochs``-th validation.
+    r"""Log where each layer of a ViT looks on fixed probe images, at every ``every_n_epochs``-th validation.
+
+    Works with timm, Hugging Face transformers and torchvision ViTs (``lightning_attn.supported_models()``).
 
     Every logged step writes, per method, one image grid (rows = probes; columns = the probe, then one heatmap
     overlay per chosen layer), a grid of the aggregates over layers (mean / max / min of the raw maps), optionally
@@ -58,17 +59,20 @@ class AttentionMonitor(Callback):
 
     Args:
         probes: fixed images to watch: a (B, C, H, W) tensor preprocessed for the model; a list of image paths
-            or PIL images (preprocessed with the model's timm data config, or ``transform``); or an int N, the
+            or PIL images (preprocessed with the model's own evaluation transform, or ``transform``); or an int N, the
             first N images of the validation dataloader, taken once and kept for the whole run.
         labels: optional (B,) class of each probe (shown on the grid rows).
         masks: optional (B, H, W) object mask of each probe: the pointing game (share of each method's final
             map inside the mask) is logged when given.
         module: the ViT inside the LightningModule, as an attribute path (``"model.backbone"``) or the module;
-            default: found automatically (the one submodule with a ``patch_embed`` and attention layers).
+            default: found automatically (the one supported ViT it holds).
         methods: maps to log, any of ``"raw"`` (each layer's attention of the query token), ``"rollout"``
             (attention rollout up to each layer), and the class-targeted ``"grad_rollout"`` (gradient-weighted
             rollout) and ``"relevance"`` (Chefer et al. 2021), which explain each probe's label when ``labels``
             are known, else its predicted class (a backward pass on the probes; parameters' ``.grad`` untouched).
+        target: for the class-targeted methods and faithfulness of a model without class logits (a Hugging Face
+            base model, a CLIP or SigLIP tower): a callable taking the model's output (for a ``CLIPModel``, the
+            (B, D) image embedding) and returning a (B,) score to explain, e.g. the similarity to a text embedding.
         layers: layer indices shown as columns (negative counts from the end); default all.
         aggregates: reductions over layers of the raw maps shown in the aggregates grid; ``()`` turns it off.
         matrix_layers: layers whose full token x token attention (head-fused) is logged; default none.
@@ -92,7 +96,7 @@ class AttentionMonitor(Callback):
         filmstrip_length: the filmstrip shows the baseline and this many most recent passes of the final-layer map.
         gif: at the end of fit, write an animated GIF per probe of that map over all logged steps under
             ``<log_dir>/attention/``.
-        transform: preprocessing for path / PIL probes instead of the model's timm transform.
+        transform: preprocessing for path / PIL probes instead of the model's own.
         mean: per-channel mean that un-normalises probe pixels for display (default: the model's data config).
         std: per-channel std, likewise.
         on_error: ``"warn"`` (default): a failing probe pass warns once per kind of error and is skipped,
@@ -137,6 +141,7 @@ class AttentionMonitor(Callback):
         masks: Tensor | None = None,
         module: str | nn.Module | None = None,
         methods: Sequence[str] = ("raw", "rollout"),
+        target: Callable[[Any], Tensor] | None = None,
         layers: Sequence[int] | None = None,
         aggregates: Sequence[str] = AGGREGATIONS,
         matrix_layers: Sequence[int] = (),
@@ -179,6 +184,11 @@ class AttentionMonitor(Callback):
             raise ValueError(f"`module` must be an attribute path (str) or an nn.Module, got {type(module).__name__}")
         if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
             raise ValueError(f"`methods` must be a non-empty sequence of {METHODS}, got {methods!r}")
+        if target is not None and (isinstance(target, Tensor) or not callable(target)):
+            raise ValueError(
+                "`target` must be a callable `output -> (B,) score` (for models without class logits); class "
+                f"indices come from `labels`; got {type(target).__name__}"
+            )
         if isinstance(aggregates, str) or any(a not in AGGREGATIONS for a in aggregates):
             raise ValueError(f"`aggregates` must be a sequence of {AGGREGATIONS} (or empty), got {aggregates!r}")
         self.layers = _check_layer_list("layers", layers, allow_none=True)
@@ -215,6 +225,7 @@ class AttentionMonitor(Callback):
         self.masks = masks
         self.module = module
         self.methods = tuple(methods)
+        self.target = target
         self.aggregates = tuple(aggregates)
         self.every_n_epochs = every_n_epochs
         self.log_baseline = log_baseline
@@ -241,6 +252,7 @@ class AttentionMonitor(Callback):
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
         self._vit: nn.Module | None = None
+        self._backend: Backend | None = None
         self._layer_idx: list[int] = []
         self._matrix_idx: list[int] = []
         self._head_idx: list[int] = []
@@ -281,35 +293,16 @@ class AttentionMonitor(Callback):
         if len(candidates) == 1:
             return candidates[0][1]
         if not candidates:
-            find_attention_modules(pl_module)  # raises the detailed "no attention layers" error if there are none
-            raise ValueError(
-                f"found attention layers in {type(pl_module).__name__} but no ViT (a module with `patch_embed` "
-                "holding them): pass `module=` the attribute path of the model to watch"
-            )
+            raise ValueError(f"no attention layers of a supported ViT found: {unsupported_message(pl_module)}")
         names = [n or "<the LightningModule>" for n, _ in candidates]
         raise ValueError(
             f"{type(pl_module).__name__} holds several ViTs: {names}. Pass `module=` one of these names "
-            "(e.g. AttentionMonitor(module='student'))"
+            f"(e.g. AttentionMonitor(module={names[-1]!r}))"
         )
 
     def _check_probe_images(self, images: Tensor) -> None:
-        vit = self._vit
-        assert vit is not None
-        patch_embed = getattr(vit, "patch_embed", None)
-        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
-        if channels is not None and images.shape[1] != channels:
-            raise ValueError(
-                f"probe images have {images.shape[1]} channels but {type(vit).__name__} takes {channels}: "
-                "pass probes preprocessed like the training inputs"
-            )
-        img_size = getattr(patch_embed, "img_size", None)
-        strict = getattr(patch_embed, "strict_img_size", False) and not getattr(vit, "dynamic_img_size", False)
-        if strict and img_size is not None and tuple(images.shape[-2:]) != tuple(img_size):
-            raise ValueError(
-                f"probe images are {images.shape[-2]}x{images.shape[-1]} but {type(vit).__name__} takes "
-                f"{img_size[0]}x{img_size[1]} inputs: resize the probes (or build the model with "
-                "`dynamic_img_size=True`)"
-            )
+        assert self._backend is not None
+        self._backend.check_images(images)
 
     def _resolve_layers(self, requested: Sequence[int] | None, num_layers: int, name: str) -> list[int]:
         if requested is None:
@@ -322,17 +315,20 @@ class AttentionMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._vit = self._resolve_module(pl_module)
-        num_layers = len(find_attention_modules(self._vit))
+        self._backend = backend_for(self._vit)  # names what is supported when the module is not
+        num_layers = len(self._backend.attention_layers())
         self._layer_idx = self._resolve_layers(self.layers, num_layers, "layers")
         self._matrix_idx = self._resolve_layers(self.matrix_layers, num_layers, "matrix_layers")
         self._head_idx = self._resolve_layers(self.head_layers, num_layers, "head_layers")
-        self._registers = register_slice(self._vit)
+        if any(m in GRADIENT_METHODS for m in self.methods) or self.faithfulness:
+            check_explainable(self._backend, self.target)
+        self._registers = self._backend.layout(self._backend.input_size() or (224, 224)).register_slice
         self._stats = display_stats(self._vit, self.mean, self.std)
         if self._probes is None and not isinstance(self.probes, int):
             if isinstance(self.probes, Tensor):
                 images = self.probes.detach().clone()
             else:
-                images = load_images(self.probes, self.transform or model_transform(self._vit))
+                images = load_images(self.probes, self.transform or self._backend.transform())
             self._probes = Probes(images, self.labels, self.masks)
         if self._probes is not None:
             self._check_probe_images(self._probes.images)
@@ -447,6 +443,8 @@ class AttentionMonitor(Callback):
         vit = self._vit
         assert vit is not None
         images = plugin.convert_input(probes.images)
+        # class indices from the labels when known; a callable score for models without class logits
+        target = self.target if self.target is not None else probes.labels
         with plugin.forward_context():
             maps = attention_maps(
                 vit,
@@ -456,7 +454,7 @@ class AttentionMonitor(Callback):
                 discard_ratio=self.discard_ratio,
                 query=self.query,
                 keep_matrices=self._matrix_idx,
-                target=probes.labels,
+                target=target,
                 head_layers=self._head_idx,
                 attention_distance=self.diagnostics,
             )
@@ -468,7 +466,9 @@ class AttentionMonitor(Callback):
         curves: dict[str, PerturbationCurves] = {}
         if self.faithfulness:
             # explain the same class as the gradient methods: the label when known, else the prediction
-            target = probes.labels if probes.labels is not None else maps.logits.argmax(-1)
+            if target is None:
+                assert maps.logits is not None, "setup checked that the model has class logits"
+                target = maps.logits.argmax(-1)
             options = dict(target=target, steps=self.faithfulness_steps)
             with plugin.forward_context():
                 for method in self.methods:
@@ -487,7 +487,7 @@ class AttentionMonitor(Callback):
         if method in GRADIENT_METHODS and maps.target is not None:
             # class-targeted maps: the row says which class is explained
             return [f"#{i} t{t}" for i, t in enumerate(maps.target.tolist())]
-        predicted = maps.logits.argmax(-1).tolist() if maps.logits.dim() == 2 else None
+        predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None else None
         labels = probes.labels.tolist() if probes.labels is not None else None
         rows = []
         for i in range(len(probes)):

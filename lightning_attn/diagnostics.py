@@ -7,7 +7,7 @@ inside a layer's hook, on that layer's full (B, heads, N, N) attention:
 * :func:`artifact_tokens`: how many patches take an outsized share of the query's attention and how much they
   take (the "artifact" tokens of Darcet et al., 2023, *Vision Transformers Need Registers*);
 * :func:`register_share`: the share of the query's attention that goes to register tokens
-  (:func:`register_slice` finds them in a timm model);
+  (:func:`lightning_attn.backends.register_slice` finds them);
 * :func:`mean_attention_distance`: each head's attention-weighted distance in pixels between query and key
   patches (Dosovitskiy et al., 2021, Fig. 7);
 * :func:`head_query_rows`: each head's query row on the patch grid, the per-head analogue of the maps.
@@ -22,7 +22,7 @@ import math
 from functools import lru_cache
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .layout import TokenLayout, query_row
 
@@ -33,7 +33,6 @@ __all__ = [
     "head_query_rows",
     "mean_attention_distance",
     "register_share",
-    "register_slice",
 ]
 
 _MEDIAN_FLOOR = 1e-3
@@ -201,44 +200,6 @@ def artifact_tokens(maps: Tensor, threshold: float = 10.0) -> tuple[Tensor, Tens
     count = mask.sum(dim=-1).float().mean(dim=0)
     share = (p * mask).sum(dim=-1).mean(dim=0)
     return count, share
-
-
-def register_slice(model: nn.Module) -> slice | None:
-    """Where a timm model's register tokens sit in its token sequence, or None if it has none.
-
-    timm's ``_pos_embed`` (``VisionTransformer``, ``Eva``) concatenates ``[class][registers][patches]``, so the
-    registers start after the class token when there is one (``vit_*_reg4_dinov2``: tokens 1..4) and at 0 when
-    there is none (``*_reg4_gap_*``: tokens 0..3). The count is ``model.num_reg_tokens`` (``VisionTransformer``)
-    or the length of ``model.reg_token`` (``Eva`` keeps no count). Distilled DeiT's prefix is
-    ``[class][distillation]``: no registers.
-
-    Raises:
-        ValueError: the model claims more registers than prefix tokens.
-
-    Example::
-
-        >>> import timm
-        >>> vit = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28, depth=1)
-        >>> register_slice(vit), register_slice(timm.create_model("vit_tiny_patch16_224", pretrained=False))
-        (slice(1, 5, None), None)
-    """
-    count = getattr(model, "num_reg_tokens", None)
-    if count is None:
-        reg_token = getattr(model, "reg_token", None)
-        count = reg_token.shape[1] if isinstance(reg_token, Tensor) else 0
-    count = int(count)
-    if count == 0:
-        return None
-    has_cls = getattr(model, "cls_token", None) is not None
-    num_prefix = int(getattr(model, "num_prefix_tokens", int(has_cls) + count))
-    # Registers are the last prefix tokens; whatever precedes them (class, distillation) is the rest.
-    start = num_prefix - count
-    if start < 0:
-        raise ValueError(
-            f"{type(model).__name__} has {count} register tokens but only {num_prefix} prefix tokens: its layout "
-            "is not timm's [class][registers][patches]; pass the registers' `slice` to register_share yourself"
-        )
-    return slice(start, num_prefix)
 
 
 def register_share(attention_query_rows: Tensor, register_slice: slice) -> Tensor:

@@ -18,11 +18,13 @@ patch embedding, which drops them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .maps import _check_target, _ModeGuard, _model_device_dtype, _resolve_target
+from .backends import backend_for
+from .maps import Target, _check_target, _ModeGuard, _model_device_dtype, _resolve_target
 
 __all__ = [
     "BASELINES",
@@ -51,7 +53,7 @@ class PerturbationCurves:
             more faithful).
         most_first_auc: (B,) trapezoid area under ``most_first`` over ``fractions``, in [0, 1].
         least_first_auc: (B,) trapezoid area under ``least_first`` over ``fractions``, in [0, 1].
-        target: (B,) int64 class whose probability was read.
+        target: (B,) int64 class whose probability was read; None when a callable score was read.
     """
 
     fractions: Tensor
@@ -59,7 +61,7 @@ class PerturbationCurves:
     least_first: Tensor
     most_first_auc: Tensor
     least_first_auc: Tensor
-    target: Tensor
+    target: Tensor | None
 
 
 def _patch_size(image_size: tuple[int, int], grid_size: tuple[int, int]) -> tuple[int, int]:
@@ -183,7 +185,7 @@ def perturbation_curves(
     model: nn.Module,
     images: Tensor,
     maps: Tensor,
-    target: int | Tensor | None = None,
+    target: Target = None,
     *,
     steps: int = 10,
     baseline: str = "zero",
@@ -199,11 +201,14 @@ def perturbation_curves(
     (each put back afterwards); works inside ``inference_mode``.
 
     Args:
-        model: any classifier mapping (B, C, H, W) to (B, num_classes) logits.
+        model: a supported ViT (timm, Hugging Face transformers, torchvision: its class logits are read from its
+            output), or any classifier mapping (B, C, H, W) to (B, num_classes) logits.
         images: (B, C, H, W) as the model takes them (normalised).
         maps: (B, gh, gw) importance of each patch (e.g. ``attention_maps(...).relevance[:, -1]``); ties are
             removed in patch order.
-        target: class to read: None for each image's predicted class, an int, or a (B,) integer tensor.
+        target: class to read: None for each image's predicted class, an int, or a (B,) integer tensor; or a
+            callable ``output -> (B,) score`` for models without class logits, whose score is read as it is
+            (not a probability: the areas are then in the score's units).
         steps: :math:`S`, the number of removal steps; the default 10 removes 0%, 10%, ..., 100% of the patches.
         baseline: ``"zero"`` (0 in input space: the dataset mean colour for mean/std-normalised images, the
             default, as in Chefer et al.'s perturbation test) or ``"mean"`` (each image's own mean colour per
@@ -233,6 +238,8 @@ def perturbation_curves(
     grid = (maps.shape[-2], maps.shape[-1])
     _patch_size((h, w), grid)
     device, dtype = _model_device_dtype(model)
+    forward, read_logits = _runner(model)
+    scored = callable(target) and not isinstance(target, Tensor)
     num_patches = grid[0] * grid[1]
     counts = _removal_counts(num_patches, steps)
 
@@ -253,16 +260,25 @@ def perturbation_curves(
             for start in range(0, removed_rows.shape[0], batch_size):
                 rows = sample[start : start + batch_size]
                 pixels = patches_to_pixels(removed_rows[start : start + batch_size], (h, w))[:, None]
-                logits = model(torch.where(pixels, fill[rows], images[rows]))
+                output = forward(torch.where(pixels, fill[rows], images[rows]))
+                if scored:
+                    probs.append(_score(target, output, len(rows))[:, None])
+                    continue
+                logits = read_logits(output)
                 if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(rows):
                     shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                     raise ValueError(
-                        f"the model must return (B, num_classes) logits to read class probabilities, got {shape}"
+                        f"the model must return (B, num_classes) logits to read class probabilities, got {shape}; "
+                        "for a model without class logits pass `target` as a callable `output -> (B,) score`"
                     )
                 probs.append(logits.float().softmax(dim=-1))
         probs_all = torch.cat(probs)
-        chosen = _resolve_target(target, probs_all[:b])  # argmax of the unperturbed images' probabilities
-        read = probs_all.gather(1, chosen.repeat(len(removed))[:, None]).reshape(len(removed), b).T
+        if scored:
+            chosen = None
+            read = probs_all.reshape(len(removed), b).T
+        else:
+            chosen = _resolve_target(target, probs_all[:b])  # argmax of the unperturbed images' probabilities
+            read = probs_all.gather(1, chosen.repeat(len(removed))[:, None]).reshape(len(removed), b).T
         first, last, middle = read[:, :1], read[:, 1:2], read[:, 2:]
         most_first = torch.cat([first, middle[:, : steps - 1], last], dim=1)
         least_first = torch.cat([first, middle[:, steps - 1 :], last], dim=1)
@@ -277,11 +293,28 @@ def perturbation_curves(
         )
 
 
+def _runner(model: nn.Module) -> tuple[Callable[[Tensor], Any], Callable[[Any], Tensor | None]]:
+    """How to call ``model`` and read its class logits: its backend's way, or a plain call for any classifier."""
+    try:
+        backend = backend_for(model)
+    except ValueError:
+        return model, lambda output: output
+    return backend.forward, lambda output: backend.class_logits(output)
+
+
+def _score(target: Callable[[Any], Tensor], output: Any, batch: int) -> Tensor:
+    score = target(output)
+    if not isinstance(score, Tensor) or score.shape != (batch,):
+        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+        raise ValueError(f"the `target` callable must return one score per image, shape ({batch},); got {shape}")
+    return score.float()
+
+
 def random_perturbation_curves(
     model: nn.Module,
     images: Tensor,
     grid_size: tuple[int, int],
-    target: int | Tensor | None = None,
+    target: Target = None,
     *,
     steps: int = 10,
     baseline: str = "zero",

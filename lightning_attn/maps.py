@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from .capture import find_attention_modules, record_attention, record_head_attention, supports_head_streaming
+from .backends import Backend, backend_for
+from .capture import record_attention, record_head_attention, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
-from .layout import TokenLayout, query_row, token_layout
+from .layout import TokenLayout, query_row, query_vector
 from .rollout import (
     check_discard_ratio,
     check_head_fusion,
@@ -48,6 +49,10 @@ GRADIENT_METHODS = ("grad_rollout", "relevance")
 DEFAULT_METHODS = ("raw", "rollout")
 AGGREGATIONS = ("mean", "max", "min")
 
+#: What a gradient method explains: None (each image's predicted class), a class index for all images, a (B,)
+#: class per image, or a callable ``output -> (B,)`` score of the model's output (an embedding similarity, say).
+Target = Union[int, Tensor, Callable[[Any], Tensor], None]
+
 
 @dataclass
 class AttentionMaps:
@@ -62,11 +67,15 @@ class AttentionMaps:
             (:func:`~lightning_attn.rollout.relevance_propagation`); None if not asked.
         grid_size: (gh, gw) patch grid of the input.
         num_prefix_tokens: tokens dropped from the maps (class, distillation, registers).
-        query: ``"cls"`` or ``"mean"`` (the mean over patch-token rows).
-        logits: the model's output for the images.
+        query: ``"cls"``, ``"cls_dist"`` (class and distillation tokens) or ``"mean"`` (the mean over patch-token
+            rows).
+        output: the model's whole output (a tensor, a tuple or a Hugging Face ``ModelOutput``).
+        layout: the token layout the maps were read with.
+        logits: (B, num_classes) float32 class logits of the images; None for a model without a classifier.
         layer_names: qualified names of the attention layers, in forward order.
         matrices: full head-fused (B, N, N) attention of the layers named in ``keep_matrices``, by layer index.
-        target: (B,) int64 class whose score the gradient methods explain, per image; None when none ran.
+        target: (B,) int64 class whose score the gradient methods explain, per image; None when none ran or the
+            target was a callable score.
         prefix_attention: (B, L, num_prefix_tokens) what the raw query row gives to each prefix token (class,
             distillation, registers); None without ``"raw"``.
         head_maps: per-head query rows (B, heads, gh, gw) of the layers named in ``head_layers``, by layer index.
@@ -79,7 +88,7 @@ class AttentionMaps:
     grid_size: tuple[int, int]
     num_prefix_tokens: int
     query: str
-    logits: Tensor
+    logits: Tensor | None
     layer_names: list[str]
     matrices: dict[int, Tensor] = field(default_factory=dict)
     grad_rollout: Tensor | None = None
@@ -88,6 +97,8 @@ class AttentionMaps:
     prefix_attention: Tensor | None = None
     head_maps: dict[int, Tensor] = field(default_factory=dict)
     attention_distance: Tensor | None = None
+    output: Any = None
+    layout: TokenLayout | None = None
 
     @property
     def num_layers(self) -> int:
@@ -114,17 +125,11 @@ class AttentionMaps:
         return {r: self.aggregate(r, "raw") for r in AGGREGATIONS}
 
 
-def _check_images(model: nn.Module, images: Tensor) -> None:
+def _check_images(backend: Backend, images: Tensor) -> None:
     if not isinstance(images, Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"`images` must be a (B, C, H, W) tensor, got {shape}")
-    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
-    expected = getattr(proj, "in_channels", None)
-    if expected is not None and images.shape[1] != expected:
-        raise ValueError(
-            f"`images` have {images.shape[1]} channels but {type(model).__name__} expects {expected}: "
-            f"preprocess them to (B, {expected}, H, W) (e.g. repeat a grey channel, drop alpha)"
-        )
+    backend.check_images(images)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -238,8 +243,7 @@ class _Reducer:
             self.raw.append(query_row(fused, self.layout))
             # what the query row gives to class/distillation/register tokens, for the register diagnostics
             p = self.layout.num_prefix_tokens
-            row = fused[:, 0] if self.layout.query == "cls" else fused[:, p:].mean(dim=1)
-            self.prefix.append(row[:, :p].clone())  # not a view of the (B, N, N) matrix
+            self.prefix.append(query_vector(fused, self.layout)[:, :p].clone())  # not a view of the (B, N, N) matrix
         if "rollout" in self.methods:
             step = residual_transition(discard_weakest(fused, self.discard_ratio))
             self._product = step if self._product is None else step @ self._product
@@ -261,7 +265,7 @@ def _check_layer_indices(name: str, layers: Iterable[int], num_layers: int) -> l
 
 
 def _check_target(target: object, batch: int) -> None:
-    if target is None:
+    if target is None or callable(target) and not isinstance(target, Tensor):
         return
     if isinstance(target, Tensor):
         integral = not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
@@ -273,17 +277,20 @@ def _check_target(target: object, batch: int) -> None:
     else:
         shape = type(target).__name__
     raise ValueError(
-        f"`target` must be None (explain the predicted class), an int class index or an integer tensor of shape "
-        f"({batch},) with one class per image; got {shape}. Pass labels as `labels.long()`."
+        f"`target` must be None (explain the predicted class), an int class index, an integer tensor of shape "
+        f"({batch},) with one class per image, or a callable `output -> (B,) score`; got {shape}. Pass labels as "
+        "`labels.long()`."
     )
 
 
-def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
+def _resolve_target(target: int | Tensor | None, logits: Tensor | None) -> Tensor:
     """The (B,) int64 class per image whose logit the gradient methods differentiate."""
-    if logits.dim() != 2:
+    if logits is None or logits.dim() != 2:
+        got = "no class logits" if logits is None else f"logits of shape {tuple(logits.shape)}"
         raise ValueError(
-            f"gradient methods need (B, num_classes) logits but the model returned shape {tuple(logits.shape)}: "
-            "give the model a classification head (timm `num_classes > 0`) or use methods ('raw', 'rollout')"
+            f"a class index target needs (B, num_classes) class logits but the model gives {got}: pass `target` "
+            "as a callable `output -> (B,) score` (e.g. an embedding similarity), give the model a classification "
+            "head, or use methods ('raw', 'rollout')"
         )
     b, num_classes = logits.shape
     if target is None:
@@ -295,6 +302,19 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor) -> Tensor:
     if ((chosen < 0) | (chosen >= num_classes)).any():
         raise ValueError(f"`target` must hold class indices in [0, {num_classes}), got {chosen.tolist()}")
     return chosen
+
+
+def target_scores(target: Target, output: Any, logits: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
+    """Each image's score to explain, (B,), and the class index behind it ((B,) int64, None for a callable)."""
+    if callable(target) and not isinstance(target, Tensor):
+        score = target(output)
+        if not isinstance(score, Tensor) or score.shape != (batch,):
+            shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+            raise ValueError(f"the `target` callable must return one score per image, shape ({batch},); got {shape}")
+        return score, None
+    chosen = _resolve_target(target, logits)  # type: ignore[arg-type]
+    assert logits is not None
+    return logits.gather(1, chosen[:, None])[:, 0], chosen
 
 
 def _query_rows(matrices: Tensor, layout: TokenLayout) -> Tensor:
@@ -313,35 +333,45 @@ def _check_calls(calls: int, num_modules: int) -> None:
 
 
 def _gradient_pass(
-    model: nn.Module,
+    backend: Backend,
     images: Tensor,
     modules: list[tuple[str, nn.Module]],
-    target: int | Tensor | None,
-) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-    """One forward keeping every layer's attention in the graph, and d(target logit)/d(attention) of each layer.
+    target: Target,
+) -> tuple[Any, list[Tensor], list[Tensor], Tensor | None]:
+    """One forward keeping every layer's attention in the graph, and d(target score)/d(attention) of each layer.
 
-    Returns ``(logits, attentions, gradients, target)``, all detached, layers in forward order.
+    Returns ``(output, attentions, gradients, target class or None)``, all detached, layers in forward order.
     """
     # Lightning validates under no_grad (fit) or inference_mode (trainer.validate): switch autograd back on here,
     # and clone the images inside so they are normal tensors, not inference tensors that autograd refuses.
-    with torch.inference_mode(False), torch.enable_grad(), record_attention(model, modules, store=True) as rec:
+    with torch.inference_mode(False), torch.enable_grad(), record_attention(backend.model, modules, store=True) as rec:
         # The images require grad so the graph reaches every attention even when all parameters are frozen.
         x = images.detach().clone().requires_grad_(True)
-        logits = model(x)
+        output = backend.forward(x)
         _check_calls(rec.num_calls, len(modules))
-        chosen = _resolve_target(target, logits)
         # Images do not interact in an eval-mode ViT, so the gradient of the batch sum is each image's own.
-        score = logits.gather(1, chosen[:, None]).sum()
+        scores, chosen = target_scores(target, output, backend.class_logits(output), x.shape[0])
         attentions = rec.attentions
         # autograd.grad with respect to the recorded tensors themselves: each gradient belongs to its own layer
         # (no backward-hook ordering), and no parameter's .grad is written.
         wanted = [i for i, a in enumerate(attentions) if a.requires_grad]
-        found = torch.autograd.grad(score, [attentions[i] for i in wanted], allow_unused=True) if wanted else ()
+        found = torch.autograd.grad(scores.sum(), [attentions[i] for i in wanted], allow_unused=True) if wanted else ()
         gradients = [torch.zeros_like(a) for a in attentions]
         for i, g in zip(wanted, found):
             if g is not None:
                 gradients[i] = g
-    return logits.detach(), [a.detach() for a in attentions], [g.detach() for g in gradients], chosen
+    return _detach(output), [a.detach() for a in attentions], [g.detach() for g in gradients], chosen
+
+
+def _detach(output: Any) -> Any:
+    if isinstance(output, Tensor):
+        return output.detach()
+    if isinstance(output, tuple) and not hasattr(output, "keys"):
+        return type(output)(_detach(o) for o in output)
+    if hasattr(output, "keys"):  # a Hugging Face ModelOutput (an OrderedDict)
+        for key in list(output.keys()):
+            output[key] = _detach(output[key])
+    return output
 
 
 def attention_maps(
@@ -354,7 +384,7 @@ def attention_maps(
     query: str = "auto",
     keep_matrices: Iterable[int] = (),
     layout: TokenLayout | None = None,
-    target: int | Tensor | None = None,
+    target: Target = None,
     head_layers: Iterable[int] = (),
     attention_distance: bool = False,
 ) -> AttentionMaps:
@@ -365,12 +395,13 @@ def attention_maps(
     in float32 whatever the input or autocast dtype, and leaves no hook behind. ``"raw"`` and ``"rollout"`` alone
     run under ``no_grad`` and reduce each layer as it runs (O(B * N^2) memory). ``"grad_rollout"`` and
     ``"relevance"`` switch autograd on locally (also inside ``no_grad`` or ``inference_mode``), keep every layer's
-    attention and take the gradient of each image's target logit with respect to them with ``torch.autograd.grad``:
+    attention and take the gradient of each image's target score with respect to them with ``torch.autograd.grad``:
     parameters' ``.grad`` stay as they were and frozen parameters are fine. That single forward then also serves
     ``"raw"`` and ``"rollout"``, with the same results as the streaming path.
 
     Args:
-        model: a timm ViT.
+        model: a ViT of a supported family: timm, Hugging Face transformers (a ``CLIPModel`` runs its image tower)
+            or torchvision; with ``layout`` given, any module holding recordable attention layers.
         images: (B, C, H, W) preprocessed for the model; moved to the model's device and parameter dtype.
         methods: any of ``"raw"``, ``"rollout"``, ``"grad_rollout"`` and ``"relevance"``.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads for ``"raw"`` and ``"rollout"`` (the gradient
@@ -379,9 +410,11 @@ def attention_maps(
             ``"grad_rollout"``.
         query: ``"auto"`` (class token when the head reads it, else patch mean), ``"cls"`` or ``"mean"``.
         keep_matrices: layer indices whose full head-fused (B, N, N) attention to keep in ``.matrices``.
-        layout: override the token layout read from the model (for non-timm wrappers).
-        target: class explained by the gradient methods: None for each image's predicted class (argmax of the
-            logits), an int for all images, or a (B,) integer tensor (e.g. the labels). Ignored by the others.
+        layout: override the token layout read from the model (for models no backend recognises).
+        target: what the gradient methods explain: None for each image's predicted class (argmax of the logits),
+            an int for all images, a (B,) integer tensor (e.g. the labels), or a callable taking the model's output
+            (for a ``CLIPModel``, the (B, D) image embedding) and returning a (B,) score, for models without class
+            logits. Ignored by the others.
         head_layers: layer indices whose per-head query rows to keep in ``.head_maps`` (DINO-style head views).
         attention_distance: compute each layer's per-head mean attention distance (``.attention_distance``).
 
@@ -403,28 +436,24 @@ def attention_maps(
         raise ValueError(f"`methods` must be a non-empty subset of {METHODS}, got {tuple(methods)!r}")
     check_head_fusion(head_fusion)
     check_discard_ratio(discard_ratio)
-    _check_images(model, images)
+    backend = backend_for(model, layout)
+    _check_images(backend, images)
     _check_target(target, images.shape[0])
-    modules = find_attention_modules(model)
+    modules = backend.attention_layers()
     if layout is None:
-        layout = token_layout(model, (images.shape[-2], images.shape[-1]), query=query)
+        layout = backend.layout((images.shape[-2], images.shape[-1]), query)
     keep = _check_layer_indices("keep_matrices", keep_matrices, len(modules))
     heads = _check_layer_indices("head_layers", head_layers, len(modules))
 
-    device, dtype = _model_device_dtype(model)
+    device, dtype = _model_device_dtype(backend.model)
     images = images.to(device=device, dtype=dtype if dtype is not None else images.dtype)
     reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
-        if getattr(model, "num_classes", None) == 0:
-            # timm then returns pooled features, whose argmax is no class: refuse rather than explain noise
-            raise ValueError(
-                f"gradient methods {GRADIENT_METHODS} explain a class logit, but {type(model).__name__} has "
-                "`num_classes=0` (no classification head); pass the model with its head or use ('raw', 'rollout')"
-            )
-        with _ModeGuard(model):
-            logits, attentions, gradients, chosen = _gradient_pass(model, images, modules, target)
+        check_explainable(backend, target)
+        with _ModeGuard(backend.model):
+            output, attentions, gradients, chosen = _gradient_pass(backend, images, modules, target)
         with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
             # the same reducer as the streaming path, fed the stored matrices: identical raw/rollout maps
             for index, attention in enumerate(attentions):
@@ -437,8 +466,8 @@ def attention_maps(
     else:
         layers = [m for _, m in modules]
         if all(supports_head_streaming(m) for m in layers):
-            # timm keeps its fused kernel; each head's weights are rebuilt from q and k one at a time, so extra
-            # memory does not grow with the number of heads
+            # the model keeps its fused kernel; each head's weights are rebuilt from q and k one at a time, so
+            # extra memory does not grow with the number of heads
             heads_seen: list[int] = []
 
             def on_head(index: int, head: int, heads: int, attention: Tensor) -> None:
@@ -446,22 +475,23 @@ def attention_maps(
                     heads_seen.append(index)
                 reducer.head(index, head, heads, attention)
 
-            with _ModeGuard(model), torch.no_grad(), record_head_attention(model, layers, on_head):
-                logits = model(images)
+            with _ModeGuard(backend.model), torch.no_grad(), record_head_attention(backend.model, layers, on_head):
+                output = backend.forward(images)
             _check_calls(len(heads_seen), len(modules))
         else:
-            with _ModeGuard(model), torch.no_grad(), record_attention(
-                model, modules, on_attention=reducer, store=False
+            with _ModeGuard(backend.model), torch.no_grad(), record_attention(
+                backend.model, modules, on_attention=reducer, store=False
             ) as rec:
-                logits = model(images)
+                output = backend.forward(images)
             _check_calls(rec.num_calls, len(modules))
+    logits = backend.class_logits(output)
     return AttentionMaps(
         raw=reducer.stack(reducer.raw),
         rollout=reducer.stack(reducer.rollout),
         grid_size=layout.grid_size,
         num_prefix_tokens=layout.num_prefix_tokens,
         query=layout.query,
-        logits=logits.float() if isinstance(logits, Tensor) else logits,
+        logits=logits.float() if isinstance(logits, Tensor) else None,
         layer_names=[name for name, _ in modules],
         matrices=reducer.matrices,
         prefix_attention=torch.stack(reducer.prefix, dim=1) if reducer.prefix else None,
@@ -470,4 +500,18 @@ def attention_maps(
         grad_rollout=gradient_maps.get("grad_rollout"),
         relevance=gradient_maps.get("relevance"),
         target=chosen,
+        output=output,
+        layout=layout,
+    )
+
+
+def check_explainable(backend: Backend, target: Target) -> None:
+    """Refuse a gradient method on a model without class logits unless ``target`` is a callable score."""
+    if backend.has_class_logits or (callable(target) and not isinstance(target, Tensor)):
+        return
+    raise ValueError(
+        f"gradient methods {GRADIENT_METHODS} explain a score, but {type(backend.model).__name__} has no class "
+        "logits (no classification head, e.g. timm `num_classes=0`, a Hugging Face base model or a CLIP/SigLIP "
+        "tower): pass `target` as a callable `output -> (B,) score` (e.g. an embedding similarity), pass the model "
+        "with its head, or use ('raw', 'rollout')"
     )

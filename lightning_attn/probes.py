@@ -53,30 +53,23 @@ class Probes:
         return Probes(self.images.to(device), move(self.labels), move(self.masks))
 
 
-def _data_config(model: nn.Module) -> dict[str, Any]:
-    from timm.data import resolve_data_config
-
-    # pretrained_cfg keeps the hub input size even when the model was built for another img_size
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    args = {"input_size": (3, *img_size)} if img_size is not None else {}
-    return resolve_data_config(args, model=model)
-
-
 def model_transform(model: nn.Module) -> Callable[[Any], Tensor]:
-    """The model's own timm evaluation transform (resize, centre crop, normalise) for its input size."""
-    from timm.data import create_transform
+    """The model's own evaluation transform (resize, crop, normalise) for its input size, from its backend."""
+    from .backends import backend_for
 
-    return create_transform(**_data_config(model), is_training=False)
+    return backend_for(model).transform()
 
 
 def display_stats(
     model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std that un-normalise probe pixels for display: the given ones, else the model's data config."""
+    """Mean and std that un-normalise probe pixels for display: the given ones, else the model's own."""
     if mean is None or std is None:
-        cfg = _data_config(model)
-        mean = cfg["mean"] if mean is None else mean
-        std = cfg["std"] if std is None else std
+        from .backends import backend_for
+
+        own_mean, own_std = backend_for(model).display_stats()
+        mean = own_mean if mean is None else mean
+        std = own_std if std is None else std
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 

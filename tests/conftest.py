@@ -10,7 +10,7 @@ TINY = dict(pretrained=False, embed_dim=48, num_heads=3, depth=3)
 MODELS = {
     # name: (timm model, kwargs, expected prefix tokens, expected query)
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8), 1, "cls"),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8), 2, "cls"),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8), 2, "cls_dist"),
     "reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=42, patch_size=14), 5, "cls"),
     "gap": ("vit_base_patch16_gap_224", dict(img_size=32, patch_size=8), 0, "mean"),
     "reg4_gap": ("vit_betwixt_patch16_reg4_gap_256", dict(img_size=32, patch_size=8), 4, "mean"),

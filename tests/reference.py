@@ -47,6 +47,8 @@ def query_rows(mats: np.ndarray, num_prefix: int, query: str) -> np.ndarray:
     """mats (B, L, N, N) -> (B, L, P) query row over patch columns."""
     if query == "cls":
         rows = mats[:, :, 0, :]
+    elif query == "cls_dist":  # distilled DeiT: the mean of the class and distillation rows
+        rows = (mats[:, :, 0, :] + mats[:, :, 1, :]) / 2
     else:
         rows = mats[:, :, num_prefix:, :].mean(axis=2)
     return rows[:, :, num_prefix:]

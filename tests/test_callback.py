@@ -209,7 +209,7 @@ class NoViT(lit.LitViT):
         (NoViT, {}, "no attention layers"),
         (lit.LitViT, dict(module="backbone"), "`module='backbone'` is not a submodule"),
         (lit.LitViT, dict(layers=[5]), r"`layers` \[5\] out of range: the model has 2"),
-        (lit.LitViT, dict(probes=torch.randn(2, 1, lit.IMG, lit.IMG)), "1 channels but VisionTransformer takes 3"),
+        (lit.LitViT, dict(probes=torch.randn(2, 1, lit.IMG, lit.IMG)), "1 channels but VisionTransformer expects 3"),
         (lit.LitViT, dict(probes=torch.randn(2, 3, 48, 48)), "48x48 but VisionTransformer takes 32x32"),
     ],
 )

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from lightning_attn import find_attention_modules, record_attention
-from lightning_attn.capture import NOT_TOKEN_SELF_ATTENTION
+from lightning_attn.backends.timm import NOT_TOKEN_SELF_ATTENTION
 
 from conftest import MODELS, input_for, make_vit
 from reference import attention_from_qkv
@@ -104,9 +104,9 @@ def test_streaming_callback_receives_layer_indices_without_storing():
 @pytest.mark.parametrize(
     "name, kwargs, match",
     [
-        ("resnet10t", {}, "no attention layers with `attn_drop`"),
-        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "Swin window"),
-        ("xcit_nano_12_p16_224", dict(depth=1), "XCiT cross-covariance"),
+        ("resnet10t", {}, "ResNet is not a supported Vision Transformer"),
+        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "Swin uses window"),
+        ("xcit_nano_12_p16_224", dict(depth=1), "XCiT attends over channels"),
     ],
 )
 def test_models_without_token_self_attention_raise(name, kwargs, match):

@@ -16,8 +16,8 @@ from lightning_attn.diagnostics import (
     head_query_rows,
     mean_attention_distance,
     register_share,
-    register_slice,
 )
+from lightning_attn.backends import register_slice
 from lightning_attn.capture import record_attention
 from lightning_attn.layout import TokenLayout
 from lightning_attn.maps import query_row
@@ -240,13 +240,10 @@ def test_register_slice_on_timm_models(key):
     assert marked == list(range(tokens.shape[1]))[expected]
 
 
-def test_register_slice_rejects_inconsistent_layouts():
-    class Odd(torch.nn.Module):
-        num_reg_tokens = 4
-        num_prefix_tokens = 2
-
-    with pytest.raises(ValueError, match="4 register tokens but only 2 prefix tokens"):
-        register_slice(Odd())
+def test_layouts_with_more_registers_than_prefix_tokens_are_refused():
+    with pytest.raises(ValueError, match=r"`num_registers` must be in \[0, num_prefix_tokens=2\], got 4"):
+        TokenLayout(2, (2, 2), "cls", num_registers=4)
+    assert TokenLayout(5, (2, 2), "cls", num_registers=4).register_slice == slice(1, 5)
 
 
 # --- mean attention distance --------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_bad_targets_and_headless_models_raise():
         attention_maps(make_vit("vit", num_classes=0), x, methods=GRAD)
     headless = make_vit("vit", num_classes=0, global_pool="")
     headless.num_classes = None  # a wrapper that does not say: caught by the shape of its output
-    with pytest.raises(ValueError, match=r"need \(B, num_classes\) logits"):
+    with pytest.raises(ValueError, match=r"needs \(B, num_classes\) class logits"):
         attention_maps(headless, x, methods=GRAD)
     assert all(not m._forward_hooks for m in model.modules())
 

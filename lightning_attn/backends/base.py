@@ -1,0 +1,242 @@
+"""What every model family's backend provides, and the tensor helpers they share.
+
+A backend is the only code that knows one library's ViTs (timm, Hugging Face transformers, torchvision). It
+answers two kinds of question:
+
+* about **attention layers** (class methods, so a bare layer can be recorded without its model): is this module
+  one of mine, can its softmax weights be rebuilt head by head from q and k while the model keeps its fused
+  kernel, and how to hook it so each call hands over its weights;
+* about a **whole model** (an instance wrapping it): its attention layers in forward order, the token layout of an
+  input size, display statistics and preprocessing, how to call it on probe images and where its class logits are.
+
+Everything past the backend (maps, rollout, diagnostics, render, the callback) sees tensors and
+:class:`~lightning_attn.layout.TokenLayout` only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import TokenLayout
+
+__all__ = ["Backend", "EmitAttention", "EmitHead", "Undo", "head_softmaxes", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+#: Hands over one call's softmax weights (B, heads, N, N) of ``module``; the tensor the layer used (in the graph).
+EmitAttention = Callable[[nn.Module, Tensor], None]
+#: Hands over one head's float32 (B, N, N) softmax weights: ``(module, head, num_heads, weights)``.
+EmitHead = Callable[[nn.Module, int, int, Tensor], None]
+#: Undo actions, run last-first when a recording ends (hook removal, flag and config restoration).
+Undo = list[Callable[[], None]]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_pair(value: object) -> tuple[int, int]:
+    """``8`` -> (8, 8); ``(8, 16)`` -> (8, 16)."""
+    if isinstance(value, int):
+        return value, value
+    a, b = value  # type: ignore[misc]
+    return int(a), int(b)
+
+
+def head_softmaxes(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    bias: Callable[[int], Tensor | None],
+    emit: Callable[[int, int, Tensor], None],
+) -> None:
+    """Rebuild ``softmax(q_h k_h^T * scale + bias(h))`` in float32 one head at a time and hand each to ``emit``.
+
+    ``query``/``key`` are (B, heads, N, D) exactly as the layer feeds them to its attention kernel; at most one
+    head's (B, N, N) matrix exists at a time, so memory does not grow with the heads. Autocast is switched off:
+    under bf16 it would turn these matmuls back into bf16.
+    """
+    heads = query.shape[1]
+    if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
+        for h in range(heads):
+            logits = (query[:, h].float() @ key[:, h].float().transpose(-2, -1)) * scale
+            extra = bias(h)
+            if extra is not None:
+                logits = logits + extra
+            emit(h, heads, logits.softmax(dim=-1))
+
+
+def additive_bias(mask: Tensor | None, head: int, n_query: int, n_key: int, is_causal: bool, like: Tensor,
+                  true_means_keep: bool = True) -> Tensor | None:
+    """One head's additive float32 bias from an attention mask as attention kernels take it, or None.
+
+    ``mask`` may be bool (``true_means_keep``: SDPA's convention; False for ``nn.MultiheadAttention``, where True
+    masks out) or additive float, shaped (N, N), (B, N, N), (B, 1 or heads, N, N).
+    """
+    bias: Tensor | None = None
+    if is_causal:
+        bias = torch.full((n_query, n_key), float("-inf"), device=like.device).triu(1)
+    if mask is not None:
+        if mask.dim() == 4:
+            mask = mask[:, head if mask.shape[1] > 1 else 0]
+        if mask.dtype == torch.bool:
+            keep = mask if true_means_keep else ~mask
+            extra = torch.zeros(mask.shape, dtype=torch.float32, device=like.device).masked_fill(~keep, float("-inf"))
+        else:
+            extra = mask.float()
+        bias = extra if bias is None else bias + extra
+    return bias
+
+
+class Backend(ABC):
+    """One model family. Subclass it in ``backends/<family>.py`` and add the module's name to
+    ``lightning_attn.backends.BACKENDS``: that is all a new family needs.
+
+    Class attributes:
+        name: short family name (``"timm"``).
+        supported: what is supported, one line for error messages and README.
+    """
+
+    name: ClassVar[str]
+    supported: ClassVar[str]
+
+    # ------------------------------------------------------------------ attention layers
+
+    @classmethod
+    @abstractmethod
+    def is_attention_layer(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is a token self-attention layer of this family that can be recorded."""
+
+    @classmethod
+    def unsupported_layer(cls, module: nn.Module) -> str | None:
+        """Why ``module``, an attention layer of this family, cannot be recorded (None if it is not one)."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
+        """Make every call of ``module`` hand its softmax weights, as used by the layer, to ``emit``."""
+
+    @classmethod
+    def can_stream_heads(cls, module: nn.Module) -> bool:
+        """Whether :meth:`attach_head_stream` can rebuild ``module``'s weights head by head from q and k."""
+        return False
+
+    @classmethod
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
+        """Make every call of ``module`` hand each head's float32 weights to ``emit``, its output unchanged."""
+        raise NotImplementedError(f"{cls.name} cannot stream the heads of {type(module).__name__}")
+
+    # ------------------------------------------------------------------ models
+
+    @classmethod
+    @abstractmethod
+    def recognises(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is a whole ViT of this family that :class:`Backend` can watch."""
+
+    @classmethod
+    def unsupported_model(cls, module: nn.Module) -> str | None:
+        """Why ``module``, a model of this family's library, cannot be watched (None if it is not one)."""
+        return None
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abstractmethod
+    def attention_layers(self) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` of every token self-attention layer, in forward order."""
+
+    @abstractmethod
+    def layout(self, image_size: tuple[int, int], query: str = "auto") -> TokenLayout:
+        """The token layout for inputs of ``image_size`` (H, W); ``query="auto"`` picks the token(s) the head reads."""
+
+    @abstractmethod
+    def input_size(self) -> tuple[int, int] | None:
+        """The (H, W) the model was built for, or None when it takes any size."""
+
+    @abstractmethod
+    def check_images(self, images: Tensor) -> None:
+        """Raise a ``ValueError`` naming the fix when ``images`` cannot go through the model."""
+
+    @abstractmethod
+    def display_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the model's input normalisation (to turn probes back into pixels)."""
+
+    @abstractmethod
+    def transform(self) -> Callable[[Any], Tensor]:
+        """The model's evaluation preprocessing of a PIL image: resize, crop, normalise."""
+
+    def forward(self, images: Tensor) -> Any:
+        """Run the model on preprocessed ``images``, as the probe pass and the faithfulness curves do."""
+        return self.model(images)
+
+    @abstractmethod
+    def class_logits(self, output: Any) -> Tensor | None:
+        """The (B, num_classes) class logits in ``output`` of :meth:`forward`, or None if the model has none."""
+
+    @property
+    @abstractmethod
+    def has_class_logits(self) -> bool:
+        """Whether :meth:`forward` returns class logits (gradient methods can then explain a class index)."""
+
+    def _check_query(self, query: str, has_cls: bool) -> None:
+        from ..layout import QUERIES
+
+        if query not in QUERIES:
+            raise ValueError(f"`query` must be one of {QUERIES}, got {query!r}")
+        if query in ("cls", "cls_dist") and not has_cls:
+            raise ValueError(f"`query={query!r}` but {type(self.model).__name__} has no class token; use query='mean'")
+
+
+class GenericBackend(Backend):
+    """Any module holding attention layers some family can record, when the caller gives the token layout
+    (a custom ViT built on ``nn.MultiheadAttention``, a wrapper): called as ``model(images)``, its output taken as
+    class logits when it is a (B, num_classes) tensor."""
+
+    name = "generic"
+    supported = "any model holding recordable attention layers, with `layout=` given"
+
+    @classmethod
+    def is_attention_layer(cls, module: nn.Module) -> bool:
+        return False
+
+    @classmethod
+    def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
+        raise NotImplementedError("GenericBackend records through each layer's own family")
+
+    @classmethod
+    def recognises(cls, module: nn.Module) -> bool:
+        return False
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]], layout: TokenLayout) -> None:
+        super().__init__(model)
+        self._layers = layers
+        self._layout = layout
+
+    def attention_layers(self) -> list[tuple[str, nn.Module]]:
+        return self._layers
+
+    def layout(self, image_size: tuple[int, int], query: str = "auto") -> TokenLayout:
+        return self._layout
+
+    def check_images(self, images: Tensor) -> None:
+        return None
+
+    def input_size(self) -> tuple[int, int] | None:
+        return None
+
+    def display_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        raise ValueError(f"cannot tell the input normalisation of {type(self.model).__name__}: pass `mean` and `std`")
+
+    def transform(self) -> Callable[[Any], Tensor]:
+        raise ValueError(f"cannot tell the preprocessing of {type(self.model).__name__}: pass `transform`")
+
+    @property
+    def has_class_logits(self) -> bool:
+        return True  # checked on the output
+
+    def class_logits(self, output: Any) -> Tensor | None:
+        return output if isinstance(output, Tensor) and output.dim() == 2 else None

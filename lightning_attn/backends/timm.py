@@ -1,0 +1,230 @@
+"""timm ViTs: ``VisionTransformer`` (vit_*, deit*, deit3, dinov2, clip, siglip, flexivit, hybrids), ``Eva`` (eva02)
+and ``Beit``.
+
+timm attention modules compute the softmax matrix by hand and pass it through ``attn_drop`` only when
+``fused_attn`` is False; by default they call ``F.scaled_dot_product_attention`` and the matrix never exists. So
+recording switches ``fused_attn`` off on the hooked layers only and hooks ``attn_drop``; head streaming keeps the
+fused kernel and rebuilds each head's weights from the q and k that plain ``Attention`` hooks expose.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from ..layout import TokenLayout
+from .base import Backend, EmitAttention, EmitHead, Undo, additive_bias, head_softmaxes, to_pair
+
+__all__ = ["TimmBackend"]
+
+# timm layers that follow the `fused_attn`/`attn_drop` pattern but are not token self-attention, so rollout over a
+# token sequence does not apply to them; keyed by class name, the reason goes into the error message.
+NOT_TOKEN_SELF_ATTENTION = {
+    "WindowAttention": "Swin window attention (per local window, no global token)",
+    "XCA": "XCiT cross-covariance attention (over channels, not tokens)",
+    "ClassAttn": "CaiT/XCiT class attention (a single class query over the patches)",
+    "TalkingHeadAttn": "CaiT talking-heads attention (heads mixed after the softmax)",
+}
+
+# timm model classes whose token sequence is [prefix tokens][patches row-major] through every block, by module
+SUPPORTED_MODELS = {
+    "timm.models.vision_transformer": ("VisionTransformer",),
+    "timm.models.deit": ("VisionTransformerDistilled",),
+    "timm.models.eva": ("Eva",),
+    "timm.models.beit": ("Beit",),
+}
+
+# why other timm transformers cannot be watched, by class name (what the setup error says)
+UNSUPPORTED_MODELS = {
+    "PoolingVisionTransformer": "PiT pools tokens between stages: no fixed token grid through the layers",
+    "CrossVit": "CrossViT runs two token branches of different patch sizes with cross attention",
+    "NaFlexVit": "NaFlexViT packs variable-resolution patches, without a fixed grid",
+    "MaxxVit": "MaxViT uses block and grid window attention, not global token self-attention",
+    "MaxxVitCfg": "MaxViT uses block and grid window attention",
+    "Twins": "Twins uses locally grouped and sub-sampled attention, not global token self-attention",
+    "SwinTransformer": "Swin uses window attention (per local window, no global token)",
+    "SwinTransformerV2": "Swin uses window attention (per local window, no global token)",
+    "Xcit": "XCiT attends over channels, not tokens",
+    "Cait": "CaiT mixes heads after the softmax and adds class attention",
+    "VisionTransformerRelPos": "relative-position ViTs hide the position bias from the softmax hooks",
+    "VisionTransformerSAM": "SAM's ViT uses windowed attention in most blocks",
+}
+
+
+def _is_timm(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("timm.")
+
+
+def _has_attention_api(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "attn_drop", None), nn.Module) and hasattr(module, "fused_attn")
+
+
+class TimmBackend(Backend):
+    name = "timm"
+    supported = (
+        "timm VisionTransformer (vit_*, deit*, deit3, dinov2 and *_reg4_*, clip, siglip, flexivit), Eva (eva02_*), "
+        "Beit (beit*)"
+    )
+
+    # ------------------------------------------------------------------ layers
+
+    @classmethod
+    def is_attention_layer(cls, module: nn.Module) -> bool:
+        return _has_attention_api(module) and type(module).__name__ not in NOT_TOKEN_SELF_ATTENTION
+
+    @classmethod
+    def unsupported_layer(cls, module: nn.Module) -> str | None:
+        if _has_attention_api(module):
+            return NOT_TOKEN_SELF_ATTENTION.get(type(module).__name__)
+        return None
+
+    @classmethod
+    def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
+        flag = module.fused_attn
+        module.fused_attn = False
+        undo.append(lambda: setattr(module, "fused_attn", flag))
+
+        # the input of attn_drop is the softmax matrix itself (dropout is a no-op in eval anyway)
+        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            emit(module, inputs[0])
+
+        undo.append(module.attn_drop.register_forward_hook(hook).remove)
+
+    @classmethod
+    def can_stream_heads(cls, module: nn.Module) -> bool:
+        # plain Attention's logits are exactly q * scale @ k^T (+ mask). EVA adds rotary embeddings after k_norm and
+        # BEiT a relative position bias: terms q and k do not show, so they go through attach_recording.
+        from timm.layers.attention import Attention
+
+        return type(module) is Attention and isinstance(module.q_norm, nn.Module) and isinstance(module.k_norm, nn.Module)
+
+    @classmethod
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
+        state: dict[str, Any] = {}
+
+        def pre(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            state["causal"] = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+
+        def keep_q(_: nn.Module, args: tuple, q: Tensor) -> None:
+            state["q"] = q
+
+        def use_k(_: nn.Module, args: tuple, k: Tensor) -> None:
+            q = state.pop("q")
+            n = q.shape[2]
+            bias = lambda h: additive_bias(state.get("mask"), h, n, n, state.get("causal", False), q)  # noqa: E731
+            head_softmaxes(q, k, module.scale, bias, lambda h, heads, a: emit(module, h, heads, a))
+
+        undo.append(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
+        undo.append(module.q_norm.register_forward_hook(keep_q).remove)
+        undo.append(module.k_norm.register_forward_hook(use_k).remove)
+
+    # ------------------------------------------------------------------ models
+
+    @classmethod
+    def recognises(cls, module: nn.Module) -> bool:
+        names = SUPPORTED_MODELS.get(type(module).__module__, ())
+        return type(module).__name__ in names and isinstance(getattr(module, "patch_embed", None), nn.Module)
+
+    @classmethod
+    def unsupported_model(cls, module: nn.Module) -> str | None:
+        if not _is_timm(module) or cls.recognises(module) or not hasattr(module, "default_cfg"):
+            return None
+        reason = UNSUPPORTED_MODELS.get(type(module).__name__)
+        if reason is None and not any(_has_attention_api(m) for m in module.modules()):
+            return None  # a CNN or an MLP model: not a transformer at all
+        return f"timm {type(module).__name__}: {reason or 'not a plain ViT with one token sequence'}"
+
+    def attention_layers(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.model.named_modules() if self.is_attention_layer(m)]
+
+    def _patch_size(self) -> tuple[int, int]:
+        size = getattr(self.model.patch_embed, "patch_size", None)
+        if size is None:
+            raise ValueError(f"cannot tell the patch size of {type(self.model).__name__}: no `patch_embed.patch_size`")
+        return to_pair(size)
+
+    def layout(self, image_size: tuple[int, int], query: str = "auto") -> TokenLayout:
+        model = self.model
+        ph, pw = self._patch_size()
+        h, w = image_size
+        feat = getattr(model.patch_embed, "dynamic_feat_size", None)
+        grid = tuple(feat((h, w))) if callable(feat) else (h // ph, w // pw)
+        num_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+        has_cls = getattr(model, "cls_token", None) is not None and num_prefix > 0
+        distilled = getattr(model, "dist_token", None) is not None
+        self._check_query(query, has_cls)
+        if query == "cls_dist" and not distilled:
+            raise ValueError(f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token")
+        if query == "auto":
+            if not has_cls or getattr(model, "global_pool", "token") != "token":
+                query = "mean"  # eva02, beit and *_gap_* pool patches: the class token does not feed the head
+            else:
+                # distilled DeiT averages its class and distillation heads at inference
+                query = "cls_dist" if distilled else "cls"
+        registers = self._num_registers()
+        if registers > num_prefix:
+            raise ValueError(
+                f"{type(model).__name__} has {registers} register tokens but only {num_prefix} prefix tokens: its "
+                "layout is not timm's [class][registers][patches]"
+            )
+        return TokenLayout(num_prefix, (int(grid[0]), int(grid[1])), query, (ph, pw), registers)
+
+    def _num_registers(self) -> int:
+        count = getattr(self.model, "num_reg_tokens", None)
+        if count is None:  # Eva keeps no count, only the parameter
+            reg_token = getattr(self.model, "reg_token", None)
+            count = reg_token.shape[1] if isinstance(reg_token, Tensor) else 0
+        return int(count)
+
+    def input_size(self) -> tuple[int, int] | None:
+        size = getattr(self.model.patch_embed, "img_size", None)
+        return None if size is None else to_pair(size)
+
+    def check_images(self, images: Tensor) -> None:
+        model = self.model
+        patch_embed = model.patch_embed
+        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+        if channels is not None and images.shape[1] != channels:
+            raise ValueError(
+                f"`images` have {images.shape[1]} channels but {type(model).__name__} expects {channels}: "
+                f"preprocess them to (B, {channels}, H, W) like the training inputs (e.g. repeat a grey channel, "
+                "drop alpha)"
+            )
+        img_size = getattr(patch_embed, "img_size", None)
+        strict = getattr(patch_embed, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False)
+        if strict and img_size is not None and tuple(images.shape[-2:]) != tuple(img_size):
+            raise ValueError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} but {type(model).__name__} takes "
+                f"{img_size[0]}x{img_size[1]} inputs: resize them (or build the model with `dynamic_img_size=True`)"
+            )
+
+    def _data_config(self) -> dict[str, Any]:
+        from timm.data import resolve_data_config
+
+        # pretrained_cfg keeps the hub input size even when the model was built for another img_size
+        img_size = getattr(self.model.patch_embed, "img_size", None)
+        args = {"input_size": (3, *img_size)} if img_size is not None else {}
+        return resolve_data_config(args, model=self.model)
+
+    def display_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        cfg = self._data_config()
+        return tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
+
+    def transform(self) -> Callable[[Any], Tensor]:
+        from timm.data import create_transform
+
+        return create_transform(**self._data_config(), is_training=False)
+
+    @property
+    def has_class_logits(self) -> bool:
+        # with num_classes=0 timm returns pooled features, whose argmax is no class
+        return getattr(self.model, "num_classes", 1) != 0
+
+    def class_logits(self, output: Any) -> Tensor | None:
+        if not self.has_class_logits:
+            return None
+        if isinstance(output, (tuple, list)):  # distilled training mode returns (cls, dist) heads
+            output = output[0]
+        return output if isinstance(output, Tensor) else None
