@@ -53,10 +53,8 @@ _registered = False
 def _dispatch(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
               *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     handler = _HANDLERS.get(id(module))
-    if handler is None:  # a layer nobody is recording (its config was switched for a sibling): plain sdpa
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        handler = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if handler is None:  # a layer nobody records, whose config was switched for a sibling: its own kernel
+        handler = _original_kernel(module, _ORIGINAL.get(id(module.config), "sdpa"))
     return handler(module, query, key, value, attention_mask, *args, **kwargs)
 
 

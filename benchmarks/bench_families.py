@@ -1,0 +1,111 @@
+"""Probe-pass cost per model family, side by side in one run; prints a markdown table (run by hand, not a test).
+
+    python benchmarks/bench_families.py            # ~4 min on 2 CPU cores
+    python benchmarks/bench_families.py --quick    # fewer repeats
+
+For a ViT-S-sized timm model, a ViT-S-sized Hugging Face ``ViTForImageClassification`` (default ``sdpa``) and
+torchvision's ``vit_b_16``, all with random weights at 224x224 and 16 probes: the probe pass (capture + raw and
+rollout maps, ``attention_maps``) against a plain forward of the same probes, timed alternately (median), and the
+peak extra memory of each beyond the plain forward, measured in fresh subprocesses as ``bench_monitor.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from lightning_attn import attention_maps, backend_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_monitor import _alternate, _rss_kib  # noqa: E402  (the same timing and memory probes)
+
+FAMILIES = ("timm vit_small_patch16_224", "transformers ViTForImageClassification (ViT-S size)", "torchvision vit_b_16")
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("timm"):
+        import timm
+
+        return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    if name.startswith("transformers"):
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                           image_size=224, patch_size=16, num_labels=1000)
+        return ViTForImageClassification(config).eval()
+    from torchvision.models import vit_b_16
+
+    return vit_b_16().eval()
+
+
+def _images(n: int) -> torch.Tensor:
+    return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def _child(spec: dict) -> None:
+    torch.set_num_threads(2)
+    model = _model(spec["family"])
+    backend = backend_for(model)
+    x = _images(spec["probes"])
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak mark: count only the work below
+    base = _rss_kib("VmRSS")
+    if spec["what"] == "plain":
+        with torch.no_grad():
+            backend.forward(x)
+    else:
+        attention_maps(model, x)
+    print(json.dumps({"extra_kib": _rss_kib("VmHWM") - base}))
+
+
+def _peak(spec: dict) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back: RSS follows live tensors
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--probes", type=int, default=16)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(json.loads(args.child))
+        return
+    torch.set_num_threads(2)
+    repeats = 3 if args.quick else 7
+    import transformers
+
+    print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (2 threads), "
+          f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n")
+    print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for family in FAMILIES:
+        model = _model(family)
+        backend = backend_for(model)
+        x = _images(args.probes)
+
+        def plain():
+            with torch.no_grad():
+                backend.forward(x)
+
+        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)
+        memory = {what: statistics.median(_peak(dict(family=family, probes=args.probes, what=what))
+                                          for _ in range(1 if args.quick else 3)) for what in ("plain", "maps")}
+        print(f"| {family} | {ours:.3f} | {base:.3f} | {ours / base:.2f} | {memory['maps'] - memory['plain']:.1f} "
+              f"| {memory['plain']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
