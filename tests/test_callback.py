@@ -270,8 +270,37 @@ def test_probes_int_without_validation_data(tmp_path):
         (dict(std=(0.0,)), "`std` values must be > 0"),
         (dict(on_error="ignore"), "`on_error`"),
         (dict(module=3), "`module` must be"),
+        (dict(name="my student"), "`name` must be None or a word"),
+        (dict(name=""), "`name` must be None or a word"),
+        (dict(writer="tb"), "`writer` must be None"),
+        (dict(writer=[]), "`writer` must be None"),
     ],
 )
 def test_constructor_validates_every_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionMonitor(**kwargs)
+
+
+def test_writer_option_takes_everything_instead_of_the_loggers(tmp_path):
+    from lightning_attn.writers import AttentionWriter
+
+    class Collect(AttentionWriter):
+        def __init__(self):
+            self.images, self.scalars, self.animations = [], [], []
+
+        def add_image(self, tag, image, step):
+            self.images.append((tag, step))
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def add_animation(self, tag, frames, step, duration_ms=500):
+            self.animations.append((tag, len(frames), step))
+
+    mine = Collect()
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=mine, name="mine")
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert ("attention_mine/raw", 4) in mine.images and ("attention_mine_entropy/raw/layer_00", 0) in mine.scalars
+    assert mine.animations == [(f"attention_mine/rollout_evolution/probe_{i:02d}", 2, 4) for i in range(2)]
+    assert not [t for t in lit.read_events(trainer.logger.log_dir).Tags()["images"] if t.startswith("attention")]
