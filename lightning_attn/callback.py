@@ -154,7 +154,7 @@ class AttentionMonitor(Callback):
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         query: str = "auto",
-        tile_size: int = 56,
+        tile_size: int = 96,
         cmap: str = "jet",
         alpha: float = 0.5,
         log_entropy: bool = True,

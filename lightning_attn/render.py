@@ -472,18 +472,13 @@ def layer_step_image(
     strip = Image.new("RGB", (heat.shape[0], LABEL_SIZE), (255, 255, 255))
     _draw_centred(ImageDraw.Draw(strip), (0, 0, heat.shape[0], LABEL_SIZE), "layer", font)
     image.paste(strip.rotate(90, expand=True), (0, top))
-    # x axis: first, last and a few steps between, at least 48 px apart
+    # x axis: the last step and every k-th before it, at least 44 px apart
     y_ticks = top + heat.shape[0]
-    room = max(1, heat.shape[1] // 48)
-    ticks = sorted({0, cols - 1, *np.linspace(0, cols - 1, min(cols, room + 1)).round().astype(int).tolist()})
-    last_x = -1e9
-    for c in ticks:
+    stride = -(-44 // cell_w)
+    for c in range(cols - 1, -1, -stride):
         x = left + c * cell_w + cell_w // 2
-        if x - last_x < 40 and c != ticks[0]:
-            continue
         draw.line([(x, y_ticks), (x, y_ticks + 3)], fill=_TEXT)
         _draw_centred(draw, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]), font)
-        last_x = x
     _draw_centred(draw, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step", font)
     # colour bar: max at the top, min at the bottom
     x_text = x_bar + bar_w + 3

@@ -15,7 +15,7 @@ def image(height=20, width=30, seed=0):
 
 
 def test_tensorboard_writer_round_trip(tmp_path):
-    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)))
+    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)), image_format="png")  # lossless: pixels come back
     written = {step: image(seed=step) for step in range(6)}
     for step, pixels in written.items():
         writer.add_image("attention/raw", pixels, step=step)

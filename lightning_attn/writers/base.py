@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["AttentionWriter", "ChartLayout", "check_image"]
+__all__ = ["AttentionWriter", "ChartLayout", "LoggerWriter", "check_image"]
 
 #: ``{section: {chart: [tag regex, ...]}}``: which scalar tags one chart draws as lines (see
 #: :func:`lightning_attn.report.scalar_layout`).
@@ -76,3 +76,22 @@ class AttentionWriter(ABC):
 
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""
+
+
+class LoggerWriter(AttentionWriter):
+    """A writer bound to a Lightning logger: scalars go through ``logger.log_metrics`` (one call per pass, as
+    Lightning's own callbacks do), or to :meth:`_add_scalars_without_logger` where ``logger`` is None."""
+
+    logger: Any = None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.add_scalars({tag: value}, step)
+
+    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.logger is None:
+            self._add_scalars_without_logger(metrics, step)
+        else:
+            self.logger.log_metrics(dict(metrics), step=step)
+
+    def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
+        raise ValueError(f"{type(self).__name__} needs a `logger` to take scalars")

@@ -15,15 +15,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import AttentionWriter, check_frames, check_image
+from .base import LoggerWriter, check_frames, check_image
 
 __all__ = ["PNGWriter", "gif_bytes", "save_gif"]
 
-def _file_name(tag: str) -> str:
+def file_name(tag: str) -> str:
+    """A tag as a file name: ``/`` becomes ``__``.
+
+    Example::
+
+        >>> file_name("attention/heads/layer_01")
+        'attention__heads__layer_01'
+    """
     return tag.replace("/", "__")
 
 
-class PNGWriter(AttentionWriter):
+class PNGWriter(LoggerWriter):
     """Writes each image to ``directory/<tag>_step<step:07d>.png`` and each animation to ``directory/<tag>.gif``
     (``/`` in tags becomes ``__``). Scalars go to ``logger.log_metrics`` when a ``logger`` is given, else they
     are appended to ``directory/scalars.csv`` (columns ``step,tag,value``). The directory is created on first
@@ -58,24 +65,18 @@ class PNGWriter(AttentionWriter):
 
     def image_path(self, tag: str, step: int) -> Path:
         """The file :meth:`add_image` writes for ``tag`` at ``step``."""
-        return self.directory / f"{_file_name(tag)}_step{step:07d}.png"
+        return self.directory / f"{file_name(tag)}_step{step:07d}.png"
 
     def animation_path(self, tag: str) -> Path:
         """The file :meth:`add_animation` writes for ``tag``."""
-        return self.directory / f"{_file_name(tag)}.gif"
+        return self.directory / f"{file_name(tag)}.gif"
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
         check_image(image)
         self.directory.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(self.image_path(tag, step))
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.add_scalars({tag: value}, step)
-
-    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.logger is not None:
-            self.logger.log_metrics(dict(metrics), step=step)
-            return
+    def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "scalars.csv"
         new = not path.exists()

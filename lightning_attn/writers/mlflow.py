@@ -5,17 +5,17 @@ from __future__ import annotations
 import inspect
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .base import AttentionWriter, check_image
-from .files import save_gif
+from .base import LoggerWriter, check_image
+from .files import file_name, save_gif
 
 __all__ = ["MLflowWriter"]
 
 
-class MLflowWriter(AttentionWriter):
+class MLflowWriter(LoggerWriter):
     """Writes through a Lightning ``MLFlowLogger`` (or anything with a ``run_id`` and an ``experiment`` that is an
     ``MlflowClient``): images with ``log_image(run_id, image, key=tag, step=step)`` (mlflow >= 2.12.1; older:
     ``artifact_file="attention/<tag>_step<step>.png"``), animations as GIF artifacts under ``attention/``, scalars
@@ -52,15 +52,9 @@ class MLflowWriter(AttentionWriter):
         if self._stepped:
             client.log_image(run_id, image, key=tag, step=step)
         else:
-            client.log_image(run_id, image, artifact_file=f"attention/{tag.replace('/', '__')}_step{step:07d}.png")
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.add_scalars({tag: value}, step)
-
-    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics(dict(metrics), step=step)
+            client.log_image(run_id, image, artifact_file=f"attention/{file_name(tag)}_step{step:07d}.png")
 
     def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_gif(frames, Path(tmp) / f"{tag.replace('/', '__')}.gif", duration_ms)
+            path = save_gif(frames, Path(tmp) / f"{file_name(tag)}.gif", duration_ms)
             self.logger.experiment.log_artifact(self.logger.run_id, str(path), artifact_path="attention")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import inspect
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .base import AttentionWriter, check_image
-from .files import save_gif
+from .base import LoggerWriter, check_image
+from .files import file_name, save_gif
 
 __all__ = ["WandbWriter"]
 
 
-class WandbWriter(AttentionWriter):
+class WandbWriter(LoggerWriter):
     """Writes through a Lightning ``WandbLogger`` (or anything with its ``log_image`` / ``log_video`` /
     ``log_metrics``): each image is one ``log_image`` call, each animation a GIF handed to ``log_video``,
     the scalars one ``log_metrics`` call per pass; all carry ``trainer/global_step`` = ``step``. wandb itself is
@@ -58,12 +58,6 @@ class WandbWriter(AttentionWriter):
         caption = "rows: " + " | ".join(rows)
         self.logger.log_image(key=tag, images=[image], step=step, caption=[caption])
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.add_scalars({tag: value}, step)
-
-    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics(dict(metrics), step=step)
-
     def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
-        path = save_gif(frames, self.directory / f"{tag.replace('/', '__')}.gif", duration_ms)
+        path = save_gif(frames, self.directory / f"{file_name(tag)}.gif", duration_ms)
         self.logger.log_video(key=tag, videos=[str(path)], step=step, format=["gif"])
