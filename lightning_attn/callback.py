@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -10,7 +11,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
@@ -21,14 +21,15 @@ from .faithfulness import PerturbationCurves, perturbation_curves, random_pertur
 from .layout import QUERIES
 from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps, check_explainable
 from .probes import Probes, display_stats, load_images, take_from_loader
-from .render import check_cmap, filmstrip, make_grid, matrix_tiles, overlay, to_display
-from .report import scalar_report
+from .render import check_cmap, filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
+from .report import layer_series, scalar_layout, scalar_report, tag_prefix
 from .rollout import check_discard_ratio, check_head_fusion
-from .writers import AttentionWriter, PNGWriter, TensorBoardWriter, save_gif
+from .writers import AttentionWriter, WriterSet, writers_for
 
 __all__ = ["AttentionMonitor"]
 
 _ON_ERROR = ("warn", "raise")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _check_layer_list(name: str, layers: Sequence[int] | None, allow_none: bool) -> tuple[int, ...] | None:
@@ -53,9 +54,13 @@ class AttentionMonitor(Callback):
     pass, which runs in eval mode on the training device under the trainer's precision; the model's modes, grad
     flags, fused-attention flags and the global RNG state are as they were afterwards.
 
-    Images and scalars go to the first :class:`~lightning.pytorch.loggers.TensorBoardLogger` of the trainer,
-    tagged ``attention/...`` at ``trainer.global_step``; without one, grids go to PNG files under
-    ``trainer.log_dir/attention/`` (with a warning). Every rank runs the probe pass; only global rank zero writes.
+    Every logger of the trainer gets everything, at ``trainer.global_step``: the scalars through its
+    ``log_metrics``, the images and animations through a writer picked by what the logger can do (TensorBoard,
+    Weights & Biases, MLflow; PNG/GIF files under its ``log_dir`` for any other, CSV included; see
+    :func:`lightning_attn.writers.writers_for`). Tags start with ``attention`` (``attention_<name>`` with
+    ``name=``); scalar tags read ``attention_<metric>/<chart>/<line>``, so TensorBoard shows one section per
+    metric, and a custom-scalars layout draws one chart per metric and method with a line per layer. Every rank
+    runs the probe pass; only global rank zero writes.
 
     Args:
         probes: fixed images to watch: a (B, C, H, W) tensor preprocessed for the model; a list of image paths
@@ -94,13 +99,17 @@ class AttentionMonitor(Callback):
             and of a random map, each pass (2 x ``faithfulness_steps`` extra forwards of the probes per method).
         faithfulness_steps: removal steps of the deletion curves.
         filmstrip_length: the filmstrip shows the baseline and this many most recent passes of the final-layer map.
-        gif: at the end of fit, write an animated GIF per probe of that map over all logged steps under
-            ``<log_dir>/attention/``.
+        gif: at the end of fit, log an animated GIF per probe of that map over all logged steps to every
+            writer (TensorBoard: images tab and ``<log_dir>/attention/``; W&B: a video; MLflow: an artifact).
         transform: preprocessing for path / PIL probes instead of the model's own.
         mean: per-channel mean that un-normalises probe pixels for display (default: the model's data config).
         std: per-channel std, likewise.
         on_error: ``"warn"`` (default): a failing probe pass warns once per kind of error and is skipped,
             training goes on; ``"raise"``: the error stops training.
+        name: a word that makes every tag start with ``attention_<name>`` and enters the ``state_key``, so that
+            several monitors (a teacher and a student, two sets of ``methods``) share one trainer.
+        writer: your own :class:`~lightning_attn.writers.AttentionWriter` (or a list of them) to take every
+            image, animation and scalar instead of the writers chosen for the trainer's loggers.
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -129,8 +138,8 @@ class AttentionMonitor(Callback):
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], default_root_dir=getfixture("tmp_path"),
         ...                      enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
         >>> trainer.fit(LitViT(), loader, loader)
-        >>> sorted(k for k in monitor.last_metrics if k.startswith("attention/entropy/raw"))
-        ['attention/entropy/raw/layer_00', 'attention/entropy/raw/layer_01']
+        >>> sorted(k for k in monitor.last_metrics if k.startswith("attention_entropy/raw"))
+        ['attention_entropy/raw/layer_00', 'attention_entropy/raw/layer_01']
     """
 
     def __init__(
@@ -150,7 +159,7 @@ class AttentionMonitor(Callback):
         head_fusion: str = "mean",
         discard_ratio: float = 0.0,
         query: str = "auto",
-        tile_size: int = 56,
+        tile_size: int = 96,
         cmap: str = "jet",
         alpha: float = 0.5,
         log_entropy: bool = True,
@@ -165,6 +174,8 @@ class AttentionMonitor(Callback):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         on_error: str = "warn",
+        name: str | None = None,
+        writer: AttentionWriter | Sequence[AttentionWriter] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -196,9 +207,9 @@ class AttentionMonitor(Callback):
             raise ValueError("`layers` is empty: pass None for all layers or at least one index")
         self.matrix_layers = _check_layer_list("matrix_layers", matrix_layers, allow_none=False) or ()
         self.head_layers = _check_layer_list("head_layers", head_layers, allow_none=False) or ()
-        for name, value, low in (("faithfulness_steps", faithfulness_steps, 1), ("filmstrip_length", filmstrip_length, 1)):
+        for option, value, low in (("faithfulness_steps", faithfulness_steps, 1), ("filmstrip_length", filmstrip_length, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+                raise ValueError(f"`{option}` must be an int >= {low}, got {value!r}")
         if isinstance(artifact_threshold, bool) or not isinstance(artifact_threshold, (int, float)) or artifact_threshold <= 1:
             raise ValueError(f"`artifact_threshold` must be a number > 1 (times the median share), got {artifact_threshold!r}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -212,13 +223,26 @@ class AttentionMonitor(Callback):
         check_cmap(cmap)
         if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-        for name, stats in (("mean", mean), ("std", std)):
+        for option, stats in (("mean", mean), ("std", std)):
             if stats is not None and len(stats) not in (1, 3):
-                raise ValueError(f"`{name}` must hold 1 or 3 values (one per channel), got {stats!r}")
+                raise ValueError(f"`{option}` must hold 1 or 3 values (one per channel), got {stats!r}")
         if std is not None and any(s <= 0 for s in std):
             raise ValueError(f"`std` values must be > 0, got {std!r}")
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}")
+        if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ValueError(
+                f"`name` must be None or a word of letters, digits, '_' and '-' (e.g. 'student'), got {name!r}: "
+                "it starts every tag, and loggers such as MLflow accept only such characters"
+            )
+        writers = [writer] if isinstance(writer, AttentionWriter) else writer
+        if writers is not None and (
+            isinstance(writers, (str, bytes)) or not writers or not all(isinstance(w, AttentionWriter) for w in writers)
+        ):
+            raise ValueError(
+                "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
+                f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
+            )
 
         self.probes = probes
         self.labels = labels
@@ -248,6 +272,10 @@ class AttentionMonitor(Callback):
         self.mean = mean
         self.std = std
         self.on_error = on_error
+        self.name = name
+        self.writer = writer
+        # every tag starts with it: "attention", or "attention_<name>" so that several monitors can share loggers
+        self._prefix = tag_prefix(name)
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
@@ -264,7 +292,8 @@ class AttentionMonitor(Callback):
         self._probes: Probes | None = None
         self._display: Tensor | None = None
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-        self._writer: AttentionWriter | None = None
+        self._writer: AttentionWriter | None = None if writers is None else WriterSet(writers)
+        self._scalar_history: list[tuple[int, dict[str, float]]] = []  # every pass's scalars: layers x steps pictures
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -272,7 +301,9 @@ class AttentionMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(methods=self.methods, every_n_epochs=self.every_n_epochs)
+        if self.name is None:  # unnamed: the key of earlier versions, so their checkpoints still resume
+            return self._generate_state_key(methods=self.methods, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(name=self.name, methods=self.methods, every_n_epochs=self.every_n_epochs)
 
     # ------------------------------------------------------------------ setup
 
@@ -335,18 +366,14 @@ class AttentionMonitor(Callback):
         # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
         log_dir = trainer.log_dir or trainer.default_root_dir
         self._log_dir = Path(log_dir)
+        twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
+        if twins:
+            raise ValueError(
+                f"{len(twins) + 1} AttentionMonitors share `name={self.name!r}`: their tags would overwrite each "
+                "other's. Give each a different `name=` (e.g. name='teacher' and name='student')"
+            )
         if trainer.is_global_zero and self._writer is None:
-            tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            if tensorboard is not None:
-                self._writer = TensorBoardWriter(tensorboard.experiment)
-            else:
-                directory = Path(log_dir) / "attention"
-                self._writer = PNGWriter(directory)
-                rank_zero_warn(
-                    f"AttentionMonitor found no TensorBoardLogger in `trainer.loggers`: writing PNG grids to "
-                    f"{directory}. Add `TensorBoardLogger` to see them in TensorBoard.",
-                    category=RuntimeWarning,
-                )
+            self._writer = writers_for(trainer.loggers, Path(log_dir))  # one per logger, picked by what it can do
 
     # ------------------------------------------------------------------ when
 
@@ -421,6 +448,7 @@ class AttentionMonitor(Callback):
                     artifact_threshold=self.artifact_threshold if self.diagnostics else None,
                     masks=probes.masks,
                     faithfulness=curves,
+                    prefix=self._prefix,
                 )
                 self._remember(maps, step)
                 if trainer.is_global_zero:
@@ -504,48 +532,64 @@ class AttentionMonitor(Callback):
         writer = self._writer
         display = self._display
         assert writer is not None and display is not None
+        p = self._prefix
         rows = self._row_labels(probes, maps)
         render = dict(tile_size=self.tile_size, cmap=self.cmap, alpha=self.alpha)
         columns = ["image"] + [f"L{l}" for l in self._layer_idx]
         for method in self.methods:
             tiles = overlay(display, maps[method][:, self._layer_idx], **render)
             labels = self._row_labels(probes, maps, method)
-            writer.add_image(f"attention/{method}", make_grid(tiles, columns, labels), step)
+            writer.add_grid(f"{p}/{method}", make_grid(tiles, columns, labels), step, labels)
         if self.aggregates and "raw" in self.methods:
             stacked = torch.stack([maps.aggregate(r, "raw") for r in self.aggregates], dim=1)
             tiles = overlay(display, stacked, **render)
-            writer.add_image("attention/raw_aggregates", make_grid(tiles, ["image", *self.aggregates], rows), step)
+            writer.add_grid(f"{p}/raw_aggregates", make_grid(tiles, ["image", *self.aggregates], rows), step, rows)
         if self._matrix_idx:
             matrices = torch.stack([maps.matrices[l] for l in self._matrix_idx], dim=1)
             tiles = matrix_tiles(matrices, self.tile_size * 2, self.cmap)
-            writer.add_image("attention/matrix", make_grid(tiles, [f"L{l}" for l in self._matrix_idx], rows), step)
+            writer.add_grid(f"{p}/matrix", make_grid(tiles, [f"L{l}" for l in self._matrix_idx], rows), step, rows)
         for layer in self._head_idx:
             heads = maps.head_maps[layer]
             tiles = overlay(display, heads, **render)
             header = ["image"] + [f"h{h}" for h in range(heads.shape[1])]
-            writer.add_image(f"attention/heads/layer_{layer:02d}", make_grid(tiles, header, rows), step)
+            writer.add_grid(f"{p}/heads/layer_{layer:02d}", make_grid(tiles, header, rows), step, rows)
         # baseline plus the most recent passes of the final-layer map, one row per probe
         frames = self._history[:1] + self._history[1:][-self.filmstrip_length:]
         tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
         header = ["image"] + [f"s{s}" for s, _ in frames]
-        writer.add_image("attention/filmstrip", make_grid(tiles, header, rows), step)
-        for tag, value in metrics.items():
-            writer.add_scalar(tag, value, step)
+        writer.add_grid(f"{p}/filmstrip", make_grid(tiles, header, rows), step, rows)
+        if metrics:
+            writer.add_layout(scalar_layout(metrics))  # writers add only charts they have not drawn yet
+            writer.add_scalars(metrics, step)
+            # the whole run of each per-layer metric in one picture (rows = layers, columns = logged steps)
+            self._scalar_history.append((step, dict(metrics)))
+            for chart, (layers, steps, values) in layer_series(self._scalar_history).items():
+                section, _, rest = chart.partition("/")
+                picture = layer_step_image(values, steps, chart, layers=layers)
+                writer.add_image(f"{p}_layers_steps/{section[len(p) + 1:]}" + (f"/{rest}" if rest else ""), picture, step)
         writer.flush()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self.gif and trainer.is_global_zero and self._history and self._display is not None):
             return
-        directory = (self._log_dir or Path(trainer.default_root_dir)) / "attention"
+        writer = self._writer
+        if writer is None:
+            return
         steps = [f"step {s}" for s, _ in self._history]
         maps = torch.stack([m.to(self._display.device) for _, m in self._history], dim=1)  # (B, T, gh, gw)
-        for i in range(maps.shape[0]):
-            frames = [
-                filmstrip(self._display[i], maps[i, t : t + 1], steps[t : t + 1], self.tile_size * 2, self.cmap, self.alpha)
-                for t in range(maps.shape[1])
-            ]
-            save_gif(frames, directory / f"{self._film_method}_evolution_probe{i:02d}.gif")
+        try:
+            for i in range(maps.shape[0]):
+                frames = [
+                    filmstrip(self._display[i], maps[i, t : t + 1], steps[t : t + 1], self.tile_size * 2, self.cmap, self.alpha)
+                    for t in range(maps.shape[1])
+                ]
+                writer.add_animation(f"{self._prefix}/{self._film_method}_evolution/probe_{i:02d}", frames, trainer.global_step)
+            writer.flush()
+        except Exception as err:  # the run is over, but a failing destination must still not crash its end
+            if self.on_error == "raise":
+                raise
+            self._warn_once(type(err).__name__, f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ state
 
@@ -560,6 +604,8 @@ class AttentionMonitor(Callback):
             "baseline_maps": cpu(self._baseline_maps),
             "previous_maps": cpu(self._previous_maps),
             "history": [(s, m.cpu()) for s, m in self._history],
+            # the layers x steps pictures show the whole run, across resumes too
+            "scalar_history": [(s, dict(m)) for s, m in self._scalar_history],
         }
         if isinstance(self.probes, int) and self._probes is not None:
             # probes taken from the loader must stay the same images after a resume
@@ -574,6 +620,7 @@ class AttentionMonitor(Callback):
         self._baseline_maps = state_dict.get("baseline_maps")
         self._previous_maps = state_dict.get("previous_maps")
         self._history = list(state_dict.get("history", []))
+        self._scalar_history = [(s, dict(m)) for s, m in state_dict.get("scalar_history", [])]
         if isinstance(self.probes, int) and state_dict.get("probes") is not None:
             self._probes = Probes(state_dict["probes"], state_dict.get("labels"))
             self._display = None

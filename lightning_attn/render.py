@@ -23,6 +23,7 @@ __all__ = [
     "colormap_lut",
     "filmstrip",
     "grid_shape",
+    "layer_step_image",
     "make_grid",
     "matrix_tiles",
     "normalize_per_map",
@@ -389,3 +390,102 @@ def filmstrip(
         raise ValueError(f"`labels` has {len(labels)} labels but there are {maps.shape[0]} maps: pass one per map")
     tiles = overlay(image.unsqueeze(0), maps.unsqueeze(0), tile_size, cmap=cmap, alpha=alpha)
     return make_grid(tiles, col_labels=["image", *labels])
+
+
+_NAN_GREY = np.array([0.85, 0.85, 0.85], np.float32)
+
+
+def _cell(span: int, count: int, low: int, high: int) -> int:
+    return int(min(high, max(low, span // max(count, 1))))
+
+
+def layer_step_image(
+    values: np.ndarray,
+    steps: Sequence[int],
+    title: str,
+    cmap: str = "viridis",
+    layers: Sequence[int] | None = None,
+) -> np.ndarray:
+    """A whole run of one per-layer metric in one picture: rows = layers (first on top), columns = logged steps,
+    colour = value, with a titled header, layer and step axis labels and a colour bar giving the value range.
+
+    Built with numpy and the colormap's lookup table (no matplotlib figure): cheap enough to redraw every pass.
+    Cells are 6-24 px high and 2-32 px wide, so the picture stays a few hundred pixels wide for any run; NaN
+    (a step that did not log that layer) is light grey. The colours span the values' min..max.
+
+    Args:
+        values: (layers, steps) values.
+        steps: the step of each column.
+        title: text of the header, e.g. the chart's tag.
+        cmap: matplotlib colormap name.
+        layers: the layer index of each row (default 0..layers-1).
+
+    Returns:
+        (H, W, 3) uint8.
+
+    Raises:
+        ValueError: ``values`` is not 2-D, or ``steps`` / ``layers`` do not match its shape.
+
+    Example::
+
+        >>> picture = layer_step_image(np.array([[0.9, 0.5, 0.4], [1.0, 0.7, np.nan]]), [0, 4, 8], "entropy/raw")
+        >>> picture.dtype, picture.ndim, picture.shape[2]
+        (dtype('uint8'), 3, 3)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"`values` must be a non-empty (layers, steps) array, got shape {values.shape}")
+    rows, cols = values.shape
+    layers = list(range(rows)) if layers is None else list(layers)
+    if len(steps) != cols or len(layers) != rows:
+        raise ValueError(
+            f"`values` is {rows} layers x {cols} steps but {len(layers)} layers and {len(steps)} steps were given"
+        )
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    lut = _lut(cmap)
+    index = np.clip(((np.nan_to_num(values, nan=lo) - lo) / span * 256).astype(np.int64), 0, 255)
+    colours = lut[index]
+    colours[~np.isfinite(values)] = _NAN_GREY
+    cell_h, cell_w = _cell(192, rows, 6, 24), _cell(480, cols, 2, 32)
+    heat = np.repeat(np.repeat(colours, cell_h, axis=0), cell_w, axis=1)
+
+    font = _font()
+    left, top, bottom, bar_gap, bar_w = 2 * LABEL_SIZE + 8, LABEL_SIZE, 2 * LABEL_SIZE, 10, 12
+    label_w = 56  # room for the colour bar's numbers
+    height, width = top + heat.shape[0] + bottom, left + heat.shape[1] + bar_gap + bar_w + label_w
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    canvas[top : top + heat.shape[0], left : left + heat.shape[1]] = (heat * 255).round().astype(np.uint8)
+    bar = lut[np.linspace(255, 0, heat.shape[0]).round().astype(np.int64)]  # high values on top
+    x_bar = left + heat.shape[1] + bar_gap
+    canvas[top : top + heat.shape[0], x_bar : x_bar + bar_w] = (bar[:, None] * 255).round().astype(np.uint8)
+
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    _draw_centred(draw, (0, 0, width, top), title, font)
+    # y axis: a label per row when they fit, else every k-th
+    every = max(1, -(-14 // cell_h))
+    for r in range(0, rows, every):
+        y = top + r * cell_h
+        _draw_centred(draw, (LABEL_SIZE, y + cell_h // 2 - 8, left - 2, y + cell_h // 2 + 8), f"L{layers[r]}", font)
+    strip = Image.new("RGB", (heat.shape[0], LABEL_SIZE), (255, 255, 255))
+    _draw_centred(ImageDraw.Draw(strip), (0, 0, heat.shape[0], LABEL_SIZE), "layer", font)
+    image.paste(strip.rotate(90, expand=True), (0, top))
+    # x axis: the last step and every k-th before it, at least 44 px apart
+    y_ticks = top + heat.shape[0]
+    stride = -(-44 // cell_w)
+    for c in range(cols - 1, -1, -stride):
+        x = left + c * cell_w + cell_w // 2
+        draw.line([(x, y_ticks), (x, y_ticks + 3)], fill=_TEXT)
+        _draw_centred(draw, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]), font)
+    _draw_centred(draw, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step", font)
+    # colour bar: max at the top, min at the bottom
+    x_text = x_bar + bar_w + 3
+    draw.text((x_text, top), _fmt(hi), fill=_TEXT, font=font)
+    draw.text((x_text, top + heat.shape[0] - 14), _fmt(lo), fill=_TEXT, font=font)
+    return np.asarray(image)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"

@@ -5,7 +5,10 @@ Everything is assembled as tensors and copied to the host once, in :func:`scalar
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -15,12 +18,25 @@ from .faithfulness import PerturbationCurves, pointing_game
 from .maps import AttentionMaps
 from .metrics import normalized_entropy
 
-__all__ = ["scalar_report"]
+__all__ = ["layer_series", "scalar_layout", "scalar_report", "tag_prefix"]
+
+_LAYER = re.compile(r"layer_(\d+)")
 
 
 def _per_layer(out: dict[str, Tensor], prefix: str, values: Tensor) -> None:
     for layer, value in enumerate(values):
         out[f"{prefix}/layer_{layer:02d}"] = value
+
+
+def tag_prefix(name: str | None = None) -> str:
+    """The first word of every tag: ``"attention"``, or ``"attention_<name>"`` for a named monitor.
+
+    Example::
+
+        >>> tag_prefix(), tag_prefix("student")
+        ('attention', 'attention_student')
+    """
+    return "attention" if name is None else f"attention_{name}"
 
 
 def scalar_report(
@@ -34,52 +50,103 @@ def scalar_report(
     artifact_threshold: float | None = 10.0,
     masks: Tensor | None = None,
     faithfulness: Mapping[str, PerturbationCurves] | None = None,
+    prefix: str = "attention",
 ) -> dict[str, float]:
-    """The scalars of one probe pass by TensorBoard tag, all means over probes.
+    """The scalars of one probe pass by tag, all means over probes.
 
-    Tags (``XX`` = layer index, ``M`` = method):
+    Every tag reads ``<section>/<chart>/<line>``: the first word (``P_metric``, ``P`` = ``prefix``) is the
+    metric, so TensorBoard gives each metric its own section; everything but the last word names one chart;
+    the last word is one line of it (a layer, a head, a method). Tags (``XX`` = layer, ``M`` = method):
 
-    - ``attention/entropy/M/layer_XX``: normalised entropy of the query row over patches (0 one patch, 1 uniform).
-    - ``attention/drift_baseline/M/layer_XX`` and ``.../mean``: Jensen–Shannon divergence (bits, [0, 1]) from the
-      maps of the baseline pass; ``attention/drift_previous/...`` likewise from the previous logged pass.
-    - ``attention/artifacts/count/layer_XX`` and ``.../share/layer_XX``: patches taking more than
+    - ``P_entropy/M/layer_XX``: normalised entropy of the query row over patches (0 one patch, 1 uniform).
+    - ``P_drift_baseline/M/layer_XX`` and ``.../mean``: Jensen–Shannon divergence (bits, [0, 1]) from the
+      maps of the baseline pass; ``P_drift_previous/...`` likewise from the previous logged pass.
+    - ``P_artifacts/count/layer_XX`` and ``P_artifacts/share/layer_XX``: patches taking more than
       ``artifact_threshold`` x the median share of the raw query row, and the attention they take.
-    - ``attention/register_share/layer_XX``: share of the raw query row going to register tokens.
-    - ``attention/distance/layer_XX`` (mean over heads) and ``attention_heads/distance/layer_XX/head_YY``: mean
-      attention distance in pixels.
-    - ``attention/pointing_game/M``: share of the final layer's map inside the probes' object masks.
-    - ``attention/faithfulness/M/{most_first_auc,least_first_auc}``: deletion AUCs of the final layer's map
-      (lower / higher is more faithful); ``M = random`` is the chance level.
+    - ``P_register_share/layer_XX``: share of the raw query row going to register tokens.
+    - ``P_distance/layer_XX`` (mean over heads) and ``P_head_distance/layer_XX/head_YY``: mean attention
+      distance in pixels.
+    - ``P_pointing_game/M``: share of the final layer's map inside the probes' object masks.
+    - ``P_faithfulness/{most_first_auc,least_first_auc}/M``: deletion AUCs of the final layer's map (lower /
+      higher is more faithful); ``M = random`` is the chance level, on the same chart.
     """
+    p = prefix
     out: dict[str, Tensor] = {}
     for method in methods:
         if entropy:
-            _per_layer(out, f"attention/entropy/{method}", normalized_entropy(maps[method]).mean(0))
+            _per_layer(out, f"{p}_entropy/{method}", normalized_entropy(maps[method]).mean(0))
         for name, reference in (("drift_baseline", baseline), ("drift_previous", previous)):
             if reference is not None and method in reference:
                 drift = attention_drift(maps[method], reference[method].to(maps[method].device))
-                _per_layer(out, f"attention/{name}/{method}", drift)
-                out[f"attention/{name}/{method}/mean"] = drift.mean()
+                _per_layer(out, f"{p}_{name}/{method}", drift)
+                out[f"{p}_{name}/{method}/mean"] = drift.mean()
         if masks is not None:
-            out[f"attention/pointing_game/{method}"] = pointing_game(maps[method][:, -1], masks).mean()
+            out[f"{p}_pointing_game/{method}"] = pointing_game(maps[method][:, -1], masks).mean()
     if artifact_threshold is not None and maps.raw is not None:
         count, share = artifact_tokens(maps.raw, artifact_threshold)
-        _per_layer(out, "attention/artifacts/count", count)
-        _per_layer(out, "attention/artifacts/share", share)
+        _per_layer(out, f"{p}_artifacts/count", count)
+        _per_layer(out, f"{p}_artifacts/share", share)
     if registers is not None and maps.prefix_attention is not None and maps.raw is not None:
         rows = torch.cat([maps.prefix_attention, maps.raw.flatten(2)], dim=-1)
-        _per_layer(out, "attention/register_share", register_share(rows, registers))
+        _per_layer(out, f"{p}_register_share", register_share(rows, registers))
     if maps.attention_distance is not None:
         distance = maps.attention_distance.mean(0)  # (L, heads)
-        _per_layer(out, "attention/distance", distance.mean(-1))
+        _per_layer(out, f"{p}_distance", distance.mean(-1))
         for layer, heads in enumerate(distance):
             for head, value in enumerate(heads):
-                out[f"attention_heads/distance/layer_{layer:02d}/head_{head:02d}"] = value
+                out[f"{p}_head_distance/layer_{layer:02d}/head_{head:02d}"] = value
     for method, curves in (faithfulness or {}).items():
-        out[f"attention/faithfulness/{method}/most_first_auc"] = curves.most_first_auc.mean()
-        out[f"attention/faithfulness/{method}/least_first_auc"] = curves.least_first_auc.mean()
+        out[f"{p}_faithfulness/most_first_auc/{method}"] = curves.most_first_auc.mean()
+        out[f"{p}_faithfulness/least_first_auc/{method}"] = curves.least_first_auc.mean()
     if not out:
         return {}
     device = next(iter(out.values())).device
     values = torch.stack([v.float().reshape(()).to(device) for v in out.values()])
     return dict(zip(out, values.tolist()))  # the one device -> host copy
+
+
+def scalar_layout(tags: Iterable[str]) -> dict[str, dict[str, list[str]]]:
+    """Charts of the ``<section>/<chart>/<line>`` tags of :func:`scalar_report`: ``{section: {chart: [regex]}}``,
+    one chart per metric and method whose regex matches each of its lines (layers, heads, methods).
+
+    Example::
+
+        >>> scalar_layout(["attention_entropy/raw/layer_00", "attention_entropy/raw/layer_01",
+        ...                "attention_faithfulness/most_first_auc/random"])
+        {'attention_entropy': {'attention_entropy/raw': ['^attention_entropy/raw/[^/]+$']}, \
+'attention_faithfulness': {'attention_faithfulness/most_first_auc': ['^attention_faithfulness/most_first_auc/[^/]+$']}}
+    """
+    layout: dict[str, dict[str, list[str]]] = {}
+    for tag in tags:
+        chart = tag.rsplit("/", 1)[0]
+        layout.setdefault(tag.split("/", 1)[0], {})[chart] = [f"^{re.escape(chart)}/[^/]+$"]
+    return layout
+
+
+def layer_series(history: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, tuple[list[int], list[int], np.ndarray]]:
+    """Per chart whose lines are layers, the whole run as a table: ``{chart: (layers, steps, values)}`` with
+    ``values`` (layers, steps) float64, NaN where a pass did not log that layer (e.g. drift at the baseline).
+
+    Example::
+
+        >>> layers, steps, values = layer_series([(0, {"attention_entropy/raw/layer_00": 0.9}),
+        ...     (4, {"attention_entropy/raw/layer_00": 0.8, "attention_entropy/raw/layer_01": 0.5})])["attention_entropy/raw"]
+        >>> layers, steps, values.tolist()
+        ([0, 1], [0, 4], [[0.9, 0.8], [nan, 0.5]])
+    """
+    steps = [step for step, _ in history]
+    cells: dict[str, dict[tuple[int, int], float]] = {}
+    for column, (_, metrics) in enumerate(history):
+        for tag, value in metrics.items():
+            chart, _, line = tag.rpartition("/")
+            match = _LAYER.fullmatch(line)
+            if match:
+                cells.setdefault(chart, {})[(int(match.group(1)), column)] = value
+    out = {}
+    for chart, values in cells.items():
+        layers = sorted({layer for layer, _ in values})
+        table = np.full((len(layers), len(steps)), np.nan)
+        for (layer, column), value in values.items():
+            table[layers.index(layer), column] = value
+        out[chart] = (layers, steps, table)
+    return out

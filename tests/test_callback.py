@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -39,11 +40,11 @@ def test_fit_logs_grids_and_entropy_at_the_trainers_steps(tmp_path):
         assert all((e.height, e.width) == (height, width) for e in events)
     for method in ("raw", "rollout"):
         for layer in range(3):
-            scalars = acc.Scalars(f"attention/entropy/{method}/layer_{layer:02d}")
+            scalars = acc.Scalars(f"attention_entropy/{method}/layer_{layer:02d}")
             assert [s.step for s in scalars] == steps
             assert all(0.0 <= s.value <= 1.0 for s in scalars)
-    entropy = {k for k in monitor.last_metrics if k.startswith("attention/entropy/")}
-    assert entropy == {f"attention/entropy/{m}/layer_{l:02d}" for m in ("raw", "rollout") for l in range(3)}
+    entropy = {k for k in monitor.last_metrics if k.startswith("attention_entropy/")}
+    assert entropy == {f"attention_entropy/{m}/layer_{l:02d}" for m in ("raw", "rollout") for l in range(3)}
 
 
 def test_grid_pixels_are_the_overlay_of_the_probe(tmp_path):
@@ -89,25 +90,32 @@ def test_probes_from_the_validation_loader_are_taken_once_and_kept(tmp_path):
     assert [e.step for e in events] == [0, 4, 8]
 
 
-def test_without_tensorboard_grids_go_to_png_files(tmp_path):
+def test_csv_logger_gets_scalars_in_metrics_csv_and_pngs_in_its_log_dir(tmp_path):
     monitor = AttentionMonitor(_probes(2), tile_size=32)
-    csv = pl.loggers.CSVLogger(tmp_path, name="csv")
-    trainer = lit.trainer(tmp_path, [monitor], logger=csv, max_epochs=1)
-    with pytest.warns(RuntimeWarning, match="no TensorBoardLogger"):
-        trainer.fit(lit.LitViT(), *lit.loaders())
-    files = {p.name for p in (Path(trainer.log_dir) / "attention").glob("*.png")}
+    csv_logger = pl.loggers.CSVLogger(tmp_path, name="csv")
+    trainer = lit.trainer(tmp_path, [monitor], logger=csv_logger, max_epochs=1)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    files = {p.name for p in (Path(csv_logger.log_dir) / "attention").glob("*.png")}
     tags = ("raw", "raw_aggregates", "rollout", "filmstrip", "heads__layer_01")
-    assert files == {f"attention__{t}_step{s:07d}.png" for t in tags for s in (0, 4)}
+    assert {f"attention__{t}_step{s:07d}.png" for t in tags for s in (0, 4)} <= files
+    assert "attention_layers_steps__entropy__raw_step0000004.png" in files
+    with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for tag in ("attention_entropy/raw/layer_00", "attention_distance/layer_01"):
+        assert [int(r["step"]) for r in rows if r.get(tag)] == [0, 4]
 
 
 def test_logger_false_writes_pngs_under_default_root_dir(tmp_path):
     monitor = AttentionMonitor(_probes(2), tile_size=32, methods=("rollout",))
     trainer = lit.trainer(tmp_path, [monitor], logger=False, max_epochs=1)
-    with pytest.warns(RuntimeWarning, match="no TensorBoardLogger"):
+    with pytest.warns(RuntimeWarning, match="no logger in `trainer.loggers`"):
         trainer.fit(lit.LitViT(), *lit.loaders())
     png = tmp_path / "attention" / "attention__rollout_step0000004.png"
     assert png.is_file()
     assert Image.open(png).size[::-1] == grid_shape(2, 3, 32, 32, True, True)
+    with open(tmp_path / "attention" / "scalars.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["tag"] == "attention_entropy/rollout/layer_00"] == [0, 4]
 
 
 def test_probe_pass_changes_nothing(tmp_path):
@@ -186,7 +194,7 @@ def test_bf16_mixed_precision(tmp_path):
     monitor = AttentionMonitor(_probes(2), tile_size=32, on_error="raise")
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-mixed")
     trainer.fit(lit.LitViT(), *lit.loaders())
-    entropy = [v for k, v in monitor.last_metrics.items() if k.startswith("attention/entropy/")]
+    entropy = [v for k, v in monitor.last_metrics.items() if k.startswith("attention_entropy/")]
     assert len(entropy) == 4 and all(0 <= v <= 1 for v in entropy)
 
 
@@ -262,8 +270,37 @@ def test_probes_int_without_validation_data(tmp_path):
         (dict(std=(0.0,)), "`std` values must be > 0"),
         (dict(on_error="ignore"), "`on_error`"),
         (dict(module=3), "`module` must be"),
+        (dict(name="my student"), "`name` must be None or a word"),
+        (dict(name=""), "`name` must be None or a word"),
+        (dict(writer="tb"), "`writer` must be None"),
+        (dict(writer=[]), "`writer` must be None"),
     ],
 )
 def test_constructor_validates_every_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionMonitor(**kwargs)
+
+
+def test_writer_option_takes_everything_instead_of_the_loggers(tmp_path):
+    from lightning_attn.writers import AttentionWriter
+
+    class Collect(AttentionWriter):
+        def __init__(self):
+            self.images, self.scalars, self.animations = [], [], []
+
+        def add_image(self, tag, image, step):
+            self.images.append((tag, step))
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def add_animation(self, tag, frames, step, duration_ms=500):
+            self.animations.append((tag, len(frames), step))
+
+    mine = Collect()
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=mine, name="mine")
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert ("attention_mine/raw", 4) in mine.images and ("attention_mine_entropy/raw/layer_00", 0) in mine.scalars
+    assert mine.animations == [(f"attention_mine/rollout_evolution/probe_{i:02d}", 2, 4) for i in range(2)]
+    assert not [t for t in lit.read_events(trainer.logger.log_dir).Tags()["images"] if t.startswith("attention")]

@@ -80,11 +80,11 @@ def test_fit_logs_every_method_diagnostic_and_faithfulness(tmp_path, kind):
     tags = acc.Tags()
     for method in ALL:
         assert f"attention/{method}" in tags["images"]
-        assert [e.step for e in acc.Scalars(f"attention/pointing_game/{method}")] == [0, 4]
-        assert f"attention/faithfulness/{method}/most_first_auc" in tags["scalars"]
+        assert [e.step for e in acc.Scalars(f"attention_pointing_game/{method}")] == [0, 4]
+        assert f"attention_faithfulness/most_first_auc/{method}" in tags["scalars"]
     assert "attention/heads/layer_02" in tags["images"] and "attention/filmstrip" in tags["images"]
-    assert "attention/distance/layer_02" in tags["scalars"] and "attention/drift_baseline/raw/mean" in tags["scalars"]
-    assert ("attention/register_share/layer_00" in tags["scalars"]) == (kind == "dinov2_reg")
+    assert "attention_distance/layer_02" in tags["scalars"] and "attention_drift_baseline/raw/mean" in tags["scalars"]
+    assert ("attention_register_share/layer_00" in tags["scalars"]) == (kind == "dinov2_reg")
     assert all(v == v for v in monitor.last_metrics.values())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -118,7 +118,7 @@ def test_bf16_every_method_float32_maps(tmp_path, precision, kind):
     )
     lit.trainer(tmp_path, [monitor], max_epochs=1, precision=precision).fit(LitFamily(kind), *lit.loaders())
     values = monitor.last_metrics
-    assert 0 <= values["attention/pointing_game/relevance"] <= 1
+    assert 0 <= values["attention_pointing_game/relevance"] <= 1
     assert all(v == v for v in values.values())
 
 

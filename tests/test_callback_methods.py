@@ -42,16 +42,16 @@ def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     acc = lit.read_events(trainer.logger.log_dir)
     for method in ALL:
         assert [e.step for e in acc.Images(f"attention/{method}")] == [0, 4, 8]
-        assert [s.step for s in acc.Scalars(f"attention/pointing_game/{method}")] == [0, 4, 8]
+        assert [s.step for s in acc.Scalars(f"attention_pointing_game/{method}")] == [0, 4, 8]
         for curve in ("most_first_auc", "least_first_auc"):
-            values = [s.value for s in acc.Scalars(f"attention/faithfulness/{method}/{curve}")]
+            values = [s.value for s in acc.Scalars(f"attention_faithfulness/{curve}/{method}")]
             assert len(values) == 3 and all(0 <= v <= 1 for v in values)
-    assert len(acc.Scalars("attention/faithfulness/random/most_first_auc")) == 3
+    assert len(acc.Scalars("attention_faithfulness/most_first_auc/random")) == 3
 
     # the last pass explained the labels: recompute independently from the trained model
     expected = attention_maps(model.model, _probes(), methods=("relevance",), target=labels)
     game = pointing_game(expected.relevance[:, -1], _masks()).mean().item()
-    assert monitor.last_metrics["attention/pointing_game/relevance"] == pytest.approx(game, abs=1e-5)
+    assert monitor.last_metrics["attention_pointing_game/relevance"] == pytest.approx(game, abs=1e-5)
 
 
 def test_gradient_methods_leave_grads_alone_under_fit_and_validate(tmp_path):
@@ -59,7 +59,7 @@ def test_gradient_methods_leave_grads_alone_under_fit_and_validate(tmp_path):
     model = lit.LitViT()
     trainer = lit.trainer(tmp_path, [monitor])
     trainer.validate(model, lit.loaders()[1])  # inference_mode: autograd must be switched on locally
-    assert "attention/pointing_game/relevance" not in monitor.last_metrics  # no masks given
+    assert "attention_pointing_game/relevance" not in monitor.last_metrics  # no masks given
     assert np.isfinite(list(monitor.last_metrics.values())).all()
 
     grads = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters()}
@@ -92,15 +92,15 @@ def test_gradient_rows_show_the_explained_class(tmp_path):
 def test_drift_is_zero_without_learning_and_positive_with(tmp_path):
     frozen = AttentionMonitor(_probes(), tile_size=16)
     lit.trainer(tmp_path / "frozen", [frozen]).fit(lit.LitViT(lr=0.0), *lit.loaders())
-    drift = {k: v for k, v in frozen.last_metrics.items() if "/drift_" in k}
+    drift = {k: v for k, v in frozen.last_metrics.items() if k.startswith("attention_drift_")}
     assert len(drift) == 2 * 2 * (2 + 1)  # baseline and previous x raw and rollout x (2 layers + mean)
     assert max(drift.values()) < 1e-9
 
     learning = AttentionMonitor(_probes(), tile_size=16)
     lit.trainer(tmp_path / "learning", [learning]).fit(lit.LitViT(lr=0.5), *lit.loaders())
     # fresh attention is near uniform, so drift is small in absolute terms: compare with the frozen run's zero
-    assert learning.last_metrics["attention/drift_baseline/rollout/mean"] > 1e-6
-    assert learning.last_metrics["attention/drift_previous/raw/mean"] > 1e-6
+    assert learning.last_metrics["attention_drift_baseline/rollout/mean"] > 1e-6
+    assert learning.last_metrics["attention_drift_previous/raw/mean"] > 1e-6
 
 
 def test_diagnostic_scalars_heads_filmstrip_and_gif(tmp_path):
@@ -109,13 +109,13 @@ def test_diagnostic_scalars_heads_filmstrip_and_gif(tmp_path):
     trainer.fit(lit.LitViT(reg_tokens=4), *lit.loaders())
     m = monitor.last_metrics
     for layer in range(2):
-        assert 0 <= m[f"attention/register_share/layer_{layer:02d}"] <= 1
-        assert m[f"attention/artifacts/count/layer_{layer:02d}"] >= 0
-        assert 0 <= m[f"attention/artifacts/share/layer_{layer:02d}"] <= 1
+        assert 0 <= m[f"attention_register_share/layer_{layer:02d}"] <= 1
+        assert m[f"attention_artifacts/count/layer_{layer:02d}"] >= 0
+        assert 0 <= m[f"attention_artifacts/share/layer_{layer:02d}"] <= 1
         # 4x4 grid of 8-pixel patches: distances lie between 0 and the grid's diagonal
-        heads = [m[f"attention_heads/distance/layer_{layer:02d}/head_{h:02d}"] for h in range(3)]
+        heads = [m[f"attention_head_distance/layer_{layer:02d}/head_{h:02d}"] for h in range(3)]
         assert all(0 <= d <= 8 * 3 * 2**0.5 for d in heads)
-        assert m[f"attention/distance/layer_{layer:02d}"] == pytest.approx(sum(heads) / 3, rel=1e-5)
+        assert m[f"attention_distance/layer_{layer:02d}"] == pytest.approx(sum(heads) / 3, rel=1e-5)
 
     acc = lit.read_events(trainer.logger.log_dir)
     for layer in (0, 1):
@@ -127,10 +127,13 @@ def test_diagnostic_scalars_heads_filmstrip_and_gif(tmp_path):
     assert [e.width for e in strips] == [grid_shape(2, c, 16, 16, True, True)[1] for c in (2, 3, 3, 3)]
 
     gifs = sorted((tmp_path / "tb" / "version_0" / "attention").glob("*.gif"))
-    assert [g.name for g in gifs] == ["rollout_evolution_probe00.gif", "rollout_evolution_probe01.gif"]
+    assert [g.name for g in gifs] == [f"attention__rollout_evolution__probe_{i:02d}.gif" for i in range(2)]
     with Image.open(gifs[0]) as gif:
         assert gif.n_frames == 4  # baseline + 3 epochs
         assert gif.size[::-1] == grid_shape(1, 2, 32, 32, has_col_labels=True)
+    # the same animation in TensorBoard's images tab, at the final step
+    (animation,) = lit.read_events(trainer.logger.log_dir).Images("attention/rollout_evolution/probe_00")
+    assert animation.step == 12 and animation.encoded_image_string == gifs[0].read_bytes()
 
 
 @pytest.mark.parametrize(

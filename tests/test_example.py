@@ -19,6 +19,6 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
     acc = lit.read_events(trainer.log_dir)
     for method in ("raw", "rollout", "grad_rollout", "relevance"):
         assert len(acc.Images(f"attention/{method}")) == 2  # baseline + 1 epoch
-        assert len(acc.Scalars(f"attention/pointing_game/{method}")) == 2
-        assert len(acc.Scalars(f"attention/faithfulness/{method}/most_first_auc")) == 2
+        assert len(acc.Scalars(f"attention_pointing_game/{method}")) == 2
+        assert len(acc.Scalars(f"attention_faithfulness/most_first_auc/{method}")) == 2
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8

@@ -53,24 +53,28 @@ def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
     for method in ("raw", "rollout"):
         assert torch.equal(second._baseline_maps[method].cpu(), first._baseline_maps[method].cpu())
     assert [step for step, _ in second._history] == [0, 4, 8, 12, 16]
-    assert second.last_metrics["attention/drift_baseline/raw/mean"] > 0
+    assert second.last_metrics["attention_drift_baseline/raw/mean"] > 0
 
 
 def test_state_dict_round_trip_and_tolerant_load():
     monitor = AttentionMonitor(3)
     assert monitor.state_dict() == {
-        "baseline_done": False, "last_step": None, "baseline_maps": None, "previous_maps": None, "history": []
+        "baseline_done": False, "last_step": None, "baseline_maps": None, "previous_maps": None, "history": [],
+        "scalar_history": [],
     }
     monitor.load_state_dict({})  # a checkpoint from an older version: defaults
     assert not monitor._baseline_done
     assert AttentionMonitor(3).state_key == monitor.state_key != AttentionMonitor(3, every_n_epochs=2).state_key
+    # unnamed: the key of earlier versions (their checkpoints resume); a name makes it distinct
+    assert monitor.state_key == "AttentionMonitor{'methods': ('raw', 'rollout'), 'every_n_epochs': 1}"
+    assert AttentionMonitor(3, name="student").state_key not in (monitor.state_key, AttentionMonitor(3, name="t").state_key)
 
 
 def test_bf16_true_parameters(tmp_path):
     monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16, on_error="raise")
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-true")
     trainer.fit(lit.LitViT(), *lit.loaders())
-    entropy = [v for k, v in monitor.last_metrics.items() if k.startswith("attention/entropy/")]
+    entropy = [v for k, v in monitor.last_metrics.items() if k.startswith("attention_entropy/")]
     assert len(entropy) == 4 and all(0 <= v <= 1 for v in entropy)
 
 
@@ -110,7 +114,7 @@ def test_ddp_two_cpu_processes_write_once(tmp_path, strategy):
     steps = [e.step for e in acc.Images("attention/raw")]
     # 32 samples / (2 ranks x batch 8) = 2 steps per epoch; one image per step, written by rank 0 only
     assert steps == [0, 2, 4]
-    assert [s.step for s in acc.Scalars("attention/entropy/raw/layer_00")] == [0, 2, 4]
+    assert [s.step for s in acc.Scalars("attention_entropy/raw/layer_00")] == [0, 2, 4]
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
@@ -125,6 +129,6 @@ def test_every_method_and_faithfulness_under_bf16(tmp_path, precision):
     )
     lit.trainer(tmp_path, [monitor], max_epochs=1, precision=precision).fit(lit.LitViT(), *lit.loaders())
     values = monitor.last_metrics
-    assert 0 <= values["attention/pointing_game/relevance"] <= 1
-    assert 0 <= values["attention/faithfulness/grad_rollout/most_first_auc"] <= 1
+    assert 0 <= values["attention_pointing_game/relevance"] <= 1
+    assert 0 <= values["attention_faithfulness/most_first_auc/grad_rollout"] <= 1
     assert all(v == v for v in values.values())  # no NaN

@@ -7,7 +7,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_attn.writers import AttentionWriter, PNGWriter, TensorBoardWriter, save_gif
+from lightning_attn.writers import AttentionWriter, PNGWriter, TensorBoardWriter, WriterSet, save_gif
 
 
 def image(height=20, width=30, seed=0):
@@ -15,7 +15,7 @@ def image(height=20, width=30, seed=0):
 
 
 def test_tensorboard_writer_round_trip(tmp_path):
-    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)))
+    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)), image_format="png")  # lossless: pixels come back
     written = {step: image(seed=step) for step in range(6)}
     for step, pixels in written.items():
         writer.add_image("attention/raw", pixels, step=step)
@@ -138,3 +138,91 @@ def test_save_gif_bad_arguments(tmp_path, frames, kwargs, match):
         save_gif(frames, tmp_path / "a.gif", **kwargs)
     assert not (tmp_path / "a.gif").exists()
 
+
+
+def test_tensorboard_jpeg_images_and_gif_animations_read_back(tmp_path):
+    from lightning_attn.writers import encode_image
+
+    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)), image_format="jpeg", quality=90, directory=tmp_path / "gifs")
+    y, x = np.mgrid[0:40, 0:60]
+    pixels = np.stack([x * 4, y * 6, 255 - x * 4], axis=-1).astype(np.uint8)  # smooth, like a heatmap
+    writer.add_image("attention/raw", pixels, step=5)
+    writer.add_animation("attention/evolution/probe_00", flat_frames(3, 20, 30), step=7)
+    writer.flush()
+    writer.experiment.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    (raw,) = acc.Images("attention/raw")
+    assert (raw.step, raw.width, raw.height) == (5, 60, 40)
+    assert raw.encoded_image_string == encode_image(pixels, "jpeg", 90)
+    with Image.open(io.BytesIO(raw.encoded_image_string)) as decoded:
+        assert decoded.format == "JPEG"
+        # lossy, but close on a smooth image
+        assert np.abs(np.asarray(decoded.convert("RGB")).astype(int) - pixels).mean() < 3
+    (animation,) = acc.Images("attention/evolution/probe_00")
+    assert animation.step == 7 and animation.encoded_image_string[:6] == b"GIF89a"
+    assert (tmp_path / "gifs" / "attention__evolution__probe_00.gif").read_bytes() == animation.encoded_image_string
+
+
+def test_writer_set_tries_every_writer_then_raises_the_first_error(tmp_path):
+    class Broken(PNGWriter):
+        def add_image(self, tag, image, step):
+            raise OSError("disk full")
+
+    both = WriterSet([Broken(tmp_path / "a"), PNGWriter(tmp_path / "b")])
+    with pytest.raises(RuntimeError, match="Broken.add_image failed: OSError: disk full"):
+        both.add_image("attention/raw", image(), step=1)
+    assert (tmp_path / "b" / "attention__raw_step0000001.png").is_file()  # the healthy writer still wrote
+
+
+class _LookAlike:
+    """A logger from another package (e.g. the standalone pytorch_lightning) that only quacks like one."""
+
+    def __init__(self, experiment=None, log_dir=None):
+        self.experiment, self.log_dir, self.metrics = experiment, log_dir, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+class _WandbLike(_LookAlike):
+    def log_image(self, key, images, step=None, **kwargs):
+        pass
+
+    def log_video(self, key, videos, step=None, **kwargs):
+        pass
+
+
+class _MlflowClientLike:
+    def log_image(self, run_id, image, artifact_file=None):
+        self.logged = (run_id, image.shape, artifact_file)
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):
+        pass
+
+
+def test_writers_are_picked_by_what_each_logger_can_do(tmp_path):
+    from lightning_attn.writers import MLflowWriter, WandbWriter, writers_for
+
+    summary = SummaryWriter(str(tmp_path / "tb"))
+    mlflow_like = _LookAlike(_MlflowClientLike())
+    mlflow_like.run_id = "r1"
+    loggers = [_LookAlike(summary, str(tmp_path / "tb")), _WandbLike(), mlflow_like, _LookAlike(None, str(tmp_path / "csv"))]
+    chosen = writers_for(loggers, tmp_path).writers
+    assert [type(w) for w in chosen] == [TensorBoardWriter, WandbWriter, MLflowWriter, PNGWriter]
+    assert chosen[3].directory == tmp_path / "csv" / "attention"
+    # scalars reach each logger's own log_metrics at the given step
+    WriterSet(chosen).add_scalars({"attention_entropy/raw/layer_00": 0.5}, step=3)
+    assert all(lg.metrics == [(3, {"attention_entropy/raw/layer_00": 0.5})] for lg in loggers)
+    # an mlflow older than 2.12.1 (no key/step): the image goes to an artifact file named by tag and step
+    chosen[2].add_image("attention/raw", image(), step=3)
+    assert mlflow_like.experiment.logged == ("r1", (20, 30, 3), "attention/attention__raw_step0000003.png")
+    summary.close()
+
+
+def test_no_logger_warns_and_writes_files(tmp_path):
+    from lightning_attn.writers import writers_for
+
+    with pytest.warns(RuntimeWarning, match="no logger in `trainer.loggers`"):
+        (only,) = writers_for([], tmp_path).writers
+    assert isinstance(only, PNGWriter) and only.directory == tmp_path / "attention" and only.logger is None

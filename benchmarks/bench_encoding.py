@@ -1,0 +1,141 @@
+"""Bytes a probe pass adds to TensorBoard, PNG vs JPEG, at several tile sizes; prints a markdown table (by hand).
+
+    python benchmarks/bench_encoding.py                  # ~2 min on 2 CPU cores
+    python benchmarks/bench_encoding.py --picture docs/encoding_side_by_side.png
+
+One pass at the defaults in the steady state of a long run: vit_small_patch16_224 (12 layers, 6 heads,
+``pretrained=False``), the example's 8 shape probes at 224 px, grids of raw, rollout, aggregates, the per-head
+grid of the last layer and a full filmstrip (baseline + 8 recent passes), plus the layers x steps pictures after
+20 passes. Each configuration writes the same pass through :class:`lightning_attn.writers.TensorBoardWriter`
+into its own event file, several times; the table gives the event-file growth per pass and the median time of
+rendering and writing one pass. The side-by-side picture shows the same probe rows of the rollout grid at
+each configuration, decoded as TensorBoard's browser would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
+
+from lightning_attn import AttentionMonitor  # noqa: E402
+from lightning_attn.render import _font  # noqa: E402
+from lightning_attn.writers import TensorBoardWriter  # noqa: E402
+
+CONFIGS = [(tile, fmt, q) for tile in (56, 64, 96, 112) for fmt, q in (("png", 0), ("jpeg", 90), ("jpeg", 75))]
+
+
+def _monitor_at_steady_state(tmp: str, tile: int) -> tuple[AttentionMonitor, object, object, dict]:
+    monitor = AttentionMonitor(_shape_probes(), tile_size=tile, mean=(0.5,) * 3, std=(0.5,) * 3)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[monitor], enable_model_summary=False,
+                         limit_val_batches=1, default_root_dir=tmp)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(1), torch.zeros(1).long()))
+    trainer.validate(_Lit(_vit()), loader)  # sets the monitor up and runs one pass
+    probes = monitor._probes
+    maps, _ = monitor._compute(trainer, probes)
+    metrics = dict(monitor.last_metrics)
+    # a full filmstrip (baseline + filmstrip_length passes) and 20 passes of scalar history, as late in a run
+    final = monitor._history[0][1]
+    monitor._history = [(100 * i, final.roll(i, dims=-1)) for i in range(1 + monitor.filmstrip_length)]
+    rng = np.random.default_rng(0)
+    monitor._scalar_history = [(100 * i, {k: v * (1 + 0.1 * rng.random()) for k, v in metrics.items()}) for i in range(19)]
+    return monitor, maps, probes, metrics
+
+
+def measure(repeats: int) -> tuple[list[tuple[int, str, int, int, float]], dict[tuple[int, str, int], np.ndarray]]:
+    rows, crops = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tile in sorted({t for t, _, _ in CONFIGS}):
+            monitor, maps, probes, metrics = _monitor_at_steady_state(tmp, tile)
+            history = list(monitor._scalar_history)
+            for _, fmt, quality in [c for c in CONFIGS if c[0] == tile]:
+                folder = Path(tmp, f"{tile}_{fmt}_{quality}")
+                experiment = SummaryWriter(str(folder))
+                monitor._writer = TensorBoardWriter(experiment, image_format=fmt, quality=quality or 90)
+                experiment.flush()
+                events = next(folder.glob("events.out.tfevents.*"))
+                monitor._scalar_history = list(history)
+                monitor._write(maps, probes, metrics, 1000)  # warm-up: first-call costs are not per pass
+                experiment.flush()
+                before, times = events.stat().st_size, []
+                for _ in range(repeats):
+                    monitor._scalar_history = list(history)
+                    start = time.perf_counter()
+                    monitor._write(maps, probes, metrics, 2000)
+                    times.append(time.perf_counter() - start)
+                experiment.close()  # flushes what the background thread still holds
+                growth = (events.stat().st_size - before) // repeats
+                rows.append((tile, fmt, quality, growth, statistics.median(times)))
+                # what TensorBoard will show: the stored bytes of the rollout grid, decoded
+                from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+                acc = EventAccumulator(str(folder), size_guidance={"images": 1})
+                acc.Reload()
+                encoded = acc.Images("attention/rollout")[-1].encoded_image_string
+                grid = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+                top = 24 + 2  # header strip + padding
+                crops[(tile, fmt, quality)] = grid[: top + 2 * (tile + 2), : 24 + 2 + 5 * (tile + 2)]
+    return rows, crops
+
+
+def side_by_side(crops: dict, chosen: list[tuple[int, str, int]], path: Path) -> None:
+    """The same two probe rows of the rollout grid at each chosen configuration, scaled to one height."""
+    height = max(crops[c].shape[0] for c in chosen)
+    panels = []
+    for tile, fmt, quality in chosen:
+        crop = Image.fromarray(crops[(tile, fmt, quality)])
+        # nearest: show the stored pixels as they are, only larger, like a browser zooming in
+        crop = crop.resize((round(crop.width * height / crop.height), height), Image.NEAREST)
+        label = Image.new("RGB", (crop.width, 28), (255, 255, 255))
+        text = f"tile {tile}, {fmt.upper()}" + (f" q{quality}" if fmt == "jpeg" else "")
+        ImageDraw.Draw(label).text((6, 6), text, fill=(0, 0, 0), font=_font())
+        panel = Image.new("RGB", (crop.width, crop.height + 28), (255, 255, 255))
+        panel.paste(label, (0, 0))
+        panel.paste(crop, (0, 28))
+        panels.append(panel)
+    out = Image.new("RGB", (sum(p.width for p in panels) + 12 * (len(panels) - 1), panels[0].height), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        out.paste(panel, (x, 0))
+        x += panel.width + 12
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--picture", type=Path, help="write the side-by-side picture here")
+    args = parser.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    rows, crops = measure(args.repeats)
+    print("| tile (px) | encoding | bytes per pass | MiB per pass | ≤ 2 MB (2,000,000 bytes) | render + write (s) |")
+    print("|---|---|---|---|---|---|")
+    for tile, fmt, quality, growth, seconds in rows:
+        name = "PNG" if fmt == "png" else f"JPEG q{quality}"
+        ok = "yes" if growth <= 2_000_000 else "no"
+        print(f"| {tile} | {name} | {growth:,} | {growth / 2**20:.2f} | {ok} | {seconds:.3f} |")
+    if args.picture:
+        side_by_side(crops, [(56, "png", 0), (96, "png", 0), (96, "jpeg", 90), (96, "jpeg", 75)], args.picture)
+        print(f"\nwrote {args.picture}")
+
+
+if __name__ == "__main__":
+    main()

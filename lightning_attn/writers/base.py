@@ -1,0 +1,97 @@
+"""The one interface between the callback and a destination: images, grids, scalars, animations, chart layouts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["AttentionWriter", "ChartLayout", "LoggerWriter", "check_image"]
+
+#: ``{section: {chart: [tag regex, ...]}}``: which scalar tags one chart draws as lines (see
+#: :func:`lightning_attn.report.scalar_layout`).
+ChartLayout = Mapping[str, Mapping[str, Sequence[str]]]
+
+
+def check_image(image: Any) -> None:
+    """Raise a ValueError unless ``image`` is an (H, W, 3) uint8 numpy array.
+
+    Example::
+
+        >>> check_image(np.zeros((2, 3, 3), np.uint8))
+        >>> check_image(np.zeros((3, 2, 3), np.float32))
+        Traceback (most recent call last):
+        ...
+        ValueError: `image` must be an (H, W, 3) uint8 numpy array (see render.make_grid), got ((3, 2, 3), dtype('float32'))
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = (image.shape, image.dtype) if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"`image` must be an (H, W, 3) uint8 numpy array (see render.make_grid), got {shape}")
+
+
+def check_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The frames of an animation as a list, each checked by :func:`check_image` and all of one size."""
+    frames = list(frames)
+    if not frames:
+        raise ValueError("`frames` is empty: pass at least one (H, W, 3) uint8 image")
+    for frame in frames:
+        check_image(frame)
+    sizes = sorted({frame.shape for frame in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"`frames` must all have one size, got shapes {sizes}: render them with the same tile size")
+    return frames
+
+
+class AttentionWriter(ABC):
+    """Destination for the callback's images and scalars.
+
+    A writer must implement :meth:`add_image` and :meth:`add_scalar`; everything else has a default built on
+    them (or does nothing where a destination has no place for it), so a custom writer is a few lines. The
+    writers for Lightning's loggers override the rest to use what each logger does best.
+    """
+
+    @abstractmethod
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Record an (H, W, 3) uint8 ``image`` under ``tag`` at ``step``."""
+
+    @abstractmethod
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Record ``value`` under ``tag`` at ``step``."""
+
+    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record every ``{tag: value}`` of one pass at ``step``; by default one :meth:`add_scalar` each."""
+        for tag, value in metrics.items():
+            self.add_scalar(tag, value, step)
+
+    def add_grid(self, tag: str, image: np.ndarray, step: int, rows: Sequence[str]) -> None:
+        """Record a grid whose rows are the probes named ``rows`` (top to bottom); by default :meth:`add_image`."""
+        self.add_image(tag, image, step)
+
+    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+        """Record (H, W, 3) uint8 ``frames`` as one looping animation; by default nothing (no place for it)."""
+
+    def add_layout(self, layout: ChartLayout) -> None:
+        """Declare which scalar tags share a chart; by default nothing (only TensorBoard draws layouts)."""
+
+    def flush(self) -> None:
+        """Push buffered records to storage; writers that write at once need not override it."""
+
+
+class LoggerWriter(AttentionWriter):
+    """A writer bound to a Lightning logger: scalars go through ``logger.log_metrics`` (one call per pass, as
+    Lightning's own callbacks do), or to :meth:`_add_scalars_without_logger` where ``logger`` is None."""
+
+    logger: Any = None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.add_scalars({tag: value}, step)
+
+    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.logger is None:
+            self._add_scalars_without_logger(metrics, step)
+        else:
+            self.logger.log_metrics(dict(metrics), step=step)
+
+    def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
+        raise ValueError(f"{type(self).__name__} needs a `logger` to take scalars")

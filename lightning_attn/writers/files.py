@@ -1,0 +1,144 @@
+"""PNG and GIF files in a folder: the writer for loggers that take no images (CSV and any other) and for none.
+
+Scalars go to the logger's own ``log_metrics`` (a CSVLogger's ``metrics.csv``), or, without a logger, to
+``scalars.csv`` beside the images.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .base import LoggerWriter, check_frames, check_image
+
+__all__ = ["PNGWriter", "gif_bytes", "save_gif"]
+
+def file_name(tag: str) -> str:
+    """A tag as a file name: ``/`` becomes ``__``.
+
+    Example::
+
+        >>> file_name("attention/heads/layer_01")
+        'attention__heads__layer_01'
+    """
+    return tag.replace("/", "__")
+
+
+class PNGWriter(LoggerWriter):
+    """Writes each image to ``directory/<tag>_step<step:07d>.png`` and each animation to ``directory/<tag>.gif``
+    (``/`` in tags becomes ``__``). Scalars go to ``logger.log_metrics`` when a ``logger`` is given, else they
+    are appended to ``directory/scalars.csv`` (columns ``step,tag,value``). The directory is created on first
+    write.
+
+    Args:
+        directory: folder of the files.
+        logger: a Lightning logger whose ``log_metrics`` takes the scalars (and whose ``save`` is called on
+            :meth:`flush`, which writes a CSVLogger's ``metrics.csv``).
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     writer = PNGWriter(d)
+        ...     writer.add_image("attention/raw", np.zeros((8, 12, 3), np.uint8), step=3)
+        ...     writer.add_scalar("attention_entropy/raw/layer_00", 0.5, step=3)
+        ...     writer.add_animation("attention/rollout_evolution/probe_00", [np.zeros((8, 12, 3), np.uint8)], step=3)
+        ...     sorted(p.name for p in Path(d).iterdir())
+        ['attention__raw_step0000003.png', 'attention__rollout_evolution__probe_00.gif', 'scalars.csv']
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], logger: Any | None = None) -> None:
+        self.directory = Path(directory)
+        self.logger = logger
+
+    @classmethod
+    def for_logger(cls, logger: Any, directory: Path) -> "PNGWriter":
+        """Files under the logger's own ``log_dir`` (else ``save_dir``, else ``directory``), in ``attention/``."""
+        root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or directory
+        return cls(Path(root) / "attention", logger=logger)
+
+    def image_path(self, tag: str, step: int) -> Path:
+        """The file :meth:`add_image` writes for ``tag`` at ``step``."""
+        return self.directory / f"{file_name(tag)}_step{step:07d}.png"
+
+    def animation_path(self, tag: str) -> Path:
+        """The file :meth:`add_animation` writes for ``tag``."""
+        return self.directory / f"{file_name(tag)}.gif"
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        check_image(image)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(self.image_path(tag, step))
+
+    def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / "scalars.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            rows = csv.writer(f)
+            if new:
+                rows.writerow(["step", "tag", "value"])
+            rows.writerows([step, tag, float(value)] for tag, value in metrics.items())
+
+    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+        save_gif(frames, self.animation_path(tag), duration_ms)
+
+    def flush(self) -> None:
+        save = getattr(self.logger, "save", None)
+        if callable(save):
+            save()  # a CSVLogger keeps rows in memory until then
+
+
+def gif_bytes(frames: Sequence[np.ndarray], duration_ms: int = 500) -> bytes:
+    """(H, W, 3) uint8 frames encoded as a looping animated GIF, in memory (see :func:`save_gif`).
+
+    Example::
+
+        >>> gif_bytes([np.zeros((4, 6, 3), np.uint8)] * 2)[:6]
+        b'GIF89a'
+    """
+    frames = check_frames(frames)
+    if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 1:
+        raise ValueError(f"`duration_ms` must be a positive int (milliseconds per frame), got {duration_ms!r}")
+    first, *rest = (Image.fromarray(frame) for frame in frames)
+    out = io.BytesIO()
+    first.save(out, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
+    return out.getvalue()
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], duration_ms: int = 500) -> Path:
+    """Write (H, W, 3) uint8 frames as an animated GIF that loops forever; returns the path written.
+
+    The parent directory is created if needed and the file is GIF whatever its suffix. GIF holds at most 256
+    colours per frame, so Pillow quantises each frame to its own palette: colours come back close, not exact.
+    Pillow also merges a frame identical to the one before into it (shown for both durations), so the file can
+    hold fewer frames than were passed when some repeat; the animation looks the same.
+
+    Args:
+        frames: images of one size, e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step.
+        path: file to write.
+        duration_ms: how long each frame shows, in milliseconds.
+
+    Raises:
+        ValueError: no frames, a frame that is not (H, W, 3) uint8, frames of different sizes, or a
+            ``duration_ms`` that is not a positive int.
+
+    Example::
+
+        >>> import tempfile
+        >>> frames = [np.full((8, 12, 3), v, np.uint8) for v in (0, 128, 255)]
+        >>> with tempfile.TemporaryDirectory() as d, Image.open(save_gif(frames, Path(d) / "a.gif")) as gif:
+        ...     gif.n_frames, gif.size
+        (3, (12, 8))
+    """
+    data = gif_bytes(frames, duration_ms)  # checks everything before touching the disk
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

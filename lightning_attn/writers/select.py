@@ -1,0 +1,104 @@
+"""Pick a writer for each logger by what the logger can do, and fan every record out to all of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
+
+from .base import AttentionWriter, ChartLayout
+from .files import PNGWriter
+
+__all__ = ["WriterSet", "writers_for"]
+
+
+class _LoggerWriter(Protocol):
+    @staticmethod
+    def accepts(logger: Any) -> bool: ...
+
+    @classmethod
+    def for_logger(cls, logger: Any, directory: Path) -> AttentionWriter: ...
+
+
+class WriterSet(AttentionWriter):
+    """Sends every record to each of ``writers``. A writer that fails does not keep the others from writing:
+    all are tried, then the first error is raised again (the callback's ``on_error`` decides what happens).
+
+    Example::
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        ...     both = WriterSet([PNGWriter(a), PNGWriter(b)])
+        ...     both.add_image("attention/raw", np.zeros((4, 4, 3), np.uint8), step=1)
+        ...     [p.name for d in (a, b) for p in Path(d).iterdir()]
+        ['attention__raw_step0000001.png', 'attention__raw_step0000001.png']
+    """
+
+    def __init__(self, writers: Iterable[AttentionWriter]) -> None:
+        self.writers = list(writers)
+
+    def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
+        errors = []
+        for writer in self.writers:
+            try:
+                getattr(writer, method)(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other writers had their turn
+                errors.append((writer, err))
+        if errors:
+            writer, err = errors[0]
+            raise RuntimeError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self._each("add_image", tag, image, step)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._each("add_scalar", tag, value, step)
+
+    def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        self._each("add_scalars", metrics, step)
+
+    def add_grid(self, tag: str, image: np.ndarray, step: int, rows: Sequence[str]) -> None:
+        self._each("add_grid", tag, image, step, rows)
+
+    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+        self._each("add_animation", tag, frames, step, duration_ms)
+
+    def add_layout(self, layout: ChartLayout) -> None:
+        self._each("add_layout", layout)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+
+def writers_for(loggers: Sequence[Any], directory: str | Path, registry: Sequence[_LoggerWriter] = ()) -> WriterSet:
+    """One writer per logger: the first class in ``registry`` whose ``accepts(logger)`` is true, else PNG/GIF
+    files under the logger's ``log_dir`` (:class:`PNGWriter`, scalars to its ``log_metrics``). Without any
+    logger, PNG files and ``scalars.csv`` under ``directory/attention``, with a warning.
+
+    Loggers are recognised by what they expose, not by class, so the standalone ``pytorch_lightning`` package's
+    loggers and look-alikes are handled the same way.
+
+    Example::
+
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     [type(w).__name__ for w in writers_for([CSVLogger(d)], d).writers]
+        ['PNGWriter']
+    """
+    directory = Path(directory)
+    if not loggers:
+        target = directory / "attention"
+        rank_zero_warn(
+            f"AttentionMonitor found no logger in `trainer.loggers`: writing PNG grids and scalars.csv to {target}. "
+            "Add a logger (TensorBoardLogger, WandbLogger, MLFlowLogger, CSVLogger) to see them there.",
+            category=RuntimeWarning,
+        )
+        return WriterSet([PNGWriter(target)])
+    chosen = []
+    for logger in loggers:
+        kind = next((cls for cls in registry if cls.accepts(logger)), PNGWriter)
+        chosen.append(kind.for_logger(logger, directory))
+    return WriterSet(chosen)

@@ -1,0 +1,146 @@
+"""TensorBoard: images (PNG or JPEG) and animated GIFs in the event file, scalars, and a custom-scalars layout."""
+
+from __future__ import annotations
+
+import io
+import weakref
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .base import LoggerWriter, ChartLayout, check_image
+from .files import file_name, gif_bytes
+
+__all__ = ["IMAGE_FORMATS", "TensorBoardWriter", "encode_image"]
+
+IMAGE_FORMATS = ("png", "jpeg")
+
+# One merged layout per SummaryWriter: TensorBoard shows only the last layout written to a run, so monitors
+# sharing a logger each add their charts to it and the whole is written again.
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG (lossless) or JPEG (``quality`` 1-95, 4:2:0 chroma), in memory.
+
+    Example::
+
+        >>> data = encode_image(np.zeros((8, 8, 3), np.uint8), "jpeg")
+        >>> data[:3] == b"\\xff\\xd8\\xff", Image.open(io.BytesIO(data)).size
+        (True, (8, 8))
+    """
+    check_image(image)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    out = io.BytesIO()
+    if image_format == "jpeg":
+        Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(image).save(out, format="PNG")  # Pillow's default compression, as add_image uses
+    return out.getvalue()
+
+
+class TensorBoardWriter(LoggerWriter):
+    """Writes to a ``torch.utils.tensorboard.SummaryWriter``, e.g. Lightning's ``TensorBoardLogger.experiment``.
+
+    Images are stored encoded as ``image_format`` (TensorBoard shows whatever a browser decodes); animations as
+    animated GIFs in the images tab (and, with a ``directory``, as GIF files there too); :meth:`add_layout`
+    registers a custom-scalars layout (one chart per metric, one line per layer). Scalars go to
+    ``logger.log_metrics`` when a ``logger`` is given, else to ``experiment.add_scalar``.
+
+    Args:
+        experiment: the SummaryWriter.
+        logger: the Lightning logger that owns it (its ``log_metrics`` takes the scalars).
+        image_format: ``"jpeg"`` (default) or ``"png"``. JPEG at quality 90 keeps a pass at the defaults (96-pixel
+            tiles) at about a quarter of PNG's bytes (``benchmarks/bench_encoding.py``); PNG is lossless.
+        quality: JPEG quality, 1-95.
+        directory: where animations are also written as GIF files; None: event file only.
+
+    Example::
+
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     writer = TensorBoardWriter(SummaryWriter(d), image_format="jpeg")
+        ...     writer.add_image("attention/raw", np.zeros((8, 12, 3), np.uint8), step=3)
+        ...     writer.add_scalar("attention_entropy/raw/layer_00", 0.5, step=3)
+        ...     writer.flush()
+        ...     writer.experiment.close()
+    """
+
+    def __init__(
+        self,
+        experiment: Any,
+        logger: Any | None = None,
+        image_format: str = "jpeg",
+        quality: int = 90,
+        directory: str | Path | None = None,
+    ) -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+            raise ValueError(f"`quality` must be an int in [1, 95] (JPEG quality), got {quality!r}")
+        self.experiment = experiment
+        self.logger = logger
+        self.image_format = image_format
+        self.quality = quality
+        self.directory = None if directory is None else Path(directory)
+
+    @staticmethod
+    def accepts(logger: Any) -> bool:
+        """True for any logger whose ``experiment`` is a SummaryWriter-like object (torch's or tensorboardX's)."""
+        experiment = getattr(logger, "experiment", None)
+        return all(callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars"))
+
+    @classmethod
+    def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> "TensorBoardWriter":
+        """The writer for ``logger``; GIF files go under its ``log_dir`` (else ``directory``), in ``attention/``."""
+        root = getattr(logger, "log_dir", None) or directory
+        return cls(logger.experiment, logger=logger, image_format=image_format, directory=Path(root) / "attention")
+
+    def _add_encoded(self, tag: str, data: bytes, height: int, width: int, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+        # add_image always re-encodes as PNG; this is what it does underneath, with our bytes.
+        self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        check_image(image)
+        if self.image_format == "png" or not hasattr(self.experiment, "_get_file_writer"):
+            self.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+            return
+        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), *image.shape[:2], step)
+
+    def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
+        for tag, value in metrics.items():
+            self.experiment.add_scalar(tag, value, global_step=step)
+
+    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+        data = gif_bytes(frames, duration_ms)
+        if hasattr(self.experiment, "_get_file_writer"):
+            height, width = frames[0].shape[:2]
+            self._add_encoded(tag, data, height, width, step)  # the images tab plays GIFs
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / f"{file_name(tag)}.gif").write_bytes(data)
+
+    def add_layout(self, layout: ChartLayout) -> None:
+        merged = _LAYOUTS.setdefault(self.experiment, {})
+        changed = False
+        for section, charts in layout.items():
+            known = merged.setdefault(section, {})
+            for chart, regexes in charts.items():
+                if known.get(chart) != list(regexes):
+                    known[chart] = list(regexes)
+                    changed = True
+        if changed:  # written again only when a chart is new: in practice on the first two passes
+            self.experiment.add_custom_scalars(
+                {s: {c: ["Multiline", r] for c, r in charts.items()} for s, charts in merged.items()}
+            )
+
+    def flush(self) -> None:
+        self.experiment.flush()
+
