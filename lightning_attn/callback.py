@@ -1,4 +1,6 @@
-"""``AttentionMonitor``: a thin Lightning callback that runs the functional core on fixed probes and logs it."""
+"""``AttentionMonitor``: the Lightning side of a probe pass — when to run it, on which module, under which precision,
+on which rank, what to do when it fails, what to keep in a checkpoint, and which loggers get the results. The
+pass itself is :class:`~lightning_attn.runner.ProbeRunner`'s, which needs no Lightning."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
@@ -16,30 +17,18 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
-from .backends import Backend, backend_for, find_vision_transformers, unsupported_message
-from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
-from .layout import QUERIES
-from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps, check_explainable
-from .probes import Probes, display_stats, load_images, take_from_loader
-from .render import check_cmap, filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
-from .report import layer_series, scalar_layout, scalar_report, tag_prefix
-from .rollout import check_discard_ratio, check_head_fusion
+from .backends import find_vision_transformers, unsupported_message
+from .maps import AGGREGATIONS
+from .options import ProbeOptions
+from .probes import Probes, load_images, take_from_loader
+from .report import scalar_layout
+from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, writers_for
 
 __all__ = ["AttentionMonitor"]
 
 _ON_ERROR = ("warn", "raise")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def _check_layer_list(name: str, layers: Sequence[int] | None, allow_none: bool) -> tuple[int, ...] | None:
-    if layers is None and allow_none:
-        return None
-    if isinstance(layers, int) or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers or ()):
-        raise ValueError(f"`{name}` must be a sequence of layer indices (ints, negative counts from the end), got {layers!r}")
-    if len(set(layers)) != len(layers):  # type: ignore[arg-type]
-        raise ValueError(f"`{name}` has repeated layers: {layers!r}")
-    return tuple(layers)  # type: ignore[arg-type]
 
 
 class AttentionMonitor(Callback):
@@ -178,6 +167,15 @@ class AttentionMonitor(Callback):
         writer: AttentionWriter | Sequence[AttentionWriter] | None = None,
     ) -> None:
         super().__init__()
+        # what a pass computes and draws: one options object, the same checks as the runner and the command line
+        self.options = ProbeOptions(
+            methods=methods, target=target, layers=layers, aggregates=aggregates, matrix_layers=matrix_layers,
+            head_fusion=head_fusion, discard_ratio=discard_ratio, query=query, tile_size=tile_size, cmap=cmap,
+            alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
+            artifact_threshold=artifact_threshold, faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
+            filmstrip_length=filmstrip_length, mean=mean, std=std,
+        )
+        # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
             raise ValueError(
                 "`probes` must be a (B, C, H, W) tensor, a list of image paths or PIL images, or an int N "
@@ -193,41 +191,10 @@ class AttentionMonitor(Callback):
             Probes(probes, labels, masks)  # validates shapes now, not at setup
         if module is not None and not isinstance(module, (str, nn.Module)):
             raise ValueError(f"`module` must be an attribute path (str) or an nn.Module, got {type(module).__name__}")
-        if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods):
-            raise ValueError(f"`methods` must be a non-empty sequence of {METHODS}, got {methods!r}")
-        if target is not None and (isinstance(target, Tensor) or not callable(target)):
-            raise ValueError(
-                "`target` must be a callable `output -> (B,) score` (for models without class logits); class "
-                f"indices come from `labels`; got {type(target).__name__}"
-            )
-        if isinstance(aggregates, str) or any(a not in AGGREGATIONS for a in aggregates):
-            raise ValueError(f"`aggregates` must be a sequence of {AGGREGATIONS} (or empty), got {aggregates!r}")
-        self.layers = _check_layer_list("layers", layers, allow_none=True)
-        if self.layers is not None and not self.layers:
-            raise ValueError("`layers` is empty: pass None for all layers or at least one index")
-        self.matrix_layers = _check_layer_list("matrix_layers", matrix_layers, allow_none=False) or ()
-        self.head_layers = _check_layer_list("head_layers", head_layers, allow_none=False) or ()
-        for option, value, low in (("faithfulness_steps", faithfulness_steps, 1), ("filmstrip_length", filmstrip_length, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{option}` must be an int >= {low}, got {value!r}")
-        if isinstance(artifact_threshold, bool) or not isinstance(artifact_threshold, (int, float)) or artifact_threshold <= 1:
-            raise ValueError(f"`artifact_threshold` must be a number > 1 (times the median share), got {artifact_threshold!r}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
-        check_head_fusion(head_fusion)
-        check_discard_ratio(discard_ratio)
-        if query not in QUERIES:
-            raise ValueError(f"`query` must be one of {QUERIES}, got {query!r}")
-        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 8:
-            raise ValueError(f"`tile_size` must be an int >= 8 (pixels), got {tile_size!r}")
-        check_cmap(cmap)
-        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
-        for option, stats in (("mean", mean), ("std", std)):
-            if stats is not None and len(stats) not in (1, 3):
-                raise ValueError(f"`{option}` must hold 1 or 3 values (one per channel), got {stats!r}")
-        if std is not None and any(s <= 0 for s in std):
-            raise ValueError(f"`std` values must be > 0, got {std!r}")
+        if transform is not None and not callable(transform):
+            raise ValueError(f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}")
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}")
         if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
@@ -243,60 +210,37 @@ class AttentionMonitor(Callback):
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
                 f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
             )
-
         self.probes = probes
         self.labels = labels
         self.masks = masks
         self.module = module
-        self.methods = tuple(methods)
-        self.target = target
-        self.aggregates = tuple(aggregates)
         self.every_n_epochs = every_n_epochs
         self.log_baseline = log_baseline
-        self.head_fusion = head_fusion
-        self.discard_ratio = float(discard_ratio)
-        self.query = query
-        self.tile_size = tile_size
-        self.cmap = cmap
-        self.alpha = float(alpha)
-        self.log_entropy = log_entropy
-        self.diagnostics = diagnostics
-        self.artifact_threshold = float(artifact_threshold)
-        self.faithfulness = faithfulness
-        self.faithfulness_steps = faithfulness_steps
-        self.filmstrip_length = filmstrip_length
         self.gif = gif
-        # the map whose evolution the filmstrip and GIFs show: the final-layer rollout when logged
-        self._film_method = "rollout" if "rollout" in self.methods else self.methods[0]
         self.transform = transform
-        self.mean = mean
-        self.std = std
         self.on_error = on_error
         self.name = name
         self.writer = writer
-        # every tag starts with it: "attention", or "attention_<name>" so that several monitors can share loggers
-        self._prefix = tag_prefix(name)
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
         self._vit: nn.Module | None = None
-        self._backend: Backend | None = None
-        self._layer_idx: list[int] = []
-        self._matrix_idx: list[int] = []
-        self._head_idx: list[int] = []
-        self._registers: slice | None = None
-        self._log_dir: Path | None = None
-        self._baseline_maps: dict[str, Tensor] | None = None
-        self._previous_maps: dict[str, Tensor] | None = None
-        self._history: list[tuple[int, Tensor]] = []  # (step, final-layer map (B, gh, gw)) of every logged pass
         self._probes: Probes | None = None
-        self._display: Tensor | None = None
-        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._runner: ProbeRunner | None = None
+        self._pending_state: dict[str, Any] | None = None  # a checkpoint's runner state, until the runner exists
         self._writer: AttentionWriter | None = None if writers is None else WriterSet(writers)
-        self._scalar_history: list[tuple[int, dict[str, float]]] = []  # every pass's scalars: layers x steps pictures
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return self.options.methods
+
+    @property
+    def runner(self) -> ProbeRunner | None:
+        """The probe runner (baseline, history, pictures); None until the probes are known."""
+        return self._runner
 
     @property
     @override
@@ -331,47 +275,45 @@ class AttentionMonitor(Callback):
             f"(e.g. AttentionMonitor(module={names[-1]!r}))"
         )
 
-    def _check_probe_images(self, images: Tensor) -> None:
-        assert self._backend is not None
-        self._backend.check_images(images)
-
-    def _resolve_layers(self, requested: Sequence[int] | None, num_layers: int, name: str) -> list[int]:
-        if requested is None:
-            return list(range(num_layers))
-        bad = [l for l in requested if not -num_layers <= l < num_layers]
-        if bad:
-            raise ValueError(f"`{name}` {bad} out of range: the model has {num_layers} attention layers")
-        return [l % num_layers for l in requested]
+    def _start_runner(self, probes: Probes) -> None:
+        assert self._vit is not None
+        self._probes = probes
+        self._runner = ProbeRunner(self._vit, probes, self.options, name=self.name)
+        if self._pending_state is not None:
+            self._runner.load_state_dict(self._pending_state)
+            self._pending_state = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._vit = self._resolve_module(pl_module)
-        self._backend = backend_for(self._vit)  # names what is supported when the module is not
-        num_layers = len(self._backend.attention_layers())
-        self._layer_idx = self._resolve_layers(self.layers, num_layers, "layers")
-        self._matrix_idx = self._resolve_layers(self.matrix_layers, num_layers, "matrix_layers")
-        self._head_idx = self._resolve_layers(self.head_layers, num_layers, "head_layers")
-        if any(m in GRADIENT_METHODS for m in self.methods) or self.faithfulness:
-            check_explainable(self._backend, self.target)
-        self._registers = self._backend.layout(self._backend.input_size() or (224, 224)).register_slice
-        self._stats = display_stats(self._vit, self.mean, self.std)
-        if self._probes is None and not isinstance(self.probes, int):
+        vit = self._resolve_module(pl_module)
+        if self._runner is not None and self._runner.model is vit:
+            return self._setup_writers(trainer)  # fit, then validate: the same run goes on
+        self._vit = vit
+        probes = self._probes
+        if probes is None and not isinstance(self.probes, int):
             if isinstance(self.probes, Tensor):
                 images = self.probes.detach().clone()
             else:
-                images = load_images(self.probes, self.transform or self._backend.transform())
-            self._probes = Probes(images, self.labels, self.masks)
-        if self._probes is not None:
-            self._check_probe_images(self._probes.images)
-        # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        self._log_dir = Path(log_dir)
+                from .backends import backend_for
+
+                images = load_images(self.probes, self.transform or backend_for(self._vit).transform())
+            probes = Probes(images, self.labels, self.masks)
+        if probes is not None:
+            self._start_runner(probes)  # checks the model, the probes and the options against each other
+        else:
+            # loader probes come later; check the model and options now
+            ProbeRunner.check_model(self._vit, self.options)
+        self._setup_writers(trainer)
+
+    def _setup_writers(self, trainer: pl.Trainer) -> None:
         twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
         if twins:
             raise ValueError(
                 f"{len(twins) + 1} AttentionMonitors share `name={self.name!r}`: their tags would overwrite each "
                 "other's. Give each a different `name=` (e.g. name='teacher' and name='student')"
             )
+        # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero and self._writer is None:
             self._writer = writers_for(trainer.loggers, Path(log_dir))  # one per logger, picked by what it can do
 
@@ -393,35 +335,26 @@ class AttentionMonitor(Callback):
 
     # ------------------------------------------------------------------ what
 
-    def _ensure_probes(self, trainer: pl.Trainer, device: torch.device) -> Probes:
-        if self._probes is None:
-            assert isinstance(self.probes, int)
+    def _loader_probes(self, trainer: pl.Trainer) -> Probes:
+        assert isinstance(self.probes, int)
+        loaders = trainer.val_dataloaders
+        if loaders is None and trainer.state.fn == "fit":
+            # Lightning sets validation data up lazily; doing it now is what its val loop does first anyway.
+            try:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            except MisconfigurationException:  # no `val_dataloader` anywhere: reported below
+                pass
             loaders = trainer.val_dataloaders
-            if loaders is None and trainer.state.fn == "fit":
-                # Lightning sets validation data up lazily; doing it now is what its val loop does first anyway.
-                try:
-                    trainer.fit_loop.epoch_loop.val_loop.setup_data()
-                except MisconfigurationException:  # no `val_dataloader` anywhere: reported below
-                    pass
-                loaders = trainer.val_dataloaders
-            if isinstance(loaders, dict):
-                loaders = next(iter(loaders.values()), None)
-            if isinstance(loaders, (list, tuple)):
-                loaders = loaders[0] if loaders else None
-            if loaders is None:
-                raise ValueError(
-                    f"`probes={self.probes}` takes images from the validation dataloader, but this run has none: "
-                    "define `val_dataloader` or pass `probes` as a tensor or image paths"
-                )
-            self._probes = take_from_loader(loaders, self.probes)
-            self._check_probe_images(self._probes.images)
-        if self._probes.images.device != device:
-            self._probes = self._probes.to(device)
-            self._display = None
-        if self._display is None:
-            mean, std = self._stats or ((0.0,), (1.0,))
-            self._display = to_display(self._probes.images.float(), mean, std)
-        return self._probes
+        if isinstance(loaders, dict):
+            loaders = next(iter(loaders.values()), None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            raise ValueError(
+                f"`probes={self.probes}` takes images from the validation dataloader, but this run has none: "
+                "define `val_dataloader` or pass `probes` as a tensor or image paths"
+            )
+        return take_from_loader(loaders, self.probes)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -435,25 +368,21 @@ class AttentionMonitor(Callback):
         assert self._vit is not None, "setup() must run before a probe pass"
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():
-            probes = self._ensure_probes(trainer, pl_module.device)  # misconfiguration raises, always
+            if self._runner is None:  # probes restored from a checkpoint, or the first N validation images
+                self._start_runner(self._probes or self._loader_probes(trainer))  # misconfiguration raises, always
+            runner = self._runner
+            assert runner is not None
+            plugin = trainer.precision_plugin
             try:
-                maps, curves = self._compute(trainer, probes)
-                metrics = scalar_report(
-                    maps,
-                    self.methods,
-                    entropy=self.log_entropy,
-                    baseline=self._baseline_maps if self.diagnostics else None,
-                    previous=self._previous_maps if self.diagnostics else None,
-                    registers=self._registers if self.diagnostics else None,
-                    artifact_threshold=self.artifact_threshold if self.diagnostics else None,
-                    masks=probes.masks,
-                    faithfulness=curves,
-                    prefix=self._prefix,
+                result = runner.run(
+                    step,
+                    render=trainer.is_global_zero,  # every rank runs the pass (DDP forwards), rank zero draws
+                    forward_context=plugin.forward_context,
+                    convert_input=plugin.convert_input,
                 )
-                self._remember(maps, step)
                 if trainer.is_global_zero:
-                    self._write(maps, probes, metrics, step)
-                self.last_metrics = metrics
+                    self._write(result)
+                self.last_metrics = result.scalars
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
                     raise
@@ -466,125 +395,27 @@ class AttentionMonitor(Callback):
                 return
         self._last_step = step
 
-    def _compute(self, trainer: pl.Trainer, probes: Probes) -> tuple[AttentionMaps, dict[str, PerturbationCurves]]:
-        plugin = trainer.precision_plugin
-        vit = self._vit
-        assert vit is not None
-        images = plugin.convert_input(probes.images)
-        # class indices from the labels when known; a callable score for models without class logits
-        target = self.target if self.target is not None else probes.labels
-        with plugin.forward_context():
-            maps = attention_maps(
-                vit,
-                images,
-                methods=self.methods,
-                head_fusion=self.head_fusion,
-                discard_ratio=self.discard_ratio,
-                query=self.query,
-                keep_matrices=self._matrix_idx,
-                target=target,
-                head_layers=self._head_idx,
-                attention_distance=self.diagnostics,
-            )
-        for method in self.methods:
-            bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
-            if bad.any():
-                layers = bad.nonzero().flatten().tolist()
-                raise FloatingPointError(f"{method} maps contain NaN or inf at layers {layers}; not drawn")
-        curves: dict[str, PerturbationCurves] = {}
-        if self.faithfulness:
-            # explain the same class as the gradient methods: the label when known, else the prediction
-            if target is None:
-                assert maps.logits is not None, "setup checked that the model has class logits"
-                target = maps.logits.argmax(-1)
-            options = dict(target=target, steps=self.faithfulness_steps)
-            with plugin.forward_context():
-                for method in self.methods:
-                    curves[method] = perturbation_curves(vit, images, maps[method][:, -1], **options)
-                curves["random"] = random_perturbation_curves(vit, images, maps.grid_size, **options)
-        return maps, curves
-
-    def _remember(self, maps: AttentionMaps, step: int) -> None:
-        current = {m: maps[m].detach() for m in self.methods}
-        if self._baseline_maps is None:
-            self._baseline_maps = current
-        self._previous_maps = current
-        self._history.append((step, maps[self._film_method][:, -1].detach()))
-
-    def _row_labels(self, probes: Probes, maps: AttentionMaps, method: str = "raw") -> list[str]:
-        if method in GRADIENT_METHODS and maps.target is not None:
-            # class-targeted maps: the row says which class is explained
-            return [f"#{i} t{t}" for i, t in enumerate(maps.target.tolist())]
-        predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None else None
-        labels = probes.labels.tolist() if probes.labels is not None else None
-        rows = []
-        for i in range(len(probes)):
-            # short enough for the rotated strip beside a small tile: "#3 y2 p0" (probe, label, prediction)
-            text = f"#{i}"
-            if labels is not None:
-                text += f" y{labels[i]}"
-            if predicted is not None:
-                text += f" p{predicted[i]}"
-            rows.append(text)
-        return rows
-
-    def _write(self, maps: AttentionMaps, probes: Probes, metrics: dict[str, float], step: int) -> None:
+    def _write(self, result: ProbePass) -> None:
         writer = self._writer
-        display = self._display
-        assert writer is not None and display is not None
-        p = self._prefix
-        rows = self._row_labels(probes, maps)
-        render = dict(tile_size=self.tile_size, cmap=self.cmap, alpha=self.alpha)
-        columns = ["image"] + [f"L{l}" for l in self._layer_idx]
-        for method in self.methods:
-            tiles = overlay(display, maps[method][:, self._layer_idx], **render)
-            labels = self._row_labels(probes, maps, method)
-            writer.add_grid(f"{p}/{method}", make_grid(tiles, columns, labels), step, labels)
-        if self.aggregates and "raw" in self.methods:
-            stacked = torch.stack([maps.aggregate(r, "raw") for r in self.aggregates], dim=1)
-            tiles = overlay(display, stacked, **render)
-            writer.add_grid(f"{p}/raw_aggregates", make_grid(tiles, ["image", *self.aggregates], rows), step, rows)
-        if self._matrix_idx:
-            matrices = torch.stack([maps.matrices[l] for l in self._matrix_idx], dim=1)
-            tiles = matrix_tiles(matrices, self.tile_size * 2, self.cmap)
-            writer.add_grid(f"{p}/matrix", make_grid(tiles, [f"L{l}" for l in self._matrix_idx], rows), step, rows)
-        for layer in self._head_idx:
-            heads = maps.head_maps[layer]
-            tiles = overlay(display, heads, **render)
-            header = ["image"] + [f"h{h}" for h in range(heads.shape[1])]
-            writer.add_grid(f"{p}/heads/layer_{layer:02d}", make_grid(tiles, header, rows), step, rows)
-        # baseline plus the most recent passes of the final-layer map, one row per probe
-        frames = self._history[:1] + self._history[1:][-self.filmstrip_length:]
-        tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
-        header = ["image"] + [f"s{s}" for s, _ in frames]
-        writer.add_grid(f"{p}/filmstrip", make_grid(tiles, header, rows), step, rows)
-        if metrics:
-            writer.add_layout(scalar_layout(metrics))  # writers add only charts they have not drawn yet
-            writer.add_scalars(metrics, step)
-            # the whole run of each per-layer metric in one picture (rows = layers, columns = logged steps)
-            self._scalar_history.append((step, dict(metrics)))
-            for chart, (layers, steps, values) in layer_series(self._scalar_history).items():
-                section, _, rest = chart.partition("/")
-                picture = layer_step_image(values, steps, chart, layers=layers)
-                writer.add_image(f"{p}_layers_steps/{section[len(p) + 1:]}" + (f"/{rest}" if rest else ""), picture, step)
+        assert writer is not None
+        for panel in result.panels:
+            if panel.rows:
+                writer.add_grid(panel.tag, panel.image, result.step, panel.rows)
+            else:
+                writer.add_image(panel.tag, panel.image, result.step)
+        if result.scalars:
+            writer.add_layout(scalar_layout(result.scalars))  # writers add only charts they have not drawn yet
+            writer.add_scalars(result.scalars, result.step)
         writer.flush()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not (self.gif and trainer.is_global_zero and self._history and self._display is not None):
+        runner, writer = self._runner, self._writer
+        if not (self.gif and trainer.is_global_zero and runner is not None and runner.history and writer is not None):
             return
-        writer = self._writer
-        if writer is None:
-            return
-        steps = [f"step {s}" for s, _ in self._history]
-        maps = torch.stack([m.to(self._display.device) for _, m in self._history], dim=1)  # (B, T, gh, gw)
         try:
-            for i in range(maps.shape[0]):
-                frames = [
-                    filmstrip(self._display[i], maps[i, t : t + 1], steps[t : t + 1], self.tile_size * 2, self.cmap, self.alpha)
-                    for t in range(maps.shape[1])
-                ]
-                writer.add_animation(f"{self._prefix}/{self._film_method}_evolution/probe_{i:02d}", frames, trainer.global_step)
+            for tag, frames in runner.animations().items():
+                writer.add_animation(tag, frames, trainer.global_step)
             writer.flush()
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
@@ -595,17 +426,12 @@ class AttentionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        cpu = lambda maps: None if maps is None else {m: t.cpu() for m, t in maps.items()}  # noqa: E731
         state: dict[str, Any] = {
             "baseline_done": self._baseline_done,
             "last_step": self._last_step,
-            # drift is measured from the maps of the first pass and the filmstrip shows every pass: both must
-            # survive a resume
-            "baseline_maps": cpu(self._baseline_maps),
-            "previous_maps": cpu(self._previous_maps),
-            "history": [(s, m.cpu()) for s, m in self._history],
-            # the layers x steps pictures show the whole run, across resumes too
-            "scalar_history": [(s, dict(m)) for s, m in self._scalar_history],
+            # drift is measured from the first pass's maps, the filmstrip and layers x steps pictures show every
+            # pass, and `lightning-attn replay` redraws them from here: all in the runner's state
+            "runner": self._runner.state_dict() if self._runner is not None else self._pending_state,
         }
         if isinstance(self.probes, int) and self._probes is not None:
             # probes taken from the loader must stay the same images after a resume
@@ -617,10 +443,13 @@ class AttentionMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._baseline_done = bool(state_dict.get("baseline_done", False))
         self._last_step = state_dict.get("last_step")
-        self._baseline_maps = state_dict.get("baseline_maps")
-        self._previous_maps = state_dict.get("previous_maps")
-        self._history = list(state_dict.get("history", []))
-        self._scalar_history = [(s, dict(m)) for s, m in state_dict.get("scalar_history", [])]
+        runner_state = state_dict.get("runner")
+        if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
+            runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}
         if isinstance(self.probes, int) and state_dict.get("probes") is not None:
             self._probes = Probes(state_dict["probes"], state_dict.get("labels"))
-            self._display = None
+            self._runner = None
+        if self._runner is not None and runner_state is not None:
+            self._runner.load_state_dict(runner_state)
+        else:
+            self._pending_state = runner_state

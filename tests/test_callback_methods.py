@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lightning_attn.runner import row_labels
 from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, pointing_game
 from lightning_attn.render import grid_shape
 
@@ -85,8 +86,9 @@ def test_gradient_rows_show_the_explained_class(tmp_path):
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, logger=False)
     trainer.fit(lit.LitViT(), *lit.loaders())
     maps = attention_maps(trainer.lightning_module.model, _probes(2), methods=("relevance",), target=torch.tensor([1, 2]))
-    assert monitor._row_labels(monitor._probes, maps, "relevance") == ["#0 t1", "#1 t2"]
-    assert monitor._row_labels(monitor._probes, maps, "raw")[0].startswith("#0 y1 p")
+    probes = monitor._probes
+    assert row_labels(len(probes), probes.labels, maps, "relevance") == ["#0 t1", "#1 t2"]
+    assert row_labels(len(probes), probes.labels, maps, "raw")[0].startswith("#0 y1 p")
 
 
 def test_drift_is_zero_without_learning_and_positive_with(tmp_path):

@@ -162,10 +162,10 @@ def test_two_named_monitors_share_a_trainer_and_both_resume(tmp_path):
     trainer = lit.trainer(tmp_path, [*second, ckpt], enable_checkpointing=True, max_epochs=3)
     trainer.fit(TeacherStudent(), *lit.loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     for old, new in zip(first, second):
-        assert [s for s, _ in new._history] == STEPS + [12]
-        assert [s for s, _ in new._scalar_history] == STEPS + [12]
-        for method, maps in old._baseline_maps.items():
-            assert torch.equal(new._baseline_maps[method], maps)
+        assert [s for s, _ in new.runner.history] == STEPS + [12]
+        assert [s for s, _ in new.runner.scalar_history] == STEPS + [12]
+        for method, maps in old.runner.baseline.items():
+            assert torch.equal(new.runner.baseline[method], maps)
 
 
 def test_monitors_with_one_name_are_refused(tmp_path):

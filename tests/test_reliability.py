@@ -51,19 +51,23 @@ def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
     assert torch.equal(second._probes.images.cpu(), first._probes.images.cpu())
     # drift keeps measuring from the first run's baseline; the filmstrip/GIF history continues
     for method in ("raw", "rollout"):
-        assert torch.equal(second._baseline_maps[method].cpu(), first._baseline_maps[method].cpu())
-    assert [step for step, _ in second._history] == [0, 4, 8, 12, 16]
+        assert torch.equal(second.runner.baseline[method].cpu(), first.runner.baseline[method].cpu())
+    assert [step for step, _ in second.runner.history] == [0, 4, 8, 12, 16]
     assert second.last_metrics["attention_drift_baseline/raw/mean"] > 0
 
 
-def test_state_dict_round_trip_and_tolerant_load():
+def test_state_dict_round_trip_and_tolerant_load(tmp_path):
     monitor = AttentionMonitor(3)
-    assert monitor.state_dict() == {
-        "baseline_done": False, "last_step": None, "baseline_maps": None, "previous_maps": None, "history": [],
-        "scalar_history": [],
-    }
+    assert monitor.state_dict() == {"baseline_done": False, "last_step": None, "runner": None}
     monitor.load_state_dict({})  # a checkpoint from an older version: defaults
     assert not monitor._baseline_done
+    # format 1 kept the runner's fields at the top level: they are taken as they are
+    maps = {"raw": torch.rand(2, 2, 4, 4)}
+    old = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG))
+    old.load_state_dict({"baseline_done": True, "last_step": 8, "baseline_maps": maps, "previous_maps": maps,
+                         "history": [(0, maps["raw"][:, -1]), (8, maps["raw"][:, -1])], "scalar_history": []})
+    old.setup(lit.trainer(tmp_path, [old]), lit.LitViT(), "fit")
+    assert [s for s, _ in old.runner.history] == [0, 8] and torch.equal(old.runner.baseline["raw"], maps["raw"])
     assert AttentionMonitor(3).state_key == monitor.state_key != AttentionMonitor(3, every_n_epochs=2).state_key
     # unnamed: the key of earlier versions (their checkpoints resume); a name makes it distinct
     assert monitor.state_key == "AttentionMonitor{'methods': ('raw', 'rollout'), 'every_n_epochs': 1}"
