@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
                             epilog="example:\n  " + EXAMPLES["replay"])
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
+    for command in (render, compare, replay):
+        # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    replay.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -258,20 +262,28 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
+    callbacks = load_checkpoint_state(checkpoint).get("callbacks") or {}
+    return [(key, state["runner"]) for key, state in callbacks.items()
+            if isinstance(state, dict) and isinstance(state.get("runner"), dict)]
+
+
 def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
+    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state."""
     if path.is_dir():
-        checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if not checkpoints:
             raise UsageError(f"no checkpoint (.ckpt) under {path}: enable Lightning's checkpointing, or pass a .ckpt")
-        path = checkpoints[-1]
-    elif not path.is_file():
+    elif path.is_file():
+        checkpoints = [path]
+    else:
         raise UsageError(f"{str(path)!r} does not exist: pass a run's log folder or a .ckpt file")
-    callbacks = load_checkpoint_state(path).get("callbacks") or {}
-    states = [(key, state["runner"]) for key, state in callbacks.items()
-              if isinstance(state, dict) and isinstance(state.get("runner"), dict)]
-    if not states:
-        raise UsageError(f"{path.name} holds no AttentionMonitor state: was the monitor among the run's callbacks?")
-    return path, states
+    for checkpoint in checkpoints:
+        states = _states_in(checkpoint)
+        if states:
+            return checkpoint, states
+    names = ", ".join(c.name for c in checkpoints[:3])
+    raise UsageError(f"no AttentionMonitor state in {names}: was the monitor among the run's callbacks?")
 
 
 def replay(args: argparse.Namespace) -> int:

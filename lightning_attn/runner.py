@@ -290,6 +290,7 @@ class ProbeRunner:
             "scalar_history": [(s, dict(v)) for s, v in self.scalar_history],
             # the probes as displayed, in uint8: enough to redraw every picture of the history
             "display": (self.display() * 255).round().to(torch.uint8).cpu(),
+            "stats": {"mean": list(self.stats[0]), "std": list(self.stats[1])},
             "labels": None if self.probes.labels is None else self.probes.labels.cpu(),
             "prefix": self.prefix,
             "film_method": options.film_method,

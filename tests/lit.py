@@ -36,6 +36,21 @@ class LitViT(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class LitViTHparams(LitViT):
+    """Saves its init arguments, as LightningCLI users' modules do (the CLI then adds `_class_path`)."""
+
+    def __init__(self, depth: int = 2, lr: float = 0.05):
+        super().__init__(depth=depth, lr=lr)
+        self.save_hyperparameters()
+
+
+class LitViTDeeper(LitViT):
+    """Another architecture: a checkpoint of LitViT does not fit it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(depth=3, **kwargs)
+
+
 def dataset(n: int = 32, num_classes: int = 3, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, num_classes, (n,), generator=g))
