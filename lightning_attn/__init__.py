@@ -23,8 +23,10 @@ from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game
 from .layout import TokenLayout, query_row
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
+from .options import ProbeOptions
 from .probes import Probes
 from .report import scalar_report
+from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .rollout import (
     attention_rollout,
     discard_weakest,
@@ -43,7 +45,11 @@ __all__ = [
     "AttentionMonitor",
     "AttentionRecorder",
     "Backend",
+    "Panel",
     "PerturbationCurves",
+    "ProbeOptions",
+    "ProbePass",
+    "ProbeRunner",
     "Probes",
     "TokenLayout",
     "artifact_mask",
@@ -65,6 +71,7 @@ __all__ = [
     "query_row",
     "random_perturbation_curves",
     "record_attention",
+    "redraw",
     "record_head_attention",
     "register_share",
     "register_slice",
