@@ -25,7 +25,7 @@ from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
 from .options import ProbeOptions
 from .probes import Probes
-from .report import scalar_report
+from .report import layer_series, scalar_layout, scalar_report, tag_prefix
 from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .rollout import (
     attention_rollout,
@@ -34,6 +34,15 @@ from .rollout import (
     grad_rollout,
     relevance_propagation,
     residual_transition,
+)
+from .writers import (
+    AttentionWriter,
+    MLflowWriter,
+    PNGWriter,
+    TensorBoardWriter,
+    WandbWriter,
+    WriterSet,
+    writers_for,
 )
 
 __version__ = "0.1.0"
@@ -44,14 +53,20 @@ __all__ = [
     "AttentionMaps",
     "AttentionMonitor",
     "AttentionRecorder",
+    "AttentionWriter",
     "Backend",
+    "MLflowWriter",
+    "PNGWriter",
     "Panel",
     "PerturbationCurves",
     "ProbeOptions",
     "ProbePass",
     "ProbeRunner",
     "Probes",
+    "TensorBoardWriter",
     "TokenLayout",
+    "WandbWriter",
+    "WriterSet",
     "artifact_mask",
     "artifact_tokens",
     "attention_drift",
@@ -64,6 +79,7 @@ __all__ = [
     "fuse_heads",
     "grad_rollout",
     "head_query_rows",
+    "layer_series",
     "mean_attention_distance",
     "normalized_entropy",
     "perturbation_curves",
@@ -77,8 +93,11 @@ __all__ = [
     "register_slice",
     "relevance_propagation",
     "residual_transition",
+    "scalar_layout",
     "scalar_report",
     "supported_models",
     "supports_head_streaming",
+    "tag_prefix",
     "token_layout",
+    "writers_for",
 ]

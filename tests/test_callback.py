@@ -304,3 +304,26 @@ def test_writer_option_takes_everything_instead_of_the_loggers(tmp_path):
     assert ("attention_mine/raw", 4) in mine.images and ("attention_mine_entropy/raw/layer_00", 0) in mine.scalars
     assert mine.animations == [(f"attention_mine/rollout_evolution/probe_{i:02d}", 2, 4) for i in range(2)]
     assert not [t for t in lit.read_events(trainer.logger.log_dir).Tags()["images"] if t.startswith("attention")]
+
+
+def test_a_failing_writer_warns_and_the_other_writers_get_the_whole_pass(tmp_path):
+    from lightning_attn.writers import AttentionWriter
+
+    class Collect(AttentionWriter):
+        def __init__(self, broken=False):
+            self.broken, self.scalar_steps = broken, []
+
+        def add_image(self, tag, image, step):
+            if self.broken and step == 0:
+                raise OSError("disk full")  # transient: only the baseline pass
+
+        def add_scalar(self, tag, value, step):
+            self.scalar_steps.append(step)
+
+    healthy = Collect()
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=[Collect(broken=True), healthy])
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=2)
+    with pytest.warns(RuntimeWarning, match=r"skipped the probe pass at step 0: RuntimeError: Collect\.add_grid failed: OSError: disk full"):
+        trainer.fit(lit.LitViT(), *lit.loaders())
+    assert trainer.global_step == 8  # training went on
+    assert sorted(set(healthy.scalar_steps)) == [0, 4, 8]  # the healthy writer got every pass, the failed one too

@@ -164,15 +164,18 @@ def test_tensorboard_jpeg_images_and_gif_animations_read_back(tmp_path):
     assert (tmp_path / "gifs" / "attention__evolution__probe_00.gif").read_bytes() == animation.encoded_image_string
 
 
-def test_writer_set_tries_every_writer_then_raises_the_first_error(tmp_path):
+def test_writer_set_writes_the_whole_pass_to_healthy_writers_then_raises_the_first_error(tmp_path):
     class Broken(PNGWriter):
         def add_image(self, tag, image, step):
             raise OSError("disk full")
 
     both = WriterSet([Broken(tmp_path / "a"), PNGWriter(tmp_path / "b")])
+    both.add_image("attention/raw", image(), step=1)
+    both.add_image("attention/rollout", image(), step=1)  # the rest of the pass still reaches every writer
     with pytest.raises(RuntimeError, match="Broken.add_image failed: OSError: disk full"):
-        both.add_image("attention/raw", image(), step=1)
-    assert (tmp_path / "b" / "attention__raw_step0000001.png").is_file()  # the healthy writer still wrote
+        both.flush()  # the end of the pass reports the first failure
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {"attention__raw_step0000001.png", "attention__rollout_step0000001.png"}
+    both.flush()  # reported once
 
 
 class _LookAlike:
@@ -226,3 +229,13 @@ def test_no_logger_warns_and_writes_files(tmp_path):
     with pytest.warns(RuntimeWarning, match="no logger in `trainer.loggers`"):
         (only,) = writers_for([], tmp_path).writers
     assert isinstance(only, PNGWriter) and only.directory == tmp_path / "attention" and only.logger is None
+
+
+def test_the_package_imports_without_wandb_or_mlflow():
+    # the optional libraries are imported by their loggers, only when used
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_attn.writers, lightning_attn; print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

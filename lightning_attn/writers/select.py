@@ -23,8 +23,9 @@ class _LoggerWriter(Protocol):
 
 
 class WriterSet(AttentionWriter):
-    """Sends every record to each of ``writers``. A writer that fails does not keep the others from writing:
-    all are tried, then the first error is raised again (the callback's ``on_error`` decides what happens).
+    """Sends every record to each of ``writers``. A writer that fails does not keep the others from writing: its
+    error is kept, every other record still goes to every writer, and :meth:`flush` (the end of a pass) raises the
+    first error kept, after flushing every writer (the callback's ``on_error`` decides what happens then).
 
     Example::
 
@@ -38,17 +39,14 @@ class WriterSet(AttentionWriter):
 
     def __init__(self, writers: Iterable[AttentionWriter]) -> None:
         self.writers = list(writers)
+        self._errors: list[tuple[AttentionWriter, str, Exception]] = []
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
-        errors = []
         for writer in self.writers:
             try:
                 getattr(writer, method)(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - re-raised below, after the other writers had their turn
-                errors.append((writer, err))
-        if errors:
-            writer, err = errors[0]
-            raise RuntimeError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - raised again at flush, after the others had their turn
+                self._errors.append((writer, method, err))
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
         self._each("add_image", tag, image, step)
@@ -70,6 +68,9 @@ class WriterSet(AttentionWriter):
 
     def flush(self) -> None:
         self._each("flush")
+        if self._errors:
+            (writer, method, err), self._errors = self._errors[0], []
+            raise RuntimeError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
 
 
 def writers_for(loggers: Sequence[Any], directory: str | Path, registry: Sequence[_LoggerWriter] = ()) -> WriterSet:
