@@ -48,13 +48,13 @@ from .writers import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GRADIENT_METHODS",
-    "METHODS",
     "AttentionMaps",
     "AttentionMonitor",
     "AttentionRecorder",
     "AttentionWriter",
     "Backend",
+    "GRADIENT_METHODS",
+    "METHODS",
     "MLflowWriter",
     "PNGWriter",
     "Panel",
@@ -87,8 +87,8 @@ __all__ = [
     "query_row",
     "random_perturbation_curves",
     "record_attention",
-    "redraw",
     "record_head_attention",
+    "redraw",
     "register_share",
     "register_slice",
     "relevance_propagation",
