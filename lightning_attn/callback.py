@@ -249,6 +249,7 @@ class AttentionMonitor(Callback):
         self._last_step: int | None = None
         self._warned: set[str] = set()
         self._trainer_id: int | None = None  # the trainer this monitor's run belongs to
+        self._logged: tuple[int, int] | None = None  # (trainer, step) of the latest pass written
         self._ckpt_steps: dict[str, int] = {}
 
     @property
@@ -300,14 +301,19 @@ class AttentionMonitor(Callback):
         self._probes = probes
         self._runner = ProbeRunner(self._vit, probes, self.options, name=self.name, layout=self.layout)
         state, self._pending_state = self._pending_state, None
-        if state is None:
-            return
-        self._runner.load_state_dict(state)
-        changed = self._runner.differences(state)
+        if state is not None:
+            self._resume(state)
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Take a checkpoint's runner state; other probes or map options than the checkpoint's restart the baseline."""
+        runner = self._runner
+        assert runner is not None
+        runner.load_state_dict(state)
+        changed = runner.differences(state)
         if changed:
             # maps of other probes or options cannot be compared with the checkpoint's: a new baseline, now
-            self._runner.restart()
-            self._baseline_done = False
+            runner.restart()
+            self._baseline_done, self._last_step = False, None
             self._warn_once(
                 "resume-changed",
                 f"AttentionMonitor resumed with other {' and '.join(changed)} than the checkpoint: drift and the "
@@ -452,8 +458,8 @@ class AttentionMonitor(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, record = self._step(trainer)
-        if step == self._last_step:
-            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged
+        if (id(trainer), step) == self._logged:
+            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged here
         assert self._vit is not None, "setup() must run before a probe pass"
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():
@@ -484,6 +490,7 @@ class AttentionMonitor(Callback):
                 )
                 return
         self._last_step = step
+        self._logged = (id(trainer), step)
 
     def _write(self, result: ProbePass) -> None:
         writer = self._writer
@@ -545,6 +552,6 @@ class AttentionMonitor(Callback):
                 self._probes = None
                 self._runner = None
         if self._runner is not None and runner_state is not None:
-            self._runner.load_state_dict(runner_state)
+            self._resume(runner_state)
         else:
             self._pending_state = runner_state
