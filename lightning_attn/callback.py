@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -401,8 +400,11 @@ class AttentionMonitor(Callback):
             # Lightning sets validation data up lazily; doing it now is what its val loop does first anyway.
             try:
                 trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            except MisconfigurationException:  # no `val_dataloader` anywhere: reported below
-                pass
+            except Exception as err:  # noqa: BLE001
+                # no `val_dataloader` anywhere: reported below. By name: `lightning` and the standalone
+                # `pytorch_lightning` each raise their own MisconfigurationException class
+                if type(err).__name__ != "MisconfigurationException":
+                    raise
             loaders = trainer.val_dataloaders
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()), None)
