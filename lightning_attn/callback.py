@@ -139,6 +139,11 @@ class AttentionMonitor(Callback):
             several monitors (a teacher and a student, two sets of ``methods``) share one trainer.
         writer: your own :class:`~lightning_attn.writers.AttentionWriter` (or a list of them) to take every
             image, animation and scalar instead of the writers chosen for the trainer's loggers.
+        class_names: one name per class, shown on the grid rows instead of class indices.
+        batch_to_probes: with ``probes=N``, reads a validation batch: ``batch -> images`` or
+            ``batch -> (images, labels)``; default: tensors, tuples, dicts and dataclasses with common keys.
+        layout: the token layout (:class:`~lightning_attn.TokenLayout`) of a ViT no backend knows, e.g. one built
+            on ``nn.MultiheadAttention``; its attention layers are found in the LightningModule (or ``module``).
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
