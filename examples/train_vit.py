@@ -167,6 +167,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fast", action="store_true", help="smoke run: 1 epoch, a few small batches")
     p.add_argument("--report", action="store_true",
                    help="after training, print README's table (pointing game and deletion AUCs) from the event file")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="after training, save the last rollout and relevance grids and the filmstrip as PNG here "
+                        "(README's pictures: --docs docs)")
     p.add_argument("--no-monitor", action="store_true",
                    help="train without AttentionMonitor (compare the printed weights digest with a monitored run)")
     args = p.parse_args(argv)
@@ -294,7 +297,30 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
         print(f"Final weights digest: {weights_digest(module)}")
         if args.report and not args.no_monitor:
             print("\n" + report(trainer.log_dir))
+        if args.docs is not None and not args.no_monitor:
+            for path in export_images(trainer.log_dir, args.docs):
+                print(f"wrote {path}")
     return trainer
+
+
+def export_images(log_dir: str | Path, directory: Path) -> list[Path]:
+    """The last logged rollout and relevance grids and the filmstrip, from the event file, as PNG files."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tag, name in (("attention/rollout", "example_rollout.png"), ("attention/relevance", "example_relevance.png"),
+                      ("attention/filmstrip", "example_filmstrip.png")):
+        if tag in acc.Tags()["images"]:
+            image = Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB")
+            image.save(directory / name)
+            written.append(directory / name)
+    return written
 
 
 def weights_digest(module: torch.nn.Module) -> str:
