@@ -165,6 +165,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the model, the shapes and the probes (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="smoke run: 1 epoch, a few small batches")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's). Float sums depend on it, so a run is bit for bit the same "
+                        "only at the same count; README's numbers use --threads 2")
     p.add_argument("--report", action="store_true",
                    help="after training, print README's table (pointing game and deletion AUCs) from the event file")
     p.add_argument("--docs", type=Path, default=None,
@@ -242,6 +245,8 @@ def folder_data(args: argparse.Namespace, data_cfg: dict) -> tuple[DataLoader, D
 def main(argv: Sequence[str] | None = None) -> L.Trainer:
     """Parse ``argv`` (default: the command line), train, and return the fitted trainer."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     L.seed_everything(args.seed, verbose=False)
 
