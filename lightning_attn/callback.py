@@ -17,11 +17,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import find_vision_transformers, unsupported_message
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import Probes, load_images, take_from_loader
-from .report import scalar_layout
+from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, writers_for
 
@@ -99,6 +100,13 @@ class AttentionMonitor(Callback):
             several monitors (a teacher and a student, two sets of ``methods``) share one trainer.
         writer: your own :class:`~lightning_attn.writers.AttentionWriter` (or a list of them) to take every
             image, animation and scalar instead of the writers chosen for the trainer's loggers.
+        alerts: ``True`` (default): after each pass, check the attention-health rules of
+            :mod:`lightning_attn.alerts` on the curves so far and, when one starts to hold, warn once per episode
+            (rule, step, layers, probes, the curve to open, what to try), write the message to every logger that
+            takes text and record it in :attr:`alerts`; ``"stop"``: also stop training (``trainer.should_stop``),
+            as ``EarlyStopping`` does; ``False``: off.
+        alert_thresholds: the thresholds and patience of the rules to change, e.g. ``{"collapse_entropy": 0.1}``
+            (keys and defaults: :class:`~lightning_attn.alerts.AlertThresholds`).
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -165,6 +173,8 @@ class AttentionMonitor(Callback):
         on_error: str = "warn",
         name: str | None = None,
         writer: AttentionWriter | Sequence[AttentionWriter] | None = None,
+        alerts: bool | str = True,
+        alert_thresholds: AlertThresholds | dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -210,6 +220,10 @@ class AttentionMonitor(Callback):
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
                 f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
             )
+        self.alert_mode = check_alerts_mode(alerts)
+        self._alert_book = AlertBook(rules_for(AlertThresholds.from_any(alert_thresholds), tag_prefix(name)))
+        #: Why the monitor stopped training (``alerts="stop"``); None while it has not.
+        self.stop_reason: str | None = None
         self.probes = probes
         self.labels = labels
         self.masks = masks
@@ -236,6 +250,12 @@ class AttentionMonitor(Callback):
     @property
     def methods(self) -> tuple[str, ...]:
         return self.options.methods
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert fired so far (rule, step, layers, probes, curve, message), oldest first; kept in the
+        checkpoint, so a resumed run neither loses nor repeats them."""
+        return self._alert_book.alerts
 
     @property
     def runner(self) -> ProbeRunner | None:
@@ -373,6 +393,7 @@ class AttentionMonitor(Callback):
             runner = self._runner
             assert runner is not None
             plugin = trainer.precision_plugin
+            fired: list[Alert] = []
             try:
                 result = runner.run(
                     step,
@@ -380,8 +401,9 @@ class AttentionMonitor(Callback):
                     forward_context=plugin.forward_context,
                     convert_input=plugin.convert_input,
                 )
+                fired = self._check_alerts(trainer, result)
                 if trainer.is_global_zero:
-                    self._write(result)
+                    self._write(result, fired)
                 self.last_metrics = result.scalars
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
@@ -392,10 +414,33 @@ class AttentionMonitor(Callback):
                     "Training goes on; this warning is shown once per kind of error "
                     "(pass on_error='raise' to stop on it instead).",
                 )
+                self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
                 return
+        self._stop_on(trainer, fired)
         self._last_step = step
 
-    def _write(self, result: ProbePass) -> None:
+    def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
+        """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""
+        if self.alert_mode != "stop":
+            return
+        # a collective, reached by every rank after each pass (a failed pass too): all ranks must agree
+        if trainer.strategy.reduce_boolean_decision(bool(fired), all=False):
+            trainer.should_stop = True
+            self.stop_reason = fired[0].message if fired else "an alert fired on another rank"
+
+    def _check_alerts(self, trainer: pl.Trainer, result: ProbePass) -> list[Alert]:
+        """New alerts of this pass (every rank computes them from its own scalars); rank zero warns. The markers
+        (1 for a rule that fired now, else 0) join the pass's scalars."""
+        history = self._runner.scalar_history if self._runner is not None else []
+        if self.alert_mode is False or not history or history[-1][0] != result.step:
+            return []  # off, or this pass logged no scalar to read
+        fired = self._alert_book.update(history, result.maps)
+        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))
+        for alert in fired:
+            rank_zero_warn(alert.message, category=RuntimeWarning)
+        return fired
+
+    def _write(self, result: ProbePass, alerts: Sequence[Alert] = ()) -> None:
         writer = self._writer
         assert writer is not None
         for panel in result.panels:
@@ -406,6 +451,8 @@ class AttentionMonitor(Callback):
         if result.scalars:
             writer.add_layout(scalar_layout(result.scalars))  # writers add only charts they have not drawn yet
             writer.add_scalars(result.scalars, result.step)
+        for alert in alerts:
+            writer.add_text(f"{tag_prefix(self.name)}/alerts/{alert.rule}", alert.message, result.step)
         writer.flush()
 
     @override
@@ -432,6 +479,7 @@ class AttentionMonitor(Callback):
             # drift is measured from the first pass's maps, the filmstrip and layers x steps pictures show every
             # pass, and `lightning-attn replay` redraws them from here: all in the runner's state
             "runner": self._runner.state_dict() if self._runner is not None else self._pending_state,
+            "alerts": self._alert_book.state_dict(),  # said once: a resumed run does not repeat them
         }
         if isinstance(self.probes, int) and self._probes is not None:
             # probes taken from the loader must stay the same images after a resume
@@ -443,6 +491,7 @@ class AttentionMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._baseline_done = bool(state_dict.get("baseline_done", False))
         self._last_step = state_dict.get("last_step")
+        self._alert_book.load_state_dict(state_dict.get("alerts") or {})
         runner_state = state_dict.get("runner")
         if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
             runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}

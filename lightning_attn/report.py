@@ -59,6 +59,7 @@ def scalar_report(
     the last word is one line of it (a layer, a head, a method). Tags (``XX`` = layer, ``M`` = method):
 
     - ``P_entropy/M/layer_XX``: normalised entropy of the query row over patches (0 one patch, 1 uniform).
+    - ``P_entropy_median/M``: the final layer's normalised entropy, median over probes (the lower middle value).
     - ``P_drift_baseline/M/layer_XX`` and ``.../mean``: Jensen–Shannon divergence (bits, [0, 1]) from the
       maps of the baseline pass; ``P_drift_previous/...`` likewise from the previous logged pass.
     - ``P_artifacts/count/layer_XX`` and ``P_artifacts/share/layer_XX``: patches taking more than
@@ -74,7 +75,10 @@ def scalar_report(
     out: dict[str, Tensor] = {}
     for method in methods:
         if entropy:
-            _per_layer(out, f"{p}_entropy/{method}", normalized_entropy(maps[method]).mean(0))
+            per_probe = normalized_entropy(maps[method])  # (B, L)
+            _per_layer(out, f"{p}_entropy/{method}", per_probe.mean(0))
+            # the mean hides "on most probes": the median of the final layer is <= x when half the probes are
+            out[f"{p}_entropy_median/{method}"] = per_probe[:, -1].median()
         for name, reference in (("drift_baseline", baseline), ("drift_previous", previous)):
             if reference is not None and method in reference:
                 drift = attention_drift(maps[method], reference[method].to(maps[method].device))
