@@ -423,7 +423,9 @@ class OverwriteRule(Rule):
 class ArtifactRule(Rule):
     """In a middle or late layer (all but the first third), the patches above ``artifact_threshold`` x the median
     share take at least ``share`` of the raw query row, and at least ``growth`` more than at the first pass, for
-    ``patience`` passes. Reads ``<prefix>_artifacts/share``."""
+    ``patience`` passes. Reads ``<prefix>_artifacts/background_share`` when the probes have masks (artifact
+    tokens sit on background: on a small grid the object's own patches are outsized too), else
+    ``<prefix>_artifacts/share``."""
 
     share: float = 0.3
     growth: float = 0.1
@@ -436,9 +438,11 @@ class ArtifactRule(Rule):
     )
 
     def check(self, history: History) -> Finding | None:
-        chart = f"{self.prefix}_artifacts/share"
         if len(history) < 2:
             return None
+        chart = f"{self.prefix}_artifacts/background_share"
+        if f"{chart}/layer_00" not in history[-1][1]:
+            chart = f"{self.prefix}_artifacts/share"
         layers = _layers_of(history[-1][1], chart)
         early, _ = _early_late(layers)
         watched = [layer for layer in layers if layer not in early] or layers
@@ -468,7 +472,9 @@ class ArtifactRule(Rule):
 @dataclass(frozen=True)
 class PointingRule(Rule):
     """(With masks.) A method's pointing game below (1 - ``drop``) x its best value so far, for ``patience``
-    passes: the map left the object. Reads ``<prefix>_pointing_game/<method>``."""
+    passes: the map left the object. Reads ``<prefix>_pointing_game/<method>`` of every method but ``raw`` when
+    another is logged: the final layer's raw attention is the last mixing step only, and moves off the object in
+    healthy runs (rollout and the class-targeted maps show what the whole stack uses)."""
 
     drop: float = 0.5
     patience: int = 2
@@ -484,10 +490,9 @@ class PointingRule(Rule):
         if len(history) < 2:
             return None
         fallen, numbers = [], []
-        for method in METHODS:
+        logged = [m for m in METHODS if f"{chart}/{m}" in history[-1][1]]
+        for method in [m for m in logged if m != "raw"] or logged:
             tag = f"{chart}/{method}"
-            if tag not in history[-1][1]:
-                continue
             values = [_value(h, tag) for _, h in history]
             flags, best = [], values[0]
             for v in values[1:]:

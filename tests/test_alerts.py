@@ -92,11 +92,16 @@ def test_artifacts_must_grow_in_a_middle_or_late_layer():
 
 def test_pointing_game_falling_below_its_best():
     rule = PointingRule(drop=0.5, patience=2)
-    game = lambda v: {"attention_pointing_game/raw": v, "attention_pointing_game/rollout": 0.5}  # noqa: E731
+    game = lambda v: {"attention_pointing_game/rollout": v, "attention_pointing_game/raw": 0.5}  # noqa: E731
     found = rule.check(_history(game(0.1), game(0.8), game(0.3), game(0.2)))
-    assert found.methods == ("raw",) and "best 0.800" in found.detail
+    assert found.methods == ("rollout",) and "best 0.800" in found.detail
     assert rule.check(_history(game(0.1), game(0.8), game(0.3))) is None
     assert rule.check(_history(game(0.8), game(0.3))) is None  # one pass
+    # the final layer's raw attention is read only when it is the only map
+    raw_falls = lambda v: {"attention_pointing_game/raw": v, "attention_pointing_game/rollout": 0.5}  # noqa: E731
+    assert rule.check(_history(*map(raw_falls, (0.1, 0.8, 0.3, 0.2)))) is None
+    only_raw = lambda v: {"attention_pointing_game/raw": v}  # noqa: E731
+    assert rule.check(_history(*map(only_raw, (0.1, 0.8, 0.3, 0.2)))).methods == ("raw",)
 
 
 def test_chance_compares_each_method_with_the_random_map():
@@ -238,13 +243,15 @@ def test_collapse_artifact_and_pointing_from_a_constructed_token(tmp_path):
     with pytest.warns(RuntimeWarning, match="alert 'collapse' at step 8"):
         trainer.fit(lit.LitViT(), *lit.loaders())
     fired = {(a.rule, a.step): a for a in monitor.alerts}
-    assert set(fired) == {("collapse", 8), ("artifacts", 8), ("pointing", 12)}, monitor.alerts
+    # the token on the object is no artifact (with masks the rule reads the share outside them); on background it is
+    assert set(fired) == {("collapse", 8), ("artifacts", 12), ("pointing", 12)}, monitor.alerts
     assert fired[("collapse", 8)].layers == (1,) and fired[("collapse", 8)].probes == (0, 1)
-    assert fired[("artifacts", 8)].layers == (1,) and fired[("pointing", 12)].curve == "attention_pointing_game/raw"
+    assert fired[("artifacts", 12)].layers == (1,) and fired[("artifacts", 12)].curve == "attention_artifacts/background_share"
+    assert fired[("pointing", 12)].curve == "attention_pointing_game/rollout"
     assert monitor.last_metrics["attention_pointing_game/raw"] < 0.05
     lines = (tmp_path / "attention" / "alerts.txt").read_text().splitlines()  # the files writer
     assert [line.split("\t")[:2] for line in lines] == [
-        ["8", "attention/alerts/collapse"], ["8", "attention/alerts/artifacts"], ["12", "attention/alerts/pointing"]]
+        ["8", "attention/alerts/collapse"], ["12", "attention/alerts/artifacts"], ["12", "attention/alerts/pointing"]]
 
     # two constructed tokens: artifacts without collapse (entropy ~ log 2 / log 16)
     monitor = AttentionMonitor(_probes(), tile_size=16, on_error="raise", alerts=True)
