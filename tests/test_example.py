@@ -22,3 +22,13 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
         assert len(acc.Scalars(f"attention_pointing_game/{method}")) == 2
         assert len(acc.Scalars(f"attention_faithfulness/most_first_auc/{method}")) == 2
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
+
+
+def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):
+    import finetune
+
+    runs = finetune.main(["--fast", "--logdir", str(tmp_path)])
+    healthy, too_high = runs.values()
+    assert healthy.alerts == []
+    assert len(healthy.runner.scalar_history) == 3  # baseline + 2 fine-tuning epochs: the rules were read
+    assert "finetune_lr0.0001: " in capsys.readouterr().out and too_high.runner.scalar_history
