@@ -434,7 +434,14 @@ class AttentionMonitor(Callback):
         history = self._runner.scalar_history if self._runner is not None else []
         if self.alert_mode is False or not history or history[-1][0] != result.step:
             return []  # off, or this pass logged no scalar to read
-        fired = self._alert_book.update(history, result.maps)
+        try:
+            fired = self._alert_book.update(history, result.maps)
+        except Exception as err:  # a faulty rule must cost neither the run nor this pass's pictures
+            if self.on_error == "raise":
+                raise
+            self._warn_once(f"alerts {type(err).__name__}", f"AttentionMonitor could not check the alerts at step "
+                            f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.")
+            return []
         result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))
         for alert in fired:
             rank_zero_warn(alert.message, category=RuntimeWarning)

@@ -303,3 +303,20 @@ def test_stop_under_ddp_every_rank_stops_at_the_same_pass(tmp_path):
     # 2 steps per epoch on each rank: the baseline, then the first epoch's pass fires and stops the run
     assert [(s.step, s.value) for s in acc.Scalars("attention_alerts/uniform")] == [(0, 0), (2, 1)]
     assert [e.step for e in acc.Images("attention/raw")] == [0, 2]
+
+
+def test_a_failing_rule_follows_on_error_and_the_pass_is_still_written(tmp_path, monkeypatch):
+    def broken(self, history):
+        raise KeyError("a rule bug")
+
+    monkeypatch.setattr(UniformRule, "check", broken)
+    monitor = AttentionMonitor(_probes(), tile_size=16)
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=1)
+    with pytest.warns(RuntimeWarning, match=r"could not check the alerts at step 0: KeyError: 'a rule bug'") as record:
+        trainer.fit(lit.LitViT(), *lit.loaders())
+    assert sum("could not check the alerts" in str(w.message) for w in record) == 1  # once per kind
+    assert trainer.global_step == 4 and monitor.alerts == []
+    assert [e.step for e in lit.read_events(trainer.logger.log_dir).Images("attention/raw")] == [0, 4]
+    strict = AttentionMonitor(_probes(), tile_size=16, on_error="raise")
+    with pytest.raises(KeyError, match="a rule bug"):
+        lit.trainer(tmp_path / "strict", [strict], max_epochs=1).fit(lit.LitViT(), *lit.loaders())
