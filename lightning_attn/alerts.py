@@ -587,6 +587,8 @@ class AlertBook:
     alerts: list[Alert] = field(default_factory=list)
     #: names of the rules whose episode is going on
     active: set[str] = field(default_factory=set)
+    #: index in the history of the current baseline (a resume with other probes starts a new one)
+    start: int = 0
 
     def update(self, history: History, maps: Any = None) -> list[Alert]:
         """Check every rule against ``history`` (the last entry is the new pass) and return the new alerts.
@@ -596,6 +598,7 @@ class AlertBook:
             maps: the new pass's :class:`~lightning_attn.maps.AttentionMaps`, to name the probes involved; None:
                 probes are not named.
         """
+        history = history[self.start :]
         if not history:
             return []
         step = int(history[-1][0])
@@ -620,12 +623,18 @@ class AlertBook:
         fired = {a.rule for a in new}
         return {f"{prefix}_alerts/{rule.name}": float(rule.name in fired) for rule in self.rules}
 
+    def restart(self, start: int) -> None:
+        """The history's entry ``start`` is a new baseline: the rules read from there, and episodes start anew."""
+        self.start = start
+        self.active = set()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"alerts": [a.to_dict() for a in self.alerts], "active": sorted(self.active)}
+        return {"alerts": [a.to_dict() for a in self.alerts], "active": sorted(self.active), "start": self.start}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.alerts = [Alert.from_dict(a) for a in state.get("alerts") or []]
         self.active = set(state.get("active") or [])
+        self.start = int(state.get("start") or 0)
 
 
 def _message(rule: Rule, step: int, finding: Finding, probes: Sequence[int]) -> str:

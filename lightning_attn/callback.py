@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -20,8 +19,9 @@ from typing_extensions import override
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import find_vision_transformers, unsupported_message
 from .maps import AGGREGATIONS
+from .layout import TokenLayout
 from .options import ProbeOptions
-from .probes import Probes, load_images, take_from_loader
+from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, writers_for
@@ -173,6 +173,9 @@ class AttentionMonitor(Callback):
         on_error: str = "warn",
         name: str | None = None,
         writer: AttentionWriter | Sequence[AttentionWriter] | None = None,
+        class_names: Sequence[str] | None = None,
+        batch_to_probes: BatchToProbes | None = None,
+        layout: TokenLayout | None = None,
         alerts: bool | str = True,
         alert_thresholds: AlertThresholds | dict[str, float] | None = None,
     ) -> None:
@@ -183,7 +186,7 @@ class AttentionMonitor(Callback):
             head_fusion=head_fusion, discard_ratio=discard_ratio, query=query, tile_size=tile_size, cmap=cmap,
             alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
             artifact_threshold=artifact_threshold, faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
-            filmstrip_length=filmstrip_length, mean=mean, std=std,
+            filmstrip_length=filmstrip_length, mean=mean, std=std, class_names=class_names,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -205,6 +208,16 @@ class AttentionMonitor(Callback):
             raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
         if transform is not None and not callable(transform):
             raise ValueError(f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}")
+        if batch_to_probes is not None and not callable(batch_to_probes):
+            raise ValueError(
+                "`batch_to_probes` must be a callable `batch -> images` or `batch -> (images, labels)`, got "
+                f"{type(batch_to_probes).__name__}"
+            )
+        if layout is not None and not isinstance(layout, TokenLayout):
+            raise ValueError(
+                "`layout` must be a lightning_attn.TokenLayout(num_prefix_tokens=..., grid_size=(gh, gw), "
+                f"query='cls' or 'mean'), got {type(layout).__name__}"
+            )
         if on_error not in _ON_ERROR:
             raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}")
         if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
@@ -235,6 +248,8 @@ class AttentionMonitor(Callback):
         self.on_error = on_error
         self.name = name
         self.writer = writer
+        self.batch_to_probes = batch_to_probes
+        self.layout = layout
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
@@ -246,6 +261,9 @@ class AttentionMonitor(Callback):
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
+        self._trainer_id: int | None = None  # the trainer this monitor's run belongs to
+        self._logged: tuple[int, int] | None = None  # (trainer, step) of the latest pass written
+        self._ckpt_steps: dict[str, int] = {}
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -287,6 +305,8 @@ class AttentionMonitor(Callback):
         candidates = find_vision_transformers(pl_module)
         if len(candidates) == 1:
             return candidates[0][1]
+        if not candidates and self.layout is not None:
+            return pl_module  # a custom ViT: its attention layers anywhere in the LightningModule, read with `layout`
         if not candidates:
             raise ValueError(f"no attention layers of a supported ViT found: {unsupported_message(pl_module)}")
         names = [n or "<the LightningModule>" for n, _ in candidates]
@@ -298,14 +318,39 @@ class AttentionMonitor(Callback):
     def _start_runner(self, probes: Probes) -> None:
         assert self._vit is not None
         self._probes = probes
-        self._runner = ProbeRunner(self._vit, probes, self.options, name=self.name)
-        if self._pending_state is not None:
-            self._runner.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self._runner = ProbeRunner(self._vit, probes, self.options, name=self.name, layout=self.layout)
+        state, self._pending_state = self._pending_state, None
+        if state is not None:
+            self._resume(state)
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Take a checkpoint's runner state; other probes or map options than the checkpoint's restart the baseline."""
+        runner = self._runner
+        assert runner is not None
+        runner.load_state_dict(state)
+        changed = runner.differences(state)
+        if changed:
+            # maps of other probes or options cannot be compared with the checkpoint's: a new baseline, now
+            runner.restart()
+            self._alert_book.restart(len(runner.scalar_history))  # the rules read from the new baseline on
+            self._baseline_done, self._last_step = False, None
+            self._warn_once(
+                "resume-changed",
+                f"AttentionMonitor resumed with other {' and '.join(changed)} than the checkpoint: drift and the "
+                "filmstrip start again from a new baseline at this step; the scalar curves go on.",
+            )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._resolve_module(pl_module)
+        if self._trainer_id is not None and self._trainer_id != id(trainer):
+            self._new_run()  # a monitor reused for another Trainer: its own writers, baseline and history
+        self._trainer_id = id(trainer)
+        if isinstance(self.probes, int) and trainer.limit_val_batches == 0 and self._probes is None:
+            raise ValueError(
+                f"`probes={self.probes}` takes validation images, but this Trainer has `limit_val_batches=0`: pass "
+                "`probes` as a tensor or image paths, or let validation run"
+            )
         if self._runner is not None and self._runner.model is vit:
             return self._setup_writers(trainer)  # fit, then validate: the same run goes on
         self._vit = vit
@@ -322,8 +367,20 @@ class AttentionMonitor(Callback):
             self._start_runner(probes)  # checks the model, the probes and the options against each other
         else:
             # loader probes come later; check the model and options now
-            ProbeRunner.check_model(self._vit, self.options)
+            ProbeRunner.check_model(self._vit, self.options, self.layout)
         self._setup_writers(trainer)
+
+    def _new_run(self) -> None:
+        self._writer = None if self.writer is None else WriterSet([self.writer] if isinstance(self.writer, AttentionWriter) else self.writer)
+        self._runner = None
+        self._pending_state = None
+        if isinstance(self.probes, int):
+            self._probes = None  # the new run's validation data
+        self._baseline_done = False
+        self._last_step = None
+        self.last_metrics = {}
+        self._alert_book = AlertBook(self._alert_book.rules)  # a new run: its own alerts
+        self.stop_reason = None
 
     def _setup_writers(self, trainer: pl.Trainer) -> None:
         twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
@@ -341,6 +398,10 @@ class AttentionMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._runner is None:
+            # take the probes now, not after an epoch of training: `probes=N` beyond the validation set fails here
+            with isolate_rng():
+                self._ensure_runner(trainer)
         if self.log_baseline and not self._baseline_done:
             self._run(trainer, pl_module)
             self._baseline_done = True
@@ -362,8 +423,11 @@ class AttentionMonitor(Callback):
             # Lightning sets validation data up lazily; doing it now is what its val loop does first anyway.
             try:
                 trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            except MisconfigurationException:  # no `val_dataloader` anywhere: reported below
-                pass
+            except Exception as err:  # noqa: BLE001
+                # no `val_dataloader` anywhere: reported below. By name: `lightning` and the standalone
+                # `pytorch_lightning` each raise their own MisconfigurationException class
+                if type(err).__name__ != "MisconfigurationException":
+                    raise
             loaders = trainer.val_dataloaders
         if isinstance(loaders, dict):
             loaders = next(iter(loaders.values()), None)
@@ -374,22 +438,59 @@ class AttentionMonitor(Callback):
                 f"`probes={self.probes}` takes images from the validation dataloader, but this run has none: "
                 "define `val_dataloader` or pass `probes` as a tensor or image paths"
             )
-        return take_from_loader(loaders, self.probes)
+        return take_from_loader(loaders, self.probes, self.batch_to_probes)
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
             rank_zero_warn(message, category=RuntimeWarning)
 
+    def _ensure_runner(self, trainer: pl.Trainer) -> bool:
+        """Start the runner if the probes are known or can be taken; False after a transient loader error."""
+        if self._runner is not None:
+            return True
+        if self._probes is not None:  # restored from a checkpoint
+            self._start_runner(self._probes)
+            return True
+        try:
+            probes = self._loader_probes(trainer)
+        except OSError as err:  # a flaky file system or network dataset: try again at the next pass
+            if self.on_error == "raise":
+                raise
+            self._warn_once(
+                "loader-" + type(err).__name__,
+                f"AttentionMonitor could not take the probes from the validation data ({type(err).__name__}: "
+                f"{err}); it tries again at the next pass. Training goes on.",
+            )
+            return False
+        self._start_runner(probes)  # misconfiguration raises, always
+        return True
+
+    def _step(self, trainer: pl.Trainer) -> tuple[int, bool]:
+        """The step a pass belongs to, and whether it is part of the run's history."""
+        if trainer.state.fn == "fit":
+            return trainer.global_step, True
+        # `trainer.validate(model, ckpt_path=...)` on a fresh Trainer: the weights are the checkpoint's, so is the
+        # step; a validate-only pass never enters the baseline, drift history or filmstrip
+        path = getattr(trainer, "ckpt_path", None)
+        if path and trainer.global_step == 0:
+            if path not in self._ckpt_steps:
+                from .loading import load_checkpoint_state
+
+                self._ckpt_steps[path] = int(load_checkpoint_state(path).get("global_step", 0))
+            return self._ckpt_steps[path], False
+        return trainer.global_step, False
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step:
-            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged
+        step, record = self._step(trainer)
+        if (id(trainer), step) == self._logged:
+            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged here
         assert self._vit is not None, "setup() must run before a probe pass"
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():
-            if self._runner is None:  # probes restored from a checkpoint, or the first N validation images
-                self._start_runner(self._probes or self._loader_probes(trainer))  # misconfiguration raises, always
+            if not self._ensure_runner(trainer):
+                self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
+                return
             runner = self._runner
             assert runner is not None
             plugin = trainer.precision_plugin
@@ -398,6 +499,7 @@ class AttentionMonitor(Callback):
                 result = runner.run(
                     step,
                     render=trainer.is_global_zero,  # every rank runs the pass (DDP forwards), rank zero draws
+                    record=record,
                     forward_context=plugin.forward_context,
                     convert_input=plugin.convert_input,
                 )
@@ -418,6 +520,7 @@ class AttentionMonitor(Callback):
                 return
         self._stop_on(trainer, fired)
         self._last_step = step
+        self._logged = (id(trainer), step)
 
     def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
         """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""
@@ -502,10 +605,15 @@ class AttentionMonitor(Callback):
         runner_state = state_dict.get("runner")
         if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
             runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}
-        if isinstance(self.probes, int) and state_dict.get("probes") is not None:
-            self._probes = Probes(state_dict["probes"], state_dict.get("labels"))
-            self._runner = None
+        stored = state_dict.get("probes")
+        if isinstance(self.probes, int) and stored is not None:
+            if len(stored) == self.probes:
+                self._probes = Probes(stored, state_dict.get("labels"))
+                self._runner = None
+            else:  # `probes=N` changed: take N images afresh; the runner sees other probes and restarts the baseline
+                self._probes = None
+                self._runner = None
         if self._runner is not None and runner_state is not None:
-            self._runner.load_state_dict(runner_state)
+            self._resume(runner_state)
         else:
             self._pending_state = runner_state

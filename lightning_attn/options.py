@@ -92,6 +92,7 @@ class ProbeOptions:
     filmstrip_length: int = 8
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -135,6 +136,14 @@ class ProbeOptions:
         set_("std", _stats("std", self.std))
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"`std` values must be > 0, got {self.std!r}")
+        names = self.class_names
+        if names is not None:
+            if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+                raise ValueError(f"`class_names` must be a sequence of strings, one per class, got {names!r}")
+            names = tuple(names)
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"`class_names` must be a non-empty sequence of strings, one per class, got {names!r}")
+            set_("class_names", names)
 
     @property
     def film_method(self) -> str:

@@ -238,23 +238,38 @@ def grid_shape(
     return height, width
 
 
-def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+@lru_cache(maxsize=None)
+def _font(size: int = _FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
-        return ImageFont.load_default(size=_FONT_SIZE)
+        return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap font and no size
         return ImageFont.load_default()
 
 
-def _draw_centred(
-    draw: ImageDraw.ImageDraw,
-    box: tuple[int, int, int, int],
-    text: str,
-    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
-) -> None:
-    """Draw ``text`` centred in ``box`` (x0, y0, x1, y1), dropping trailing characters that would not fit."""
+#: The smallest text drawn: below it a label is shortened by whole words instead.
+_MIN_FONT_SIZE = 7
+
+
+def fit_label(draw: ImageDraw.ImageDraw, text: str, width: int) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+    """``text`` and a font that fit in ``width`` pixels: a smaller font first, then whole trailing words dropped
+    for an ellipsis. A label is never cut inside a word, so ``p571`` never reads ``p5``."""
+    for size in range(_FONT_SIZE, _MIN_FONT_SIZE - 1, -1):
+        font = _font(size)
+        if draw.textlength(text, font=font) <= width:
+            return text, font
+    words = text.split(" ")
+    while words:
+        words.pop()
+        shorter = " ".join(words) + " …" if words else "…"
+        if draw.textlength(shorter, font=font) <= width:
+            return shorter, font
+    return "", font
+
+
+def _draw_centred(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str) -> None:
+    """Draw ``text`` centred in ``box`` (x0, y0, x1, y1), shrunk or shortened by whole words to fit."""
     x0, y0, x1, y1 = box
-    while text and draw.textlength(text, font=font) > x1 - x0:
-        text = text[:-1]
+    text, font = fit_label(draw, text, x1 - x0)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     x = x0 + (x1 - x0 - (right - left)) // 2 - left
     y = y0 + (y1 - y0 - (bottom - top)) // 2 - top
@@ -271,7 +286,8 @@ def make_grid(
 
     Tiles are separated by ``padding`` white pixels (also around the border). Column labels go in a white
     header strip of :data:`LABEL_SIZE` pixels, centred over each column; row labels in a strip of the same width
-    on the left, rotated to read bottom to top. Labels too long for their tile are cut short. The grid is built
+    on the left, rotated to read bottom to top. Labels too long for their tile get a smaller font, then lose
+    whole trailing words (never part of a number). The grid is built
     and converted to uint8 on the tiles' device and copied to the host once; text is then drawn with PIL.
     The shape is :func:`grid_shape`.
 
@@ -305,15 +321,15 @@ def make_grid(
         return pixels
 
     image = Image.fromarray(pixels)
-    draw, font = ImageDraw.Draw(image), _font()
+    draw = ImageDraw.Draw(image)
     step_x, step_y = tw + padding, th + padding
     for c, label in enumerate(col_labels or ()):
         x0 = left + padding + c * step_x
-        _draw_centred(draw, (x0, 0, x0 + tw, top), str(label), font)
+        _draw_centred(draw, (x0, 0, x0 + tw, top), str(label))
     for r, label in enumerate(row_labels or ()):
         # Draw on a horizontal strip, then turn it a quarter counter-clockwise into place.
         strip = Image.new("RGB", (th, left), (255, 255, 255))
-        _draw_centred(ImageDraw.Draw(strip), (0, 0, th, left), str(label), font)
+        _draw_centred(ImageDraw.Draw(strip), (0, 0, th, left), str(label))
         image.paste(strip.rotate(90, expand=True), (0, top + padding + r * step_y))
     return np.asarray(image)
 
@@ -463,14 +479,14 @@ def layer_step_image(
 
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    _draw_centred(draw, (0, 0, width, top), title, font)
+    _draw_centred(draw, (0, 0, width, top), title)
     # y axis: a label per row when they fit, else every k-th
     every = max(1, -(-14 // cell_h))
     for r in range(0, rows, every):
         y = top + r * cell_h
-        _draw_centred(draw, (LABEL_SIZE, y + cell_h // 2 - 8, left - 2, y + cell_h // 2 + 8), f"L{layers[r]}", font)
+        _draw_centred(draw, (LABEL_SIZE, y + cell_h // 2 - 8, left - 2, y + cell_h // 2 + 8), f"L{layers[r]}")
     strip = Image.new("RGB", (heat.shape[0], LABEL_SIZE), (255, 255, 255))
-    _draw_centred(ImageDraw.Draw(strip), (0, 0, heat.shape[0], LABEL_SIZE), "layer", font)
+    _draw_centred(ImageDraw.Draw(strip), (0, 0, heat.shape[0], LABEL_SIZE), "layer")
     image.paste(strip.rotate(90, expand=True), (0, top))
     # x axis: the last step and every k-th before it, at least 44 px apart
     y_ticks = top + heat.shape[0]
@@ -478,8 +494,8 @@ def layer_step_image(
     for c in range(cols - 1, -1, -stride):
         x = left + c * cell_w + cell_w // 2
         draw.line([(x, y_ticks), (x, y_ticks + 3)], fill=_TEXT)
-        _draw_centred(draw, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]), font)
-    _draw_centred(draw, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step", font)
+        _draw_centred(draw, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]))
+    _draw_centred(draw, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step")
     # colour bar: max at the top, min at the bottom
     x_text = x_bar + bar_w + 3
     draw.text((x_text, top), _fmt(hi), fill=_TEXT, font=font)

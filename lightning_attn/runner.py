@@ -10,6 +10,7 @@ model (:func:`redraw`).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping, Sequence
@@ -19,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend, backend_for
+from .layout import TokenLayout
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
-from .probes import Probes, display_stats
+from .probes import MANY_PROBES, Probes, display_stats
 from .render import filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
 from .report import layer_series, scalar_report, tag_prefix
 
@@ -30,6 +32,8 @@ __all__ = ["FORMAT_VERSION", "Panel", "ProbePass", "ProbeRunner", "redraw", "res
 
 #: Version of :meth:`ProbeRunner.state_dict`'s layout; a newer reader converts older states.
 FORMAT_VERSION = 2
+#: Probes that get an evolution animation: a GIF each, so a few hundred probes must not mean hundreds of files.
+MAX_ANIMATED = 16
 
 
 @dataclass
@@ -63,10 +67,17 @@ def resolve_layers(requested: Sequence[int] | None, num_layers: int, name: str) 
     return [layer % num_layers for layer in requested]
 
 
-def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: str = "raw") -> list[str]:
-    """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``."""
+def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: str = "raw",
+               class_names: Sequence[str] | None = None) -> list[str]:
+    """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``. With
+    ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``."""
+    def name(index: int) -> str:
+        if class_names is None:
+            return str(index)
+        return "=" + (class_names[index] if 0 <= index < len(class_names) else str(index))
+
     if method in GRADIENT_METHODS and maps.target is not None:
-        return [f"#{i} t{t}" for i, t in enumerate(maps.target.tolist())]  # the class explained
+        return [f"#{i} t{name(t)}" for i, t in enumerate(maps.target.tolist())]  # the class explained
     predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None else None
     known = labels.tolist() if labels is not None else None
     rows = []
@@ -74,9 +85,9 @@ def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: s
         # short enough for the strip beside a small tile: "#3 y2 p0" (probe, label, prediction)
         text = f"#{i}"
         if known is not None:
-            text += f" y{known[i]}"
+            text += f" y{name(known[i])}"
         if predicted is not None:
-            text += f" p{predicted[i]}"
+            text += f" p{name(predicted[i])}"
         rows.append(text)
     return rows
 
@@ -105,8 +116,10 @@ class ProbeRunner:
         (['attention/raw', 'attention/rollout', 'attention/raw_aggregates'], True)
     """
 
-    def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None) -> None:
-        self.backend = self.check_model(model, options)
+    def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None,
+                 layout: TokenLayout | None = None) -> None:
+        self.backend = self.check_model(model, options, layout)
+        self._layout = layout
         self.model = self.backend.model
         self.options = options
         self.prefix = tag_prefix(name)
@@ -118,6 +131,26 @@ class ProbeRunner:
         self.registers = self.backend.layout(self.backend.input_size() or (224, 224)).register_slice
         self.probes: Probes = probes
         self.backend.check_images(probes.images)
+        classes = self.backend.num_classes
+        if probes.labels is not None and classes is not None and int(probes.labels.max()) >= classes:
+            bad = sorted({int(v) for v in probes.labels.tolist() if v >= classes})
+            raise ValueError(
+                f"`labels` {bad} are out of range: {type(self.model).__name__} has {classes} classes (0..{classes - 1}); "
+                "pass the class index each probe belongs to"
+            )
+        if options.class_names is not None and classes is not None and len(options.class_names) != classes:
+            raise ValueError(
+                f"`class_names` has {len(options.class_names)} names but {type(self.model).__name__} has {classes} "
+                "classes: pass one name per class, in class-index order"
+            )
+        if len(probes) > MANY_PROBES:
+            warnings.warn(
+                f"{len(probes)} probes: each pass runs the model on all of them and draws every grid with one row "
+                f"per probe (256 probes took ~2 minutes per pass on 2 CPU cores); animations are kept for the first "
+                f"{MAX_ANIMATED} only. {MANY_PROBES} or fewer is plenty to watch attention.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._display: Tensor | None = None
         self.baseline: dict[str, Tensor] | None = None
         self.previous: dict[str, Tensor] | None = None
@@ -127,9 +160,9 @@ class ProbeRunner:
         self.scalar_history: list[tuple[int, dict[str, float]]] = []
 
     @staticmethod
-    def check_model(model: nn.Module, options: ProbeOptions) -> Backend:
+    def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
         """The model's backend, once the model and the options are checked against each other (before probes)."""
-        backend = backend_for(model)
+        backend = backend_for(model, layout)
         num_layers = len(backend.attention_layers())
         for name in ("layers", "matrix_layers", "head_layers"):
             resolve_layers(getattr(options, name), num_layers, name)
@@ -175,6 +208,7 @@ class ProbeRunner:
                 target=target,
                 head_layers=self.head_layers,
                 attention_distance=options.diagnostics,
+                layout=self._layout,
             )
         for method in options.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
@@ -200,11 +234,13 @@ class ProbeRunner:
         *,
         render: bool = True,
         history_panels: bool = True,
+        record: bool = True,
         forward_context: Callable[[], ContextManager[Any]] = nullcontext,
         convert_input: Callable[[Tensor], Tensor] = lambda x: x,
     ) -> ProbePass:
         """One pass at ``step``: maps, scalars (drift from the baseline, the first pass, and from the previous
-        one), and the panels when ``render`` (``history_panels``: also the filmstrip and layers x steps pictures)."""
+        one), and the panels when ``render`` (``history_panels``: also the filmstrip and layers x steps pictures).
+        ``record=False`` leaves the baseline and the histories alone (a pass outside the run, e.g. ``validate``)."""
         options = self.options
         maps, curves = self.compute(forward_context, convert_input)
         scalars = scalar_report(
@@ -219,29 +255,34 @@ class ProbeRunner:
             faithfulness=curves,
             prefix=self.prefix,
         )
-        current = {m: maps[m].detach() for m in options.methods}
-        if self.baseline is None:
-            self.baseline = current
-        self.previous = current
-        self.history.append((step, maps[options.film_method][:, -1].detach()))
-        if scalars:
-            self.scalar_history.append((step, dict(scalars)))
-        panels = self.panels(maps, scalars, history_panels) if render else []
+        if record:
+            current = {m: maps[m].detach() for m in options.methods}
+            if self.baseline is None:
+                self.baseline = current
+            self.previous = current
+            self.history.append((step, maps[options.film_method][:, -1].detach()))
+            if scalars:
+                self.scalar_history.append((step, dict(scalars)))
+        # a pass outside the history still shows itself at the end of the filmstrip
+        extra = [] if record else [(step, maps[options.film_method][:, -1].detach())]
+        panels = self.panels(maps, scalars, history_panels, extra) if render else []
         return ProbePass(step, maps, scalars, panels, curves)
 
     # ------------------------------------------------------------------ pictures
 
-    def panels(self, maps: AttentionMaps, scalars: Mapping[str, float], history: bool = True) -> list[Panel]:
+    def panels(self, maps: AttentionMaps, scalars: Mapping[str, float], history: bool = True,
+               extra_frames: Sequence[tuple[int, Tensor]] = ()) -> list[Panel]:
         """The pictures of one pass, in the order they are logged."""
         options, p = self.options, self.prefix
         display = self.display()
-        rows = row_labels(len(self.probes), self.probes.labels, maps)
+        names = options.class_names
+        rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names)
         render = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
         out: list[Panel] = []
         columns = ["image"] + [f"L{layer}" for layer in self.layers]
         for method in options.methods:
             tiles = overlay(display, maps[method][:, self.layers], **render)
-            labels = row_labels(len(self.probes), self.probes.labels, maps, method)
+            labels = row_labels(len(self.probes), self.probes.labels, maps, method, names)
             out.append(Panel(f"{p}/{method}", make_grid(tiles, columns, labels), labels))
         if options.aggregates and "raw" in options.methods:
             stacked = torch.stack([maps.aggregate(r, "raw") for r in options.aggregates], dim=1)
@@ -260,11 +301,11 @@ class ProbeRunner:
         if not history:
             return out
         # baseline plus the most recent passes of the final-layer map, one row per probe
-        frames = self.history[:1] + self.history[1:][-options.filmstrip_length :]
+        frames = self.history[:1] + self.history[1:][-options.filmstrip_length :] + list(extra_frames)
         tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
         header = ["image"] + [f"s{s}" for s, _ in frames]
         out.append(Panel(f"{p}/filmstrip", make_grid(tiles, header, rows), rows))
-        if scalars:
+        if scalars and self.scalar_history:
             # the whole run of each per-layer metric in one picture (rows = layers, columns = logged steps)
             for chart, (layers, steps, values) in layer_series(self.scalar_history).items():
                 section, _, rest = chart.partition("/")
@@ -298,6 +339,28 @@ class ProbeRunner:
             "comparable": options.comparable(),
         }
 
+    def restart(self) -> None:
+        """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""
+        self.baseline = self.previous = None
+        self.history = []
+
+    def differences(self, state: Mapping[str, Any]) -> list[str]:
+        """What makes an earlier run's maps incomparable with this runner's: other probes or map options."""
+        found = []
+        display = state.get("display")
+        if display is not None:
+            now = (self.display() * 255).round().to(torch.uint8).cpu()
+            if tuple(display.shape) != tuple(now.shape) or not torch.equal(display, now):
+                found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
+        before = state.get("comparable")
+        if before is not None:
+            found += [f"`{k}` ({before[k]!r} then, {v!r} now)" for k, v in self.options.comparable().items()
+                      if k in before and before[k] != v]
+        history = state.get("history") or []
+        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
+            found.append("the number of probes")
+        return found
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Take the baseline and history of an earlier run (tolerant of missing keys)."""
         self.baseline = state.get("baseline_maps")
@@ -312,7 +375,7 @@ def _animations(display: Tensor, history: Sequence[tuple[int, Tensor]], options:
     maps = torch.stack([m.to(display.device) for _, m in history], dim=1)  # (B, T, gh, gw)
     method = film_method or options.film_method
     out = {}
-    for i in range(maps.shape[0]):
+    for i in range(min(maps.shape[0], MAX_ANIMATED)):
         out[f"{prefix}/{method}_evolution/probe_{i:02d}"] = [
             filmstrip(display[i], maps[i, t : t + 1], steps[t : t + 1], options.tile_size * 2, options.cmap, options.alpha)
             for t in range(maps.shape[1])

@@ -320,3 +320,19 @@ def test_a_failing_rule_follows_on_error_and_the_pass_is_still_written(tmp_path,
     strict = AttentionMonitor(_probes(), tile_size=16, on_error="raise")
     with pytest.raises(KeyError, match="a rule bug"):
         lit.trainer(tmp_path / "strict", [strict], max_epochs=1).fit(lit.LitViT(), *lit.loaders())
+
+
+def test_a_new_baseline_restarts_the_rules_and_a_reused_monitor_its_alerts(tmp_path):
+    book = AlertBook(rules_for(AlertThresholds(collapse_patience=1)))
+    low, high = _entropy(0.01), _entropy(0.9)
+    assert [a.step for a in book.update(_history(high, low))] == [4]
+    book.restart(2)  # e.g. resumed with other probes: the next pass is a new baseline
+    assert book.active == set() and book.update(_history(high, low, low)) == []  # a baseline alone never fires
+    assert [a.step for a in book.update(_history(high, low, low, low))] == [12]
+    other = AlertBook()
+    other.load_state_dict(book.state_dict())
+    assert other.start == 2
+    monitor = AttentionMonitor(_probes(), tile_size=16, alert_thresholds={"uniform_patience": 1})
+    for run in ("a", "b"):  # a monitor reused for another Trainer starts a new run, alerts included
+        lit.trainer(tmp_path / run, [monitor], max_epochs=1, logger=False).fit(lit.LitViT(), *lit.loaders())
+        assert [(a.rule, a.step) for a in monitor.alerts] == [("uniform", 4)]

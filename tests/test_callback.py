@@ -174,20 +174,26 @@ def test_matrix_view_and_chosen_layers(tmp_path):
     assert (matrix.height, matrix.width) == grid_shape(2, 1, 64, 64, True, True)
 
 
+def _nan_model() -> lit.LitViT:
+    model = lit.LitViT()
+    with torch.no_grad():
+        model.model.pos_embed[0, 1, 0] = float("nan")  # a weight gone NaN (e.g. an fp16 overflow) -> NaN attention
+    return model
+
+
 def test_failing_probe_pass_warns_once_and_training_goes_on(tmp_path):
     bad = _probes(2)
-    bad[0, 0, 0, 0] = float("nan")  # NaN pixels -> NaN attention
     monitor = AttentionMonitor(bad, tile_size=32)
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=3)
     with pytest.warns(RuntimeWarning, match="skipped the probe pass at step 0: FloatingPointError") as record:
-        trainer.fit(lit.LitViT(), *lit.loaders())
+        trainer.fit(_nan_model(), *lit.loaders())
     assert sum("skipped the probe pass" in str(w.message) for w in record) == 1
     assert trainer.global_step == 12  # all three epochs ran
     assert "attention/raw" not in lit.read_events(trainer.logger.log_dir).Tags()["images"]
 
     strict = AttentionMonitor(bad, tile_size=32, on_error="raise")
     with pytest.raises(FloatingPointError, match="NaN"):
-        lit.trainer(tmp_path / "s", [strict]).fit(lit.LitViT(), *lit.loaders())
+        lit.trainer(tmp_path / "s", [strict]).fit(_nan_model(), *lit.loaders())
 
 
 def test_bf16_mixed_precision(tmp_path):

@@ -172,3 +172,21 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir, tmp_path, capsys, args
 def test_debug_shows_the_traceback():
     done = _run("render", "timm:no_such_model", "x.png", "-o", "out", "--debug")
     assert done.returncode == 2 and "Traceback" in done.stderr and "timm has no model" in done.stderr
+
+
+def test_render_a_hugging_face_folder_and_a_timm_name(run_dir, tmp_path):
+    pytest.importorskip("transformers")
+    import families
+
+    model = families.make_hf("vit_cls")
+    model.save_pretrained(tmp_path / "hf")
+    image = str(run_dir / "images" / "img0.png")
+    assert main(["render", str(tmp_path / "hf"), image, "-o", str(tmp_path / "a"), "--quiet", "--tile-size", "16"]) == 0
+    saved = json.loads((tmp_path / "a" / "scalars.json").read_text())["batches"][0]["scalars"]
+    loaded = type(model).from_pretrained(tmp_path / "hf").eval()
+    images = load_images([image], backend_for(loaded).transform())
+    expected = ProbeRunner(loaded, Probes(images), ProbeOptions(tile_size=16)).run(0, history_panels=False)
+    assert saved == pytest.approx(expected.scalars, abs=1e-6)
+    assert main(["render", "timm:vit_tiny_patch16_224", image, "-o", str(tmp_path / "b"), "--quiet",
+                 "--layers", "-1", "--tile-size", "16"]) == 0
+    assert (tmp_path / "b" / "attention__rollout_000.png").is_file()

@@ -182,6 +182,11 @@ class Backend(ABC):
     def has_class_logits(self) -> bool:
         """Whether :meth:`forward` returns class logits (gradient methods can then explain a class index)."""
 
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the logits have, when known without a forward."""
+        return None
+
     def _check_query(self, query: str, has_cls: bool) -> None:
         from ..layout import QUERIES
 

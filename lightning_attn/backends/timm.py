@@ -222,6 +222,11 @@ class TimmBackend(Backend):
         # with num_classes=0 timm returns pooled features, whose argmax is no class
         return getattr(self.model, "num_classes", 1) != 0
 
+    @property
+    def num_classes(self) -> int | None:
+        count = getattr(self.model, "num_classes", None)
+        return int(count) if count else None
+
     def class_logits(self, output: Any) -> Tensor | None:
         if not self.has_class_logits:
             return None

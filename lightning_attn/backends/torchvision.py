@@ -187,5 +187,10 @@ class TorchvisionBackend(Backend):
     def has_class_logits(self) -> bool:
         return True
 
+    @property
+    def num_classes(self) -> int | None:
+        linear = [m for m in self.model.heads.modules() if isinstance(m, nn.Linear)]
+        return linear[-1].out_features if linear else None
+
     def class_logits(self, output: Any) -> Tensor | None:
         return output if isinstance(output, Tensor) and output.dim() == 2 else None

@@ -316,6 +316,10 @@ class TransformersBackend(Backend):
     def has_class_logits(self) -> bool:
         return "ForImageClassification" in type(self.model).__name__
 
+    @property
+    def num_classes(self) -> int | None:
+        return int(self.model.config.num_labels) if self.has_class_logits else None
+
     def class_logits(self, output: Any) -> Tensor | None:
         if not self.has_class_logits:
             return None
