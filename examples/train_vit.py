@@ -24,6 +24,7 @@ model's own patch size and depth; without it the model is built from scratch wit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 import warnings
@@ -164,6 +165,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the model, the shapes and the probes (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="smoke run: 1 epoch, a few small batches")
+    p.add_argument("--report", action="store_true",
+                   help="after training, print README's table (pointing game and deletion AUCs) from the event file")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="after training, save the last rollout and relevance grids and the filmstrip as PNG here "
+                        "(README's pictures: --docs docs)")
+    p.add_argument("--no-monitor", action="store_true",
+                   help="train without AttentionMonitor (compare the printed weights digest with a monitored run)")
     args = p.parse_args(argv)
     if args.pretrained and (args.patch_size is not None or args.depth is not None):
         p.error("--patch-size/--depth cannot change a pretrained model: drop them, or drop --pretrained")
@@ -262,13 +270,14 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
         **probes, module="model", methods=("raw", "rollout", "grad_rollout", "relevance"), faithfulness=True,
         every_n_epochs=1, mean=mean, std=std,
     )
+    callbacks = [LearningRateMonitor(logging_interval="step")] + ([] if args.no_monitor else [monitor])
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
         devices=int(args.devices) if args.devices.isdigit() else args.devices,
         precision=args.precision,
         logger=TensorBoardLogger(args.logdir, name=name),
-        callbacks=[monitor, LearningRateMonitor(logging_interval="step")],
+        callbacks=callbacks,
         log_every_n_steps=1 if args.fast else 10,
         limit_train_batches=4 if args.fast else None,
         limit_val_batches=2 if args.fast else None,
@@ -284,7 +293,77 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
         print(f"\nFinished in {time.perf_counter() - start:.0f} s; last validation: {metrics}")
         print(f"TensorBoard logs: {trainer.log_dir}")
         print(f"View them with:\n    tensorboard --logdir {args.logdir}")
+        # training must not depend on the monitor: this digest is the same with --no-monitor
+        print(f"Final weights digest: {weights_digest(module)}")
+        if args.report and not args.no_monitor:
+            print("\n" + report(trainer.log_dir))
+        if args.docs is not None and not args.no_monitor:
+            for path in export_images(trainer.log_dir, args.docs):
+                print(f"wrote {path}")
     return trainer
+
+
+def export_images(log_dir: str | Path, directory: Path) -> list[Path]:
+    """The last logged rollout and relevance grids and the filmstrip, from the event file, as PNG files."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for tag, name in (("attention/rollout", "example_rollout.png"), ("attention/relevance", "example_relevance.png"),
+                      ("attention/filmstrip", "example_filmstrip.png")):
+        if tag in acc.Tags()["images"]:
+            image = Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB")
+            image.save(directory / name)
+            written.append(directory / name)
+    return written
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, bit for bit: equal digests mean identical training."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def report(log_dir: str | Path) -> str:
+    """README's table from a run's event file: the pointing game per method at the first, second and last logged
+    steps, and the deletion AUCs (most / least important first) with the random map's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+
+    def series(tag: str) -> dict[int, float]:
+        return {e.step: e.value for e in acc.Scalars(tag)} if tag in scalars else {}
+
+    methods = ("raw", "rollout", "grad_rollout", "relevance")
+    steps = sorted(series(f"attention_pointing_game/{methods[0]}"))
+    picked = steps[:2] + steps[-1:] if len(steps) > 2 else steps
+    fmt = lambda values, step: f"{values[step]:.3f}" if step in values else "—"  # noqa: E731
+    head = " / ".join(map(str, picked))
+    lines = [
+        f"| method | pointing game at step {head} | deletion AUC, most important first (lower = more faithful): "
+        f"step {head} | least important first (higher = more faithful): step {head} |",
+        "|---|---|---|---|",
+    ]
+    for method in (*methods, "random"):
+        game = series(f"attention_pointing_game/{method}")
+        most = series(f"attention_faithfulness/most_first_auc/{method}")
+        least = series(f"attention_faithfulness/least_first_auc/{method}")
+        label = "random map" if method == "random" else method
+        lines.append(
+            f"| {label} | {' / '.join(fmt(game, s) for s in picked)} | {' / '.join(fmt(most, s) for s in picked)} | "
+            f"{' / '.join(fmt(least, s) for s in picked)} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -30,6 +31,45 @@ __all__ = ["AttentionMonitor"]
 
 _ON_ERROR = ("warn", "raise")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+@contextmanager
+def _full_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Every parameter whole for the probe pass, which calls the ViT directly rather than through the strategy's
+    wrapper: FSDP2 modules (``fully_shard``, ``ModelParallelStrategy``) are unsharded and resharded afterwards;
+    an FSDP1 root (``FSDPStrategy``) summons its full parameters. All ranks take part, as they all run the pass."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        FSDPModule = None  # type: ignore[assignment,misc]  # noqa: N806
+    sharded = [m for m in pl_module.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+    if sharded:
+        names = {id(m): n for n, m in pl_module.named_modules()}
+        roots = [m for m in sharded if not any(
+            names[id(m)].startswith(names[id(o)] + ".") or names[id(o)] == "" and names[id(m)] != ""
+            for o in sharded if o is not m)]
+        for root in roots:
+            # FSDP2 picks its root at the first forward; before any (a baseline pass without a sanity check) the
+            # ViT's own blocks would claim it. No public call does this; it is a no-op once a forward ran.
+            state = root._get_fsdp_state()
+            if getattr(state, "_is_root", True) is None:
+                state._lazy_init()
+        for module in sharded:
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in sharded:
+                module.reshard()
+        return
+    wrapped = getattr(trainer.strategy, "model", None)
+    if type(wrapped).__name__ == "FullyShardedDataParallel":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+            yield
+        return
+    yield
 
 
 class AttentionMonitor(Callback):
@@ -100,6 +140,11 @@ class AttentionMonitor(Callback):
             several monitors (a teacher and a student, two sets of ``methods``) share one trainer.
         writer: your own :class:`~lightning_attn.writers.AttentionWriter` (or a list of them) to take every
             image, animation and scalar instead of the writers chosen for the trainer's loggers.
+        class_names: one name per class, shown on the grid rows instead of class indices.
+        batch_to_probes: with ``probes=N``, reads a validation batch: ``batch -> images`` or
+            ``batch -> (images, labels)``; default: tensors, tuples, dicts and dataclasses with common keys.
+        layout: the token layout (:class:`~lightning_attn.TokenLayout`) of a ViT no backend knows, e.g. one built
+            on ``nn.MultiheadAttention``; its attention layers are found in the LightningModule (or ``module``).
         alerts: ``True`` (default): after each pass, check the attention-health rules of
             :mod:`lightning_attn.alerts` on the curves so far and, when one starts to hold, warn once per episode
             (rule, step, layers, probes, the curve to open, what to try), write the message to every logger that
@@ -496,13 +541,14 @@ class AttentionMonitor(Callback):
             plugin = trainer.precision_plugin
             fired: list[Alert] = []
             try:
-                result = runner.run(
-                    step,
-                    render=trainer.is_global_zero,  # every rank runs the pass (DDP forwards), rank zero draws
-                    record=record,
-                    forward_context=plugin.forward_context,
-                    convert_input=plugin.convert_input,
-                )
+                with _full_parameters(trainer, pl_module):
+                    result = runner.run(
+                        step,
+                        render=trainer.is_global_zero,  # every rank runs the pass (DDP forwards), rank zero draws
+                        record=record,
+                        forward_context=plugin.forward_context,
+                        convert_input=plugin.convert_input,
+                    )
                 fired = self._check_alerts(trainer, result)
                 if trainer.is_global_zero:
                     self._write(result, fired)

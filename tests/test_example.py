@@ -24,6 +24,20 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
 
 
+def test_example_trains_the_same_weights_with_and_without_the_monitor_and_reports(tmp_path, capsys):
+    def digest(out: str) -> str:
+        return next(line.split(": ")[1] for line in out.splitlines() if line.startswith("Final weights digest"))
+
+    train_vit.main(["--fast", "--logdir", str(tmp_path / "with"), "--report", "--docs", str(tmp_path / "docs")])
+    watched = capsys.readouterr().out
+    train_vit.main(["--fast", "--logdir", str(tmp_path / "without"), "--no-monitor"])
+    plain = capsys.readouterr().out
+    assert digest(watched) == digest(plain)  # the monitor changes nothing in training, bit for bit
+    assert "| relevance | " in watched and "| random map | — / — |" in watched
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [
+        "example_filmstrip.png", "example_relevance.png", "example_rollout.png"]
+
+
 def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):
     import finetune
 

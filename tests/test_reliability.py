@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_attn import AttentionMonitor, find_attention_modules
+from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, normalized_entropy
 
 import lit
 
@@ -137,3 +142,54 @@ def test_every_method_and_faithfulness_under_bf16(tmp_path, precision):
     assert 0 <= values["attention_pointing_game/relevance"] <= 1
     assert 0 <= values["attention_faithfulness/most_first_auc/grad_rollout"] <= 1
     assert all(v == v for v in values.values())  # no NaN
+
+
+_MODEL_PARALLEL_FIT = """
+import sys, torch, lightning.pytorch as pl
+from lightning.pytorch.strategies import ModelParallelStrategy
+import lit
+from lightning_attn import AttentionMonitor
+
+
+class FullyShardedViT(lit.LitViT):
+    # parameters sharded across ranks with FSDP2 (`fully_shard`), as ModelParallelStrategy users do
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    probes = torch.randn(2, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(5))
+    monitor = AttentionMonitor(probes, tile_size=16, on_error="raise")
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    # no sanity check: the baseline pass comes before any forward, while every parameter is still sharded
+    trainer = lit.trainer(out, [monitor], strategy=strategy, devices=2, max_epochs=1, num_sanity_val_steps=0)
+    pl.seed_everything(3)
+    trainer.fit(FullyShardedViT(), *lit.loaders())
+"""
+
+
+def test_model_parallel_strategy_with_sharded_parameters(tmp_path):
+    # Lightning launches ModelParallelStrategy's ranks by running the script again: a script of its own, not pytest
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2").FSDPModule  # noqa: B018
+    script = tmp_path / "fit.py"
+    script.write_text(_MODEL_PARALLEL_FIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (log_dir,) = {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}
+    acc = lit.read_events(log_dir)
+    assert [e.step for e in acc.Images("attention/raw")] == [0, 2]  # rank zero wrote once per pass
+    # the baseline's maps are those of the whole, unsharded model with the same initial weights
+    pl.seed_everything(3)
+    probes = torch.randn(2, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(5))
+    reference = attention_maps(lit.LitViT().model.eval(), probes)
+    entropy = normalized_entropy(reference.raw).mean(0)
+    logged = [acc.Scalars(f"attention_entropy/raw/layer_{l:02d}")[0].value for l in range(2)]
+    assert logged == pytest.approx(entropy.tolist(), abs=1e-5)
