@@ -1,6 +1,7 @@
 """lightning_attn: watch where each layer of a Vision Transformer (timm, Hugging Face transformers, torchvision) looks
 while it trains."""
 
+from .alerts import Alert, AlertBook, AlertThresholds
 from .backends import Backend, backend_for, register_slice, supported_models, token_layout
 from .callback import AttentionMonitor
 from .capture import (
@@ -48,6 +49,9 @@ from .writers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertBook",
+    "AlertThresholds",
     "AttentionMaps",
     "AttentionMonitor",
     "AttentionRecorder",

@@ -17,12 +17,13 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import find_vision_transformers, unsupported_message
 from .maps import AGGREGATIONS
 from .layout import TokenLayout
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
-from .report import scalar_layout
+from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, writers_for
 
@@ -144,6 +145,13 @@ class AttentionMonitor(Callback):
             ``batch -> (images, labels)``; default: tensors, tuples, dicts and dataclasses with common keys.
         layout: the token layout (:class:`~lightning_attn.TokenLayout`) of a ViT no backend knows, e.g. one built
             on ``nn.MultiheadAttention``; its attention layers are found in the LightningModule (or ``module``).
+        alerts: ``True`` (default): after each pass, check the attention-health rules of
+            :mod:`lightning_attn.alerts` on the curves so far and, when one starts to hold, warn once per episode
+            (rule, step, layers, probes, the curve to open, what to try), write the message to every logger that
+            takes text and record it in :attr:`alerts`; ``"stop"``: also stop training (``trainer.should_stop``),
+            as ``EarlyStopping`` does; ``False``: off.
+        alert_thresholds: the thresholds and patience of the rules to change, e.g. ``{"collapse_entropy": 0.1}``
+            (keys and defaults: :class:`~lightning_attn.alerts.AlertThresholds`).
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -213,6 +221,8 @@ class AttentionMonitor(Callback):
         class_names: Sequence[str] | None = None,
         batch_to_probes: BatchToProbes | None = None,
         layout: TokenLayout | None = None,
+        alerts: bool | str = True,
+        alert_thresholds: AlertThresholds | dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -268,6 +278,10 @@ class AttentionMonitor(Callback):
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
                 f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
             )
+        self.alert_mode = check_alerts_mode(alerts)
+        self._alert_book = AlertBook(rules_for(AlertThresholds.from_any(alert_thresholds), tag_prefix(name)))
+        #: Why the monitor stopped training (``alerts="stop"``); None while it has not.
+        self.stop_reason: str | None = None
         self.probes = probes
         self.labels = labels
         self.masks = masks
@@ -299,6 +313,12 @@ class AttentionMonitor(Callback):
     @property
     def methods(self) -> tuple[str, ...]:
         return self.options.methods
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert fired so far (rule, step, layers, probes, curve, message), oldest first; kept in the
+        checkpoint, so a resumed run neither loses nor repeats them."""
+        return self._alert_book.alerts
 
     @property
     def runner(self) -> ProbeRunner | None:
@@ -357,6 +377,7 @@ class AttentionMonitor(Callback):
         if changed:
             # maps of other probes or options cannot be compared with the checkpoint's: a new baseline, now
             runner.restart()
+            self._alert_book.restart(len(runner.scalar_history))  # the rules read from the new baseline on
             self._baseline_done, self._last_step = False, None
             self._warn_once(
                 "resume-changed",
@@ -403,6 +424,8 @@ class AttentionMonitor(Callback):
         self._baseline_done = False
         self._last_step = None
         self.last_metrics = {}
+        self._alert_book = AlertBook(self._alert_book.rules)  # a new run: its own alerts
+        self.stop_reason = None
 
     def _setup_writers(self, trainer: pl.Trainer) -> None:
         twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
@@ -511,10 +534,12 @@ class AttentionMonitor(Callback):
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():
             if not self._ensure_runner(trainer):
+                self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
                 return
             runner = self._runner
             assert runner is not None
             plugin = trainer.precision_plugin
+            fired: list[Alert] = []
             try:
                 with _full_parameters(trainer, pl_module):
                     result = runner.run(
@@ -524,8 +549,9 @@ class AttentionMonitor(Callback):
                         forward_context=plugin.forward_context,
                         convert_input=plugin.convert_input,
                     )
+                fired = self._check_alerts(trainer, result)
                 if trainer.is_global_zero:
-                    self._write(result)
+                    self._write(result, fired)
                 self.last_metrics = result.scalars
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
@@ -536,11 +562,41 @@ class AttentionMonitor(Callback):
                     "Training goes on; this warning is shown once per kind of error "
                     "(pass on_error='raise' to stop on it instead).",
                 )
+                self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
                 return
+        self._stop_on(trainer, fired)
         self._last_step = step
         self._logged = (id(trainer), step)
 
-    def _write(self, result: ProbePass) -> None:
+    def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
+        """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""
+        if self.alert_mode != "stop":
+            return
+        # a collective, reached by every rank after each pass (a failed pass too): all ranks must agree
+        if trainer.strategy.reduce_boolean_decision(bool(fired), all=False):
+            trainer.should_stop = True
+            self.stop_reason = fired[0].message if fired else "an alert fired on another rank"
+
+    def _check_alerts(self, trainer: pl.Trainer, result: ProbePass) -> list[Alert]:
+        """New alerts of this pass (every rank computes them from its own scalars); rank zero warns. The markers
+        (1 for a rule that fired now, else 0) join the pass's scalars."""
+        history = self._runner.scalar_history if self._runner is not None else []
+        if self.alert_mode is False or not history or history[-1][0] != result.step:
+            return []  # off, or this pass logged no scalar to read
+        try:
+            fired = self._alert_book.update(history, result.maps)
+        except Exception as err:  # a faulty rule must cost neither the run nor this pass's pictures
+            if self.on_error == "raise":
+                raise
+            self._warn_once(f"alerts {type(err).__name__}", f"AttentionMonitor could not check the alerts at step "
+                            f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.")
+            return []
+        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))
+        for alert in fired:
+            rank_zero_warn(alert.message, category=RuntimeWarning)
+        return fired
+
+    def _write(self, result: ProbePass, alerts: Sequence[Alert] = ()) -> None:
         writer = self._writer
         assert writer is not None
         for panel in result.panels:
@@ -551,6 +607,8 @@ class AttentionMonitor(Callback):
         if result.scalars:
             writer.add_layout(scalar_layout(result.scalars))  # writers add only charts they have not drawn yet
             writer.add_scalars(result.scalars, result.step)
+        for alert in alerts:
+            writer.add_text(f"{tag_prefix(self.name)}/alerts/{alert.rule}", alert.message, result.step)
         writer.flush()
 
     @override
@@ -577,6 +635,7 @@ class AttentionMonitor(Callback):
             # drift is measured from the first pass's maps, the filmstrip and layers x steps pictures show every
             # pass, and `lightning-attn replay` redraws them from here: all in the runner's state
             "runner": self._runner.state_dict() if self._runner is not None else self._pending_state,
+            "alerts": self._alert_book.state_dict(),  # said once: a resumed run does not repeat them
         }
         if isinstance(self.probes, int) and self._probes is not None:
             # probes taken from the loader must stay the same images after a resume
@@ -588,6 +647,7 @@ class AttentionMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._baseline_done = bool(state_dict.get("baseline_done", False))
         self._last_step = state_dict.get("last_step")
+        self._alert_book.load_state_dict(state_dict.get("alerts") or {})
         runner_state = state_dict.get("runner")
         if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
             runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .diagnostics import artifact_tokens, attention_drift, register_share
-from .faithfulness import PerturbationCurves, pointing_game
+from .diagnostics import artifact_mask, artifact_tokens, attention_drift, register_share
+from .faithfulness import PerturbationCurves, pixels_to_patches, pointing_game
 from .maps import AttentionMaps
 from .metrics import normalized_entropy
 
@@ -59,10 +59,13 @@ def scalar_report(
     the last word is one line of it (a layer, a head, a method). Tags (``XX`` = layer, ``M`` = method):
 
     - ``P_entropy/M/layer_XX``: normalised entropy of the query row over patches (0 one patch, 1 uniform).
+    - ``P_entropy_median/M``: the final layer's normalised entropy, median over probes (the lower middle value).
     - ``P_drift_baseline/M/layer_XX`` and ``.../mean``: Jensen–Shannon divergence (bits, [0, 1]) from the
       maps of the baseline pass; ``P_drift_previous/...`` likewise from the previous logged pass.
     - ``P_artifacts/count/layer_XX`` and ``P_artifacts/share/layer_XX``: patches taking more than
       ``artifact_threshold`` x the median share of the raw query row, and the attention they take.
+    - ``P_artifacts/background_share/layer_XX``: (with ``masks``) the share those patches take outside the
+      object mask.
     - ``P_register_share/layer_XX``: share of the raw query row going to register tokens.
     - ``P_distance/layer_XX`` (mean over heads) and ``P_head_distance/layer_XX/head_YY``: mean attention
       distance in pixels.
@@ -74,7 +77,10 @@ def scalar_report(
     out: dict[str, Tensor] = {}
     for method in methods:
         if entropy:
-            _per_layer(out, f"{p}_entropy/{method}", normalized_entropy(maps[method]).mean(0))
+            per_probe = normalized_entropy(maps[method])  # (B, L)
+            _per_layer(out, f"{p}_entropy/{method}", per_probe.mean(0))
+            # the mean hides "on most probes": the median of the final layer is <= x when half the probes are
+            out[f"{p}_entropy_median/{method}"] = per_probe[:, -1].median()
         for name, reference in (("drift_baseline", baseline), ("drift_previous", previous)):
             if reference is not None and method in reference:
                 drift = attention_drift(maps[method], reference[method].to(maps[method].device))
@@ -86,6 +92,12 @@ def scalar_report(
         count, share = artifact_tokens(maps.raw, artifact_threshold)
         _per_layer(out, f"{p}_artifacts/count", count)
         _per_layer(out, f"{p}_artifacts/share", share)
+        if masks is not None:  # artifact tokens sit on background: the share they take outside the object
+            raw = maps.raw.float().flatten(-2)
+            shares = raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)
+            outside = 1 - pixels_to_patches(masks.to(raw.device), tuple(maps.raw.shape[-2:])).flatten(-2)
+            hot = artifact_mask(maps.raw, artifact_threshold).flatten(-2)
+            _per_layer(out, f"{p}_artifacts/background_share", (shares * hot * outside.unsqueeze(1)).sum(-1).mean(0))
     if registers is not None and maps.prefix_attention is not None and maps.raw is not None:
         rows = torch.cat([maps.prefix_attention, maps.raw.flatten(2)], dim=-1)
         _per_layer(out, f"{p}_register_share", register_share(rows, registers))

@@ -36,3 +36,13 @@ def test_example_trains_the_same_weights_with_and_without_the_monitor_and_report
     assert "| relevance | " in watched and "| random map | — / — |" in watched
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [
         "example_filmstrip.png", "example_relevance.png", "example_rollout.png"]
+
+
+def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):
+    import finetune
+
+    runs = finetune.main(["--fast", "--logdir", str(tmp_path)])
+    healthy, too_high = runs.values()
+    assert healthy.alerts == []
+    assert len(healthy.runner.scalar_history) == 3  # baseline + 2 fine-tuning epochs: the rules were read
+    assert "finetune_lr0.0001: " in capsys.readouterr().out and too_high.runner.scalar_history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -50,10 +51,14 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
         pl.loggers.MLFlowLogger(experiment_name="attn", tracking_uri=uri),
         pl.loggers.CSVLogger(tmp, name="csv"),
     ]
-    monitor = AttentionMonitor(_probes(), labels=[0, 1], tile_size=16, on_error="raise")
+    # patience 1: a fresh model's near-uniform attention fires the "uniform" alert at the first epoch's pass
+    monitor = AttentionMonitor(_probes(), labels=[0, 1], tile_size=16, on_error="raise",
+                               alert_thresholds={"uniform_patience": 1})
     trainer = lit.trainer(tmp, [monitor], logger=loggers)
     trainer.fit(lit.LitViT(), *lit.loaders())
     loggers[1].experiment.finish()
+    assert [(a.rule, a.step) for a in monitor.alerts] == [("uniform", 4)]
+    message = monitor.alerts[0].message
     tags = set(monitor.last_metrics)
     assert len(tags) > 20 and all(t.startswith("attention_") for t in tags)
     images = {"attention/raw", "attention/rollout", "attention/raw_aggregates", "attention/filmstrip",
@@ -68,6 +73,11 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     for tag in images:
         assert [e.step for e in acc.Images(tag)] == STEPS, tag
     assert [e.step for e in acc.Images("attention/rollout_evolution/probe_01")] == [8]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    text = EventAccumulator(str(loggers[0].log_dir), size_guidance={"tensors": 0})
+    text.Reload()
+    assert [(e.step, e.tensor_proto.string_val[0].decode()) for e in text.Tensors("attention/alerts/uniform/text_summary")] == [(4, message)]
 
     # CSV: metrics.csv columns, PNGs under its log_dir
     with open(Path(loggers[3].log_dir) / "metrics.csv", newline="") as f:
@@ -78,6 +88,7 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     pngs = {p.name for p in (Path(loggers[3].log_dir) / "attention").iterdir()}
     assert {f"{t.replace('/', '__')}_step{s:07d}.png" for t in images for s in STEPS} <= pngs
     assert "attention__rollout_evolution__probe_00.gif" in pngs
+    assert (Path(loggers[3].log_dir) / "attention" / "alerts.txt").read_text() == f"4\tattention/alerts/uniform\t{message}\n"
 
     # MLflow: metric history per tag, stepped images and the GIFs as artifacts
     client = MlflowClient(uri)
@@ -94,6 +105,8 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     assert "attention/attention__rollout_evolution__probe_00.gif" in gifs
     local = client.download_artifacts(run_id, "attention/attention__rollout_evolution__probe_00.gif", str(tmp / "dl"))
     assert Image.open(local).format == "GIF"
+    local = client.download_artifacts(run_id, "alerts/attention__alerts__uniform_step0000004.txt", str(tmp / "dl"))
+    assert Path(local).read_text() == message
 
     # W&B offline: the media files written under the run directory
     (run_dir,) = (tmp / "wandb_dir" / "wandb").glob("offline-run-*")
@@ -110,6 +123,11 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
         logged = [(r["trainer/global_step"], r[tag]) for r in rows if tag in r]
         assert [step for step, _ in logged] == expected, tag
         assert logged[-1][1] == pytest.approx(monitor.last_metrics[tag], rel=1e-6)
+    # the alert as a W&B table (log_text) at its step, its message in the table file
+    tables = [(r["trainer/global_step"], r["attention/alerts/uniform/_type"]) for r in rows if "attention/alerts/uniform/_type" in r]
+    assert tables == [(4, "table-file")]
+    (table_file,) = (media / "table" / "attention" / "alerts").glob("uniform_*.table.json")
+    assert json.loads(table_file.read_text())["data"] == [[4, message]]
     captions = [r["attention/raw/captions"] for r in rows if "attention/raw/captions" in r]
     assert len(captions[0]) == 1 and captions[0][0].startswith("rows: #0 y0 p") and " | #1 y1 p" in captions[0][0]
 

@@ -63,7 +63,8 @@ def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
 
 def test_state_dict_round_trip_and_tolerant_load(tmp_path):
     monitor = AttentionMonitor(3)
-    assert monitor.state_dict() == {"baseline_done": False, "last_step": None, "runner": None}
+    assert monitor.state_dict() == {"baseline_done": False, "last_step": None, "runner": None,
+                                    "alerts": {"alerts": [], "active": [], "start": 0}}
     monitor.load_state_dict({})  # a checkpoint from an older version: defaults
     assert not monitor._baseline_done
     # format 1 kept the runner's fields at the top level: they are taken as they are

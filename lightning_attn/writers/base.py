@@ -74,6 +74,9 @@ class AttentionWriter(ABC):
     def add_layout(self, layout: ChartLayout) -> None:
         """Declare which scalar tags share a chart; by default nothing (only TensorBoard draws layouts)."""
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """Record a message (an alert) under ``tag`` at ``step``; by default nothing (no place for text)."""
+
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""
 

@@ -86,6 +86,12 @@ class PNGWriter(LoggerWriter):
                 rows.writerow(["step", "tag", "value"])
             rows.writerows([step, tag, float(value)] for tag, value in metrics.items())
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """Appended to ``directory/alerts.txt``: one line ``step<TAB>tag<TAB>text`` per message."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / "alerts.txt").open("a") as f:
+            f.write(f"{step}\t{tag}\t{' '.join(text.split())}\n")
+
     def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
         save_gif(frames, self.animation_path(tag), duration_ms)
 

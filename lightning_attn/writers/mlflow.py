@@ -54,6 +54,11 @@ class MLflowWriter(LoggerWriter):
         else:
             client.log_image(run_id, image, artifact_file=f"attention/{file_name(tag)}_step{step:07d}.png")
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """A text artifact ``alerts/<tag with / as __>_step<step>.txt`` (``MlflowClient.log_text``)."""
+        artifact = f"alerts/{file_name(tag)}_step{step:07d}.txt"
+        self.logger.experiment.log_text(self.logger.run_id, text, artifact_file=artifact)
+
     def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_gif(frames, Path(tmp) / f"{file_name(tag)}.gif", duration_ms)

@@ -66,6 +66,9 @@ class WriterSet(AttentionWriter):
     def add_layout(self, layout: ChartLayout) -> None:
         self._each("add_layout", layout)
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._each("add_text", tag, text, step)
+
     def flush(self) -> None:
         self._each("flush")
         if self._errors:

@@ -127,6 +127,10 @@ class TensorBoardWriter(LoggerWriter):
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / f"{file_name(tag)}.gif").write_bytes(data)
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """The TEXT tab: ``SummaryWriter.add_text``."""
+        self.experiment.add_text(tag, text, global_step=step)
+
     def add_layout(self, layout: ChartLayout) -> None:
         merged = _LAYOUTS.setdefault(self.experiment, {})
         changed = False

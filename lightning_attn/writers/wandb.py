@@ -58,6 +58,12 @@ class WandbWriter(LoggerWriter):
         caption = "rows: " + " | ".join(rows)
         self.logger.log_image(key=tag, images=[image], step=step, caption=[caption])
 
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        """A one-row table (columns ``step``, ``text``) through the logger's ``log_text``, when it has one."""
+        log_text = getattr(self.logger, "log_text", None)
+        if callable(log_text):
+            log_text(key=tag, columns=["step", "text"], data=[[step, text]], step=step)
+
     def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
         path = save_gif(frames, self.directory / f"{file_name(tag)}.gif", duration_ms)
         self.logger.log_video(key=tag, videos=[str(path)], step=step, format=["gif"])
