@@ -172,20 +172,28 @@ def _save(panel: Panel, directory: Path, suffix: str = "") -> str:
     return name
 
 
-def _index(directory: Path, title: str, pictures: list[tuple[str, str]], tables: list[tuple[str, list[list[Any]]]]) -> None:
+def _index(directory: Path, title: str, pictures: list[tuple[str, str]], tables: list[tuple[str, list[list[Any]]]],
+           tables_first: bool = False) -> None:
+    """A one-page ``index.html``: the pictures, and the tables (folded unless ``tables_first``)."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style>",
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}</style>",
              f"<h1>{html.escape(title)}</h1>"]
+    folded = []
     for caption, rows in tables:
-        parts.append(f"<h2>{html.escape(caption)}</h2><table>")
+        body = ["<table>"]
         for i, row in enumerate(rows):
             cell = "th" if i == 0 else "td"
-            parts.append("<tr>" + "".join(f"<{cell}>{html.escape(str(v))}</{cell}>" for v in row) + "</tr>")
-        parts.append("</table>")
+            body.append("<tr>" + "".join(f"<{cell}>{html.escape(str(v))}</{cell}>" for v in row) + "</tr>")
+        body.append("</table>")
+        if tables_first:
+            parts += [f"<h2>{html.escape(caption)}</h2>", *body]
+        else:
+            folded += [f"<details><summary>{html.escape(caption)}</summary>", *body, "</details>"]
     for caption, name in pictures:
         parts.append(f"<h2>{html.escape(caption)}</h2><img src='{html.escape(name)}' alt='{html.escape(caption)}'>")
-    (directory / "index.html").write_text("\n".join(parts) + "\n")
+    (directory / "index.html").write_text("\n".join(parts + folded) + "\n")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -258,7 +266,8 @@ def compare(args: argparse.Namespace) -> int:
     (out / "drift.md").write_text("\n".join(lines) + "\n")
     _index(out, f"lightning-attn compare {args.model_a} {args.model_b}", pictures,
            [("drift from A to B per layer, most first (Jensen–Shannon divergence, bits, mean over images)",
-             [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]])])
+             [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]])],
+           tables_first=True)
     return 0
 
 
