@@ -209,7 +209,7 @@ def render(args: argparse.Namespace) -> int:
     target = None if args.target is None else args.target
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
         labels = None if target is None else torch.full((images.shape[0],), target)
-        runner = ProbeRunner(model, Probes(images, labels), options)
+        runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
         result = runner.run(step=0, history_panels=False)
         chunk = paths[index * args.batch_size : index * args.batch_size + images.shape[0]]
         for panel in result.panels:

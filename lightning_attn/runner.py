@@ -68,22 +68,22 @@ def resolve_layers(requested: Sequence[int] | None, num_layers: int, name: str) 
 
 
 def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: str = "raw",
-               class_names: Sequence[str] | None = None) -> list[str]:
+               class_names: Sequence[str] | None = None, start: int = 0) -> list[str]:
     """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``. With
-    ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``."""
+    ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``. Probes are numbered from ``start``."""
     def name(index: int) -> str:
         if class_names is None:
             return str(index)
         return "=" + (class_names[index] if 0 <= index < len(class_names) else str(index))
 
     if method in GRADIENT_METHODS and maps.target is not None:
-        return [f"#{i} t{name(t)}" for i, t in enumerate(maps.target.tolist())]  # the class explained
+        return [f"#{start + i} t{name(t)}" for i, t in enumerate(maps.target.tolist())]  # the class explained
     predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None else None
     known = labels.tolist() if labels is not None else None
     rows = []
     for i in range(count):
         # short enough for the strip beside a small tile: "#3 y2 p0" (probe, label, prediction)
-        text = f"#{i}"
+        text = f"#{start + i}"
         if known is not None:
             text += f" y{name(known[i])}"
         if predicted is not None:
@@ -117,9 +117,10 @@ class ProbeRunner:
     """
 
     def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None,
-                 layout: TokenLayout | None = None) -> None:
+                 layout: TokenLayout | None = None, first_index: int = 0) -> None:
         self.backend = self.check_model(model, options, layout)
         self._layout = layout
+        self.first_index = first_index  # the number of the first probe on the rows (a batch of a larger set)
         self.model = self.backend.model
         self.options = options
         self.prefix = tag_prefix(name)
@@ -276,13 +277,13 @@ class ProbeRunner:
         options, p = self.options, self.prefix
         display = self.display()
         names = options.class_names
-        rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names)
+        rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names, start=self.first_index)
         render = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
         out: list[Panel] = []
         columns = ["image"] + [f"L{layer}" for layer in self.layers]
         for method in options.methods:
             tiles = overlay(display, maps[method][:, self.layers], **render)
-            labels = row_labels(len(self.probes), self.probes.labels, maps, method, names)
+            labels = row_labels(len(self.probes), self.probes.labels, maps, method, names, self.first_index)
             out.append(Panel(f"{p}/{method}", make_grid(tiles, columns, labels), labels))
         if options.aggregates and "raw" in options.methods:
             stacked = torch.stack([maps.aggregate(r, "raw") for r in options.aggregates], dim=1)

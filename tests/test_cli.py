@@ -82,7 +82,7 @@ def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
     saved = json.loads((out / "scalars.json").read_text())
     assert [b["images"] for b in saved["batches"]] == [[str(p) for p in paths[:2]], [str(paths[2])]]
     for index, batch in enumerate((images[:2], images[2:])):
-        expected = ProbeRunner(vit, Probes(batch), options).run(0, history_panels=False)
+        expected = ProbeRunner(vit, Probes(batch), options, first_index=2 * index).run(0, history_panels=False)
         assert saved["batches"][index]["scalars"] == pytest.approx(expected.scalars, abs=1e-6)
         for panel in expected.panels:
             name = panel.tag.replace("/", "__") + f"_{index:03d}.png"
