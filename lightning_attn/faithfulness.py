@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import backend_for
-from .maps import Target, _check_target, _ModeGuard, _model_device_dtype, _resolve_target
+from .maps import Target, _check_target, _ModeGuard, _model_device_dtype, _resolve_target, callable_score
 
 __all__ = [
     "BASELINES",
@@ -262,7 +262,7 @@ def perturbation_curves(
                 pixels = patches_to_pixels(removed_rows[start : start + batch_size], (h, w))[:, None]
                 output = forward(torch.where(pixels, fill[rows], images[rows]))
                 if scored:
-                    probs.append(_score(target, output, len(rows))[:, None])
+                    probs.append(callable_score(target, output, len(rows)).float()[:, None])
                     continue
                 logits = read_logits(output)
                 if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -300,14 +300,6 @@ def _runner(model: nn.Module) -> tuple[Callable[[Tensor], Any], Callable[[Any], 
     except ValueError:
         return model, lambda output: output
     return backend.forward, lambda output: backend.class_logits(output)
-
-
-def _score(target: Callable[[Any], Tensor], output: Any, batch: int) -> Tensor:
-    score = target(output)
-    if not isinstance(score, Tensor) or score.shape != (batch,):
-        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
-        raise ValueError(f"the `target` callable must return one score per image, shape ({batch},); got {shape}")
-    return score.float()
 
 
 def random_perturbation_curves(

@@ -304,14 +304,19 @@ def _resolve_target(target: int | Tensor | None, logits: Tensor | None) -> Tenso
     return chosen
 
 
+def callable_score(target: Callable[[Any], Tensor], output: Any, batch: int) -> Tensor:
+    """``target(output)``, checked to be one score per image: (B,)."""
+    score = target(output)
+    if not isinstance(score, Tensor) or score.shape != (batch,):
+        shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+        raise ValueError(f"the `target` callable must return one score per image, shape ({batch},); got {shape}")
+    return score
+
+
 def target_scores(target: Target, output: Any, logits: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
     """Each image's score to explain, (B,), and the class index behind it ((B,) int64, None for a callable)."""
     if callable(target) and not isinstance(target, Tensor):
-        score = target(output)
-        if not isinstance(score, Tensor) or score.shape != (batch,):
-            shape = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
-            raise ValueError(f"the `target` callable must return one score per image, shape ({batch},); got {shape}")
-        return score, None
+        return callable_score(target, output, batch), None
     chosen = _resolve_target(target, logits)  # type: ignore[arg-type]
     assert logits is not None
     return logits.gather(1, chosen[:, None])[:, 0], chosen
