@@ -92,6 +92,18 @@ def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: s
     return rows
 
 
+def _checked(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
+             ) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
+    """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
+    model and the options are checked against each other."""
+    backend = backend_for(model, layout)
+    num_layers = len(backend.attention_layers())
+    indices = tuple(resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers"))
+    if options.needs_class:
+        check_explainable(backend, options.target)
+    return backend, indices  # type: ignore[return-value]
+
+
 class ProbeRunner:
     """Runs probe passes of one model on fixed probes and keeps what drift, the filmstrip and the layers x steps
     pictures need across passes.
@@ -118,16 +130,12 @@ class ProbeRunner:
 
     def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None,
                  layout: TokenLayout | None = None, first_index: int = 0) -> None:
-        self.backend = self.check_model(model, options, layout)
+        self.backend, (self.layers, self.matrix_layers, self.head_layers) = _checked(model, options, layout)
         self._layout = layout
         self.first_index = first_index  # the number of the first probe on the rows (a batch of a larger set)
         self.model = self.backend.model
         self.options = options
         self.prefix = tag_prefix(name)
-        num_layers = len(self.backend.attention_layers())
-        self.layers = resolve_layers(options.layers, num_layers, "layers")
-        self.matrix_layers = resolve_layers(options.matrix_layers, num_layers, "matrix_layers")
-        self.head_layers = resolve_layers(options.head_layers, num_layers, "head_layers")
         self.stats = display_stats(self.model, options.mean, options.std)
         self.registers = self.backend.layout(self.backend.input_size() or (224, 224)).register_slice
         self.probes: Probes = probes
@@ -163,13 +171,7 @@ class ProbeRunner:
     @staticmethod
     def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
         """The model's backend, once the model and the options are checked against each other (before probes)."""
-        backend = backend_for(model, layout)
-        num_layers = len(backend.attention_layers())
-        for name in ("layers", "matrix_layers", "head_layers"):
-            resolve_layers(getattr(options, name), num_layers, name)
-        if options.needs_class:
-            check_explainable(backend, options.target)
-        return backend
+        return _checked(model, options, layout)[0]
 
     # ------------------------------------------------------------------ a pass
 
@@ -316,7 +318,8 @@ class ProbeRunner:
 
     def animations(self) -> dict[str, list[np.ndarray]]:
         """Per probe, the frames of its final-layer map over every pass: ``{tag: frames}``."""
-        return _animations(self.display(), self.history, self.options, self.prefix)
+        o = self.options
+        return _animations(self.display(), self.history, self.prefix, o.film_method, o.tile_size, o.cmap, o.alpha)
 
     # ------------------------------------------------------------------ state
 
@@ -370,25 +373,17 @@ class ProbeRunner:
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
 
 
-def _animations(display: Tensor, history: Sequence[tuple[int, Tensor]], options: Any, prefix: str,
-                film_method: str | None = None) -> dict[str, list[np.ndarray]]:
+def _animations(display: Tensor, history: Sequence[tuple[int, Tensor]], prefix: str, method: str, tile_size: int,
+                cmap: str, alpha: float) -> dict[str, list[np.ndarray]]:
     steps = [f"step {s}" for s, _ in history]
     maps = torch.stack([m.to(display.device) for _, m in history], dim=1)  # (B, T, gh, gw)
-    method = film_method or options.film_method
     out = {}
     for i in range(min(maps.shape[0], MAX_ANIMATED)):
         out[f"{prefix}/{method}_evolution/probe_{i:02d}"] = [
-            filmstrip(display[i], maps[i, t : t + 1], steps[t : t + 1], options.tile_size * 2, options.cmap, options.alpha)
+            filmstrip(display[i], maps[i, t : t + 1], steps[t : t + 1], tile_size * 2, cmap, alpha)
             for t in range(maps.shape[1])
         ]
     return out
-
-
-@dataclass(frozen=True)
-class _RenderOptions:
-    tile_size: int
-    cmap: str
-    alpha: float
 
 
 def redraw(state: Mapping[str, Any]) -> tuple[Panel, dict[str, list[np.ndarray]]]:
@@ -407,13 +402,13 @@ def redraw(state: Mapping[str, Any]) -> tuple[Panel, dict[str, list[np.ndarray]]
         )
     display = state["display"].float() / 255
     history = state["history"]
-    render = _RenderOptions(**state["render"])
+    render = state["render"]  # tile_size, cmap, alpha
     prefix, method = state.get("prefix", "attention"), state.get("film_method", "rollout")
     maps = torch.stack([m for _, m in history], dim=1)
     count = display.shape[0]
     labels = state.get("labels")
     rows = [f"#{i}" + (f" y{int(labels[i])}" if labels is not None else "") for i in range(count)]
-    tiles = overlay(display, maps, render.tile_size, render.cmap, render.alpha)
+    tiles = overlay(display, maps, render["tile_size"], render["cmap"], render["alpha"])
     header = ["image"] + [f"s{s}" for s, _ in history]
     strip = Panel(f"{prefix}/filmstrip", make_grid(tiles, header, rows), rows)
-    return strip, _animations(display, history, render, prefix, method)
+    return strip, _animations(display, history, prefix, method, render["tile_size"], render["cmap"], render["alpha"])
