@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
-from .backends import find_vision_transformers, unsupported_message
+from .backends import backend_for, find_vision_transformers, unsupported_message
 from .maps import AGGREGATIONS
 from .layout import TokenLayout
 from .options import ProbeOptions
@@ -44,11 +44,8 @@ def _full_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
         FSDPModule = None  # type: ignore[assignment,misc]  # noqa: N806
     sharded = [m for m in pl_module.modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
     if sharded:
-        names = {id(m): n for n, m in pl_module.named_modules()}
-        roots = [m for m in sharded if not any(
-            names[id(m)].startswith(names[id(o)] + ".") or names[id(o)] == "" and names[id(m)] != ""
-            for o in sharded if o is not m)]
-        for root in roots:
+        inner = {id(d) for m in sharded for d in m.modules() if d is not m}
+        for root in (m for m in sharded if id(m) not in inner):
             # FSDP2 picks its root at the first forward; before any (a baseline pass without a sanity check) the
             # ViT's own blocks would claim it. No public call does this; it is a no-op once a forward ran.
             state = root._get_fsdp_state()
@@ -302,7 +299,8 @@ class AttentionMonitor(Callback):
         self._probes: Probes | None = None
         self._runner: ProbeRunner | None = None
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's runner state, until the runner exists
-        self._writer: AttentionWriter | None = None if writers is None else WriterSet(writers)
+        self._user_writers = None if writers is None else list(writers)
+        self._writer: AttentionWriter | None = self._own_writer()
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -404,8 +402,6 @@ class AttentionMonitor(Callback):
             if isinstance(self.probes, Tensor):
                 images = self.probes.detach().clone()
             else:
-                from .backends import backend_for
-
                 images = load_images(self.probes, self.transform or backend_for(self._vit).transform())
             probes = Probes(images, self.labels, self.masks)
         if probes is not None:
@@ -415,8 +411,12 @@ class AttentionMonitor(Callback):
             ProbeRunner.check_model(self._vit, self.options, self.layout)
         self._setup_writers(trainer)
 
+    def _own_writer(self) -> AttentionWriter | None:
+        """The user's `writer=` as one writer, or None: the trainer's loggers then get one each at setup."""
+        return None if self._user_writers is None else WriterSet(self._user_writers)
+
     def _new_run(self) -> None:
-        self._writer = None if self.writer is None else WriterSet([self.writer] if isinstance(self.writer, AttentionWriter) else self.writer)
+        self._writer = self._own_writer()
         self._runner = None
         self._pending_state = None
         if isinstance(self.probes, int):
@@ -653,12 +653,10 @@ class AttentionMonitor(Callback):
             runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}
         stored = state_dict.get("probes")
         if isinstance(self.probes, int) and stored is not None:
-            if len(stored) == self.probes:
-                self._probes = Probes(stored, state_dict.get("labels"))
-                self._runner = None
-            else:  # `probes=N` changed: take N images afresh; the runner sees other probes and restarts the baseline
-                self._probes = None
-                self._runner = None
+            # the same N: the checkpoint's images; `probes=N` changed: N images afresh, and the runner, seeing other
+            # probes, restarts the baseline
+            self._probes = Probes(stored, state_dict.get("labels")) if len(stored) == self.probes else None
+            self._runner = None
         if self._runner is not None and runner_state is not None:
             self._resume(runner_state)
         else:
