@@ -189,7 +189,6 @@ def record_head_attention(model: nn.Module, modules: Sequence[nn.Module], on_hea
     undo: Undo = []
     calls: dict[int, int] = {}  # id(module) -> layer index of its current call
     order = [0]
-    expected = {id(m) for m in modules}
 
     def emit(module: nn.Module, head: int, heads: int, attention: Tensor) -> None:
         if head == 0:
@@ -200,7 +199,7 @@ def record_head_attention(model: nn.Module, modules: Sequence[nn.Module], on_hea
     try:
         for module in modules:
             backend = layer_backend(module)
-            assert backend is not None and id(module) in expected
+            assert backend is not None, "checked above"
             backend.attach_head_stream(module, emit, undo)
         yield
     finally:

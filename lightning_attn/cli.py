@@ -167,7 +167,7 @@ def _progress(items: Sequence[Any], quiet: bool, what: str) -> Any:
 
 
 def _save(panel: Panel, directory: Path, suffix: str = "") -> str:
-    name = file_name(panel.tag).removesuffix(".png") + suffix + ".png"
+    name = file_name(panel.tag) + suffix + ".png"
     Image.fromarray(panel.image).save(directory / name)
     return name
 
@@ -206,9 +206,8 @@ def render(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     pictures, results = [], []
-    target = None if args.target is None else args.target
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
-        labels = None if target is None else torch.full((images.shape[0],), target)
+        labels = None if args.target is None else torch.full((images.shape[0],), args.target)
         runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
         result = runner.run(step=0, history_panels=False)
         chunk = paths[index * args.batch_size : index * args.batch_size + images.shape[0]]
@@ -307,7 +306,7 @@ def replay(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from None
         pictures.append((strip.tag, _save(strip, out)))
         for tag, frames in animations.items():
-            name = file_name(tag).removesuffix(".png") + ".gif"
+            name = file_name(tag) + ".gif"
             save_gif(frames, out / name)
             pictures.append((tag, name))
     _index(out, f"lightning-attn replay {checkpoint}", pictures, [])

@@ -5,9 +5,11 @@ and builds this from them)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
+import numpy as np
 from torch import Tensor
 
 from .layout import QUERIES
@@ -31,7 +33,8 @@ def check_layer_list(name: str, layers: Any, allow_none: bool) -> tuple[int, ...
             f"`{name}` must be a sequence of layer indices (ints, negative counts from the end), got {layers!r}"
         )
     values = list(layers)
-    if not all(isinstance(v, int) and not isinstance(v, bool) or type(v).__name__.startswith("int") for v in values):
+    # numbers.Integral: Python and numpy integers alike; bools are not layer indices
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in values):
         raise ValueError(
             f"`{name}` must be a sequence of layer indices (ints, negative counts from the end), got {layers!r}"
         )

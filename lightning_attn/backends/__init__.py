@@ -84,7 +84,7 @@ def backend_for(model: nn.Module, layout: TokenLayout | None = None) -> Backend:
         if backend.recognises(model):
             return backend(model)
     if layout is not None:
-        layers = [(n, m) for n, m in model.named_modules() if layer_backend(m) is not None]
+        layers = _recordable_layers(model)
         if layers:
             return GenericBackend(model, layers, layout)
     raise ValueError(unsupported_message(model))
@@ -161,7 +161,13 @@ def layers_of(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return backend_for(model).attention_layers()
     except ValueError:
         pass
-    return [(n, m) for n, m in model.named_modules() if layer_backend(m) is not None]
+    return _recordable_layers(model)
+
+
+def _recordable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every attention layer in ``model`` that some family can record, whatever holds it."""
+    backends = _loaded()
+    return [(n, m) for n, m in model.named_modules() if any(b.is_attention_layer(m) for b in backends)]
 
 
 def register_slice(model: nn.Module) -> slice | None:
