@@ -33,12 +33,18 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
+_CLASSES: dict[str, type[Backend]] = {}  # backend classes imported so far, by module name
+
+
 def _loaded() -> list[type[Backend]]:
-    """The backends whose library is imported: a model of a library nobody imported cannot be in memory."""
+    """The backends whose library is imported: a model of a library nobody imported cannot be in memory.
+    Asked for every layer of every pass, so each backend module is imported once and kept."""
     found = []
     for module_name, (class_name, library) in BACKENDS.items():
         if library in sys.modules:
-            found.append(getattr(importlib.import_module(f".{module_name}", __name__), class_name))
+            if module_name not in _CLASSES:
+                _CLASSES[module_name] = getattr(importlib.import_module(f".{module_name}", __name__), class_name)
+            found.append(_CLASSES[module_name])
     return found
 
 
