@@ -149,6 +149,10 @@ class AttentionMonitor(Callback):
             as ``EarlyStopping`` does; ``False``: off.
         alert_thresholds: the thresholds and patience of the rules to change, e.g. ``{"collapse_entropy": 0.1}``
             (keys and defaults: :class:`~lightning_attn.alerts.AlertThresholds`).
+        memory_budget: bytes of float32 attention one layer may hold at once during the probe pass. The whole
+            (probes, heads, N, N) softmax when it fits (fastest: one matmul, reused by timm layers for their
+            output), else a few heads at a time, down to one. None: 256 MiB, on a GPU at most half of its free
+            memory; 0: always one head at a time (least memory).
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -220,6 +224,7 @@ class AttentionMonitor(Callback):
         layout: TokenLayout | None = None,
         alerts: bool | str = True,
         alert_thresholds: AlertThresholds | dict[str, float] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -229,6 +234,7 @@ class AttentionMonitor(Callback):
             alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
             artifact_threshold=artifact_threshold, faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
             filmstrip_length=filmstrip_length, mean=mean, std=std, class_names=class_names,
+            memory_budget=memory_budget,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .backends import backend_for, find_vision_transformers, layer_backend, layers_of, unsupported_message
@@ -24,6 +25,7 @@ __all__ = [
     "find_vision_transformers",
     "record_attention",
     "record_head_attention",
+    "stream_attention",
     "supports_head_streaming",
 ]
 
@@ -161,47 +163,88 @@ def record_attention(
 #: (B, N, N) float32, the softmax weights of that head.
 HeadCallback = Callable[[int, int, int, Tensor], None]
 
+#: Called for each chunk of heads as a layer runs: ``(layer_index, first_head, num_heads, attention)`` with attention
+#: (B, h, N, N) float32, the softmax weights of heads ``first_head .. first_head + h - 1``.
+ChunkCallback = Callable[[int, int, int, Tensor], None]
+
 
 def supports_head_streaming(module: nn.Module) -> bool:
-    """Whether :func:`record_head_attention` can rebuild ``module``'s softmax weights from its q and k while the
-    layer keeps its fused kernel.
+    """Whether :func:`stream_attention` can rebuild ``module``'s softmax weights from the q and k its attention
+    kernel takes, while the layer keeps its fused kernel.
 
-    True for timm's plain ``Attention`` (vit_*, deit*, dinov2, clip, flexivit), Hugging Face attention layers and
-    ``nn.MultiheadAttention``. EVA (rotary embeddings applied after ``k_norm``) and BEiT (relative position bias)
-    add terms that q and k do not show, so they go through :func:`record_attention`.
+    True for timm's ``Attention`` (vit_*, deit*, dinov2, clip, flexivit), EVA's and BEiT's attention (q and k after
+    the rotary embeddings, the relative position bias as the kernel's mask), Hugging Face attention layers and
+    ``nn.MultiheadAttention``.
     """
     backend = layer_backend(module)
     return backend is not None and backend.can_stream_heads(module)
 
 
 @contextmanager
-def record_head_attention(model: nn.Module, modules: Sequence[nn.Module], on_head: HeadCallback) -> Iterator[None]:
-    """Hand the softmax attention of each layer to ``on_head`` one head at a time, keeping the fused kernel.
+def stream_attention(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    on_chunk: ChunkCallback,
+    memory_budget: int | None = None,
+) -> Iterator[None]:
+    """Hand each layer's float32 softmax weights to ``on_chunk`` as the layer runs, in chunks of heads, keeping the
+    model's fused attention kernel.
 
-    Each head's weights ``softmax(q_h k_h^T * scale + bias)`` are rebuilt in float32 from the exact q and k the
-    layer feeds to its kernel and passed on, so at most one head's (B, N, N) matrix exists at a time: the extra
-    memory does not grow with the number of heads. The layer's own output is computed as without the recording.
-    Every module must pass :func:`supports_head_streaming`. Everything is undone on exit, errors included.
+    The weights ``softmax(q k^T * scale + bias)`` are rebuilt in float32 from the exact q, k and mask the layer feeds
+    its kernel. A chunk holds as many heads as fit in ``memory_budget`` bytes (logits and weights, float32; default
+    :data:`~lightning_attn.backends.base.DEFAULT_MEMORY_BUDGET`, on a GPU at most half its free memory): usually all
+    of them, one batched matmul, and then timm layers compute their output from these very weights instead of
+    running q k^T a second time (float32, no grad; the output equals the fused kernel's to rounding). Over the
+    budget, the heads come a few at a time, down to one: the extra memory stops growing with the heads. The
+    gradients of the model are never involved. Every module must pass :func:`supports_head_streaming`; everything is
+    undone on exit, errors included.
     """
+    from .backends.base import capture_budget
+
     bad = [type(m).__name__ for m in modules if not supports_head_streaming(m)]
     if bad or not modules:
-        raise ValueError(f"record_head_attention needs layers that stream heads, got {bad or 'none'}; use record_attention")
+        raise ValueError(f"streaming needs layers that stream heads, got {bad or 'none'}; use record_attention")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 0):
+        raise ValueError(f"`memory_budget` must be None or an int >= 0 (bytes), got {memory_budget!r}")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    budget = capture_budget(memory_budget, device)
     undo: Undo = []
     calls: dict[int, int] = {}  # id(module) -> layer index of its current call
     order = [0]
 
-    def emit(module: nn.Module, head: int, heads: int, attention: Tensor) -> None:
-        if head == 0:
+    def emit(module: nn.Module, first: int, heads: int, attention: Tensor) -> None:
+        if first == 0:
             calls[id(module)] = order[0]
             order[0] += 1
-        on_head(calls[id(module)], head, heads, attention)
+        on_chunk(calls[id(module)], first, heads, attention)
 
     try:
         for module in modules:
             backend = layer_backend(module)
             assert backend is not None, "checked above"
-            backend.attach_head_stream(module, emit, undo)
+            backend.attach_head_stream(module, emit, undo, budget)
         yield
     finally:
         while undo:
             undo.pop()()
+
+
+@contextmanager
+def record_head_attention(
+    model: nn.Module, modules: Sequence[nn.Module], on_head: HeadCallback, memory_budget: int | None = 0
+) -> Iterator[None]:
+    """Hand the softmax attention of each layer to ``on_head`` one head at a time, keeping the fused kernel.
+
+    :func:`stream_attention` with a per-head callback: with the default ``memory_budget=0`` each head's (B, N, N)
+    weights are rebuilt alone, so at most one head's matrix exists at a time and the layer's output is computed as
+    without the recording; a larger budget rebuilds several heads at once and hands them over one by one.
+    """
+
+    def on_chunk(index: int, first: int, heads: int, attention: Tensor) -> None:
+        for offset in range(attention.shape[1]):
+            on_head(index, first + offset, heads, attention[:, offset])
+
+    with stream_attention(model, modules, on_chunk, memory_budget):
+        yield

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend, backend_for
-from .capture import record_attention, record_head_attention, supports_head_streaming
+from .capture import record_attention, stream_attention, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
 from .layout import TokenLayout, query_row, query_vector
 from .rollout import (
@@ -211,27 +211,28 @@ class _Reducer:
             self.distances.append(self._distance(attention))
         self._finish(index, fuse_heads(attention, self.head_fusion))
 
-    def head(self, index: int, head: int, heads: int, attention: Tensor) -> None:
-        """Consume one head's (B, N, N) float32 attention; the layer is complete after its last head."""
-        if head == 0:
+    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
+        """Consume a chunk of heads' (B, h, N, N) float32 attention; the layer is complete after its last head."""
+        if first == 0:
             self._check_tokens(index, attention.shape[-1])
-            self._fused, self._head_rows, self._head_distances = attention.clone(), [], []
-        elif self.head_fusion == "mean":
-            self._fused += attention
-        elif self.head_fusion == "max":
-            torch.maximum(self._fused, attention, out=self._fused)
+            self._fused, self._head_rows, self._head_distances = None, [], []
+        if self.head_fusion == "mean":
+            part = attention.sum(dim=1)
+            self._fused = part if self._fused is None else self._fused.add_(part)
         else:
-            torch.minimum(self._fused, attention, out=self._fused)
+            part = attention.amax(dim=1) if self.head_fusion == "max" else attention.amin(dim=1)
+            reduce = torch.maximum if self.head_fusion == "max" else torch.minimum
+            self._fused = part if self._fused is None else reduce(self._fused, part, out=self._fused)
         if index in self.head_layers:
-            self._head_rows.append(query_row(attention, self.layout).reshape(-1, *self.layout.grid_size))
+            self._head_rows.append(head_query_rows(attention, self.layout))
         if self.distance:
-            self._head_distances.append(self._distance(attention[:, None]))
-        if head == heads - 1:
+            self._head_distances.append(self._distance(attention))
+        if first + attention.shape[1] == heads:
             if self._head_rows:
-                self.head_maps[index] = torch.stack(self._head_rows, dim=1)
+                self.head_maps[index] = torch.cat(self._head_rows, dim=1)
             if self._head_distances:
                 self.distances.append(torch.cat(self._head_distances, dim=1))
-            fused = self._fused / heads if self.head_fusion == "mean" else self._fused
+            fused = self._fused.div_(heads) if self.head_fusion == "mean" else self._fused
             self._fused = None
             self._finish(index, fused)
 
@@ -392,6 +393,7 @@ def attention_maps(
     target: Target = None,
     head_layers: Iterable[int] = (),
     attention_distance: bool = False,
+    memory_budget: int | None = None,
 ) -> AttentionMaps:
     """Per-layer attention maps of ``images`` on the patch grid, in one forward (plus one backward for the
     gradient methods).
@@ -422,6 +424,9 @@ def attention_maps(
             logits. Ignored by the others.
         head_layers: layer indices whose per-head query rows to keep in ``.head_maps`` (DINO-style head views).
         attention_distance: compute each layer's per-head mean attention distance (``.attention_distance``).
+        memory_budget: bytes of float32 attention one layer may hold at once in the no-gradient pass: the whole
+            (B, heads, N, N) softmax when it fits (fastest), else a few heads at a time, down to one. None: 256 MiB,
+            on a GPU at most half its free memory; 0: always one head at a time.
 
     Example::
 
@@ -471,16 +476,18 @@ def attention_maps(
     else:
         layers = [m for _, m in modules]
         if all(supports_head_streaming(m) for m in layers):
-            # the model keeps its fused kernel; each head's weights are rebuilt from q and k one at a time, so
-            # extra memory does not grow with the number of heads
+            # the model keeps its fused kernel; the weights are rebuilt from its q and k in chunks of heads that
+            # fit in the memory budget (usually all at once)
             heads_seen: list[int] = []
 
-            def on_head(index: int, head: int, heads: int, attention: Tensor) -> None:
-                if head == heads - 1:
+            def on_chunk(index: int, first: int, heads: int, attention: Tensor) -> None:
+                if first + attention.shape[1] == heads:
                     heads_seen.append(index)
-                reducer.head(index, head, heads, attention)
+                reducer.chunk(index, first, heads, attention)
 
-            with _ModeGuard(backend.model), torch.no_grad(), record_head_attention(backend.model, layers, on_head):
+            with _ModeGuard(backend.model), torch.no_grad(), stream_attention(
+                backend.model, layers, on_chunk, memory_budget
+            ):
                 output = backend.forward(images)
             _check_calls(len(heads_seen), len(modules))
         else:

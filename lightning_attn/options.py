@@ -96,6 +96,7 @@ class ProbeOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -139,6 +140,13 @@ class ProbeOptions:
         set_("std", _stats("std", self.std))
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"`std` values must be > 0, got {self.std!r}")
+        budget = self.memory_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0):
+            raise ValueError(
+                f"`memory_budget` must be None (256 MiB) or an int >= 0 (bytes of attention one layer may hold at "
+                f"once; 0: one head at a time), got {budget!r}"
+            )
+        set_("memory_budget", None if budget is None else int(budget))
         names = self.class_names
         if names is not None:
             if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):

@@ -212,6 +212,7 @@ class ProbeRunner:
                 head_layers=self.head_layers,
                 attention_distance=options.diagnostics,
                 layout=self._layout,
+                memory_budget=options.memory_budget,
             )
         for method in options.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)

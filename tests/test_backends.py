@@ -197,7 +197,8 @@ def test_torchvision_outputs_bitwise_unchanged_and_no_hooks_left():
         attention_maps(model, families.images(1, (32, 48)))
 
 
-def test_torchvision_masks_follow_multihead_attention_conventions():
+@pytest.mark.parametrize("budget", [0, None])  # one head at a time, all at once
+def test_torchvision_masks_follow_multihead_attention_conventions(budget):
     from lightning_attn.capture import record_head_attention
 
     torch.manual_seed(0)
@@ -211,7 +212,7 @@ def test_torchvision_masks_follow_multihead_attention_conventions():
     with torch.no_grad():
         _, expected = layer(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=True,
                             average_attn_weights=False)
-        with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a)):
+        with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a), budget):
             layer(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False)
         with record_attention(layer) as rec:
             layer(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False)

@@ -138,11 +138,12 @@ def test_explicit_modules_must_be_attention_layers():
     assert len(rec.attentions) == 1
 
 
+@pytest.mark.parametrize("budget", [0, 2 * 4 * 2 * 9 * 9 * 2, None])  # one head, two heads, all three at a time
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
-def test_head_streaming_equals_the_unfused_softmax(mask_kind):
+def test_head_streaming_equals_the_unfused_softmax(mask_kind, budget):
     from timm.layers.attention import Attention
 
-    from lightning_attn.capture import record_head_attention
+    from lightning_attn.capture import record_head_attention, stream_attention
 
     torch.manual_seed(0)
     layer = Attention(dim=48, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).eval()
@@ -155,25 +156,71 @@ def test_head_streaming_equals_the_unfused_softmax(mask_kind):
         kwargs["attn_mask"] = torch.randn(2, 3, 9, 9)
     elif mask_kind == "causal":
         kwargs["is_causal"] = True
-    heads = {}
+    heads, chunks = {}, []
     with torch.no_grad():
-        with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a)):
+        plain_out = layer(x, **kwargs)
+        with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a), memory_budget=budget):
             assert layer.fused_attn, "the fused kernel stays on"
-            fused_out = layer(x, **kwargs)
+            streamed_out = layer(x, **kwargs)
+        with stream_attention(layer, [layer], lambda i, h, n, a: chunks.append((h, a.shape[1])), budget):
+            layer(x, **kwargs)
         with record_attention(layer) as rec:
             unfused_out = layer(x, **kwargs)
     expected = rec.attentions[0]
     got = torch.stack([heads[h] for h in range(3)], dim=1)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(fused_out, unfused_out, atol=1e-5, rtol=1e-5)
-    assert not layer._forward_pre_hooks and not layer.q_norm._forward_hooks and not layer.k_norm._forward_hooks
+    assert chunks == {0: [(0, 1), (1, 1), (2, 1)], None: [(0, 3)]}.get(budget, [(0, 2), (2, 1)])
+    if budget == 0:  # nothing reused: the fused kernel's own output, bitwise
+        assert torch.equal(streamed_out, plain_out)
+    torch.testing.assert_close(streamed_out, plain_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(unfused_out, plain_out, atol=1e-5, rtol=1e-5)
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
 
 
-def test_head_streaming_is_used_for_plain_attention_only():
-    from lightning_attn.capture import supports_head_streaming
+@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("budget", [0, None])
+def test_streaming_equals_the_recorded_softmax_in_every_timm_family(key, budget):
+    """EVA's rotary embeddings and BEiT's relative position bias included: the streamed weights are the ones the
+    unfused layer computes, and the model's output is its plain forward's."""
+    from lightning_attn.capture import stream_attention, supports_head_streaming
 
-    assert all(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("vit")))
-    assert all(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("reg4")))
-    # rotary embeddings (EVA) and relative position bias (BEiT) are not visible in q and k
-    assert not any(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("eva02")))
-    assert not any(supports_head_streaming(m) for _, m in find_attention_modules(make_vit("beit")))
+    model = make_vit(key)
+    layers = [m for _, m in find_attention_modules(model)]
+    assert all(supports_head_streaming(m) for m in layers)
+    x = input_for(key)
+    chunks: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        plain = model(x)
+        with stream_attention(model, layers, lambda i, h, n, a: chunks.setdefault(i, []).append(a), budget):
+            streamed = model(x)
+        with record_attention(model) as rec:
+            model(x)
+    assert len(chunks) == len(rec.attentions) == len(layers)
+    for i, expected in enumerate(rec.attentions):
+        torch.testing.assert_close(torch.cat(chunks[i], dim=1), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(streamed, plain, atol=1e-5, rtol=1e-5)
+    assert all(m.fused_attn for m in layers), "flags restored"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
+
+
+def test_stream_attention_undoes_everything_when_the_forward_raises():
+    from torch.overrides import _get_current_function_mode_stack
+
+    from lightning_attn.capture import stream_attention
+
+    model = make_vit("eva02")
+    layers = [m for _, m in find_attention_modules(model)]
+    flags = [m.fused_attn for m in layers]
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        with stream_attention(model, layers, boom):
+            model(input_for("eva02"))
+    assert not _get_current_function_mode_stack(), "no torch function mode left behind"
+    assert [m.fused_attn for m in layers] == flags
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in layers)
+    with pytest.raises(ValueError, match="memory_budget"):
+        with stream_attention(model, layers, boom, memory_budget=-1):
+            pass

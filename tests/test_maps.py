@@ -204,3 +204,26 @@ def test_float32_maps_under_autocast_on_both_capture_paths(key):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         maps = attention_maps(model, input_for(key), methods=("raw", "rollout", "relevance"))
     assert maps.raw.dtype == maps.rollout.dtype == maps.relevance.dtype == torch.float32
+
+
+@pytest.mark.parametrize("key", ["vit", "eva02", "beit", "deit_distilled"])
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
+    """Whole softmax at once, two heads at a time, one at a time: the same maps (to 1e-6), and the same maps as
+    the recorded (unfused, in-graph) path the gradient methods take."""
+    model = make_vit(key)
+    x = input_for(key)
+    n = token_layout(model, tuple(x.shape[-2:])).num_tokens
+    two_heads = 2 * 4 * x.shape[0] * n * n * 2
+    kw = dict(head_fusion=head_fusion, discard_ratio=0.5, head_layers=(0, 2), attention_distance=True,
+              keep_matrices=(1,))
+    score = lambda output: output.flatten(1).sum(-1)  # noqa: E731 (some tiny models have no class head)
+    recorded = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout"), target=score, **kw)
+    for budget in (None, two_heads, 0):
+        got = attention_maps(model, x, memory_budget=budget, **kw)
+        for name in ("raw", "rollout", "attention_distance", "prefix_attention"):
+            torch.testing.assert_close(getattr(got, name), getattr(recorded, name), atol=1e-6, rtol=1e-5)
+        for index in (0, 2):
+            torch.testing.assert_close(got.head_maps[index], recorded.head_maps[index], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.matrices[1], recorded.matrices[1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.logits, recorded.logits, atol=1e-5, rtol=1e-5)

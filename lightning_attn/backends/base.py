@@ -23,12 +23,16 @@ from torch import Tensor, nn
 
 from ..layout import TokenLayout
 
-__all__ = ["Backend", "EmitAttention", "EmitHead", "Undo", "head_softmaxes", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "Backend", "DEFAULT_MEMORY_BUDGET", "EmitAttention", "EmitHeads", "Undo", "capture_budget", "heads_per_chunk",
+    "stream_softmax", "IMAGENET_MEAN", "IMAGENET_STD",
+]
 
 #: Hands over one call's softmax weights (B, heads, N, N) of ``module``; the tensor the layer used (in the graph).
 EmitAttention = Callable[[nn.Module, Tensor], None]
-#: Hands over one head's float32 (B, N, N) softmax weights: ``(module, head, num_heads, weights)``.
-EmitHead = Callable[[nn.Module, int, int, Tensor], None]
+#: Hands over a chunk of heads' float32 softmax weights: ``(module, first_head, num_heads, weights)``, weights
+#: (B, h, N, N) for heads ``first_head .. first_head + h - 1`` of ``num_heads``.
+EmitHeads = Callable[[nn.Module, int, int, Tensor], None]
 #: Undo actions, run last-first when a recording ends (hook removal, flag and config restoration).
 Undo = list[Callable[[], None]]
 
@@ -44,34 +48,72 @@ def to_pair(value: object) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def head_softmaxes(
+#: Bytes of float32 attention a layer may hold at once while its weights are captured, unless told otherwise: the
+#: whole (B, heads, N, N) softmax when it fits (one batched matmul, and timm layers reuse it for their output), else
+#: as many heads at a time as fit, down to one.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+def capture_budget(memory_budget: int | None, device: torch.device) -> int:
+    """The bytes one layer's capture may use on ``device``: ``memory_budget`` (default
+    :data:`DEFAULT_MEMORY_BUDGET`), on a GPU also at most half of what is free there (the driver's free memory
+    plus what PyTorch's cache holds unused), so a probe pass never runs a nearly full GPU out of memory."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, (free + cached) // 2)
+    return max(0, budget)
+
+
+def heads_per_chunk(batch: int, heads: int, n_query: int, n_key: int, budget: int) -> int:
+    """How many heads' float32 (B, N, N) logits and weights fit in ``budget`` bytes together (at least 1)."""
+    per_head = 2 * 4 * batch * n_query * n_key
+    return max(1, min(heads, budget // per_head))
+
+
+def stream_softmax(
     query: Tensor,
     key: Tensor,
     scale: float,
-    bias: Callable[[int], Tensor | None],
+    bias: Callable[[int, int], Tensor | None],
     emit: Callable[[int, int, Tensor], None],
-) -> None:
-    """Rebuild ``softmax(q_h k_h^T * scale + bias(h))`` in float32 one head at a time and hand each to ``emit``.
+    budget: int,
+) -> Tensor | None:
+    """Rebuild ``softmax(q k^T * scale + bias)`` in float32 and hand it to ``emit`` in chunks of heads.
 
-    ``query``/``key`` are (B, heads, N, D) exactly as the layer feeds them to its attention kernel; at most one
-    head's (B, N, N) matrix exists at a time, so memory does not grow with the heads. Autocast is switched off:
-    under bf16 it would turn these matmuls back into bf16.
+    ``query``/``key`` are (B, heads, N, D) exactly as the layer feeds them to its attention kernel; ``bias(h0, h1)``
+    gives heads h0..h1-1's additive bias (broadcastable to (B, h1 - h0, N, N)) or None. Each chunk holds as many
+    heads as :func:`heads_per_chunk` lets ``budget`` take, and ``emit(first_head, num_heads, weights)`` receives it
+    as (B, h, N, N); only one chunk exists at a time, so with a small budget memory does not grow with the heads.
+    Returns the whole (B, heads, N, N) weights when they fit in ``budget`` (one chunk held every head; the caller
+    may reuse them), else None. Autocast is switched off: under bf16 it would turn these matmuls back into bf16.
     """
     heads = query.shape[1]
     if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    step = heads_per_chunk(query.shape[0], heads, query.shape[2], key.shape[2], budget)
+    weights = None
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
-        for h in range(heads):
-            logits = (query[:, h].float() @ key[:, h].float().transpose(-2, -1)) * scale
-            extra = bias(h)
+        q, k = query.float(), key.float()
+        for h0 in range(0, heads, step):
+            h1 = min(heads, h0 + step)
+            logits = q[:, h0:h1] @ k[:, h0:h1].transpose(-2, -1)
+            logits.mul_(scale)  # in place: one (B, h, N, N) buffer for the logits, one for the weights
+            extra = bias(h0, h1)
             if extra is not None:
-                logits = logits + extra
-            emit(h, heads, logits.softmax(dim=-1))
+                logits.add_(extra)
+            weights = logits.softmax(dim=-1)
+            del logits
+            emit(h0, heads, weights)
+    fits = 2 * 4 * query.shape[0] * heads * query.shape[2] * key.shape[2] <= budget
+    return weights if fits else None
 
 
-def additive_bias(mask: Tensor | None, head: int, n_query: int, n_key: int, is_causal: bool, like: Tensor,
+def additive_bias(mask: Tensor | None, heads: slice, n_query: int, n_key: int, is_causal: bool, like: Tensor,
                   true_means_keep: bool = True) -> Tensor | None:
-    """One head's additive float32 bias from an attention mask as attention kernels take it, or None.
+    """The additive float32 bias of the heads in ``heads`` from an attention mask as attention kernels take it,
+    broadcastable to (B, h, N, N), or None.
 
     ``mask`` may be bool (``true_means_keep``: SDPA's convention; False for ``nn.MultiheadAttention``, where True
     masks out) or additive float, shaped (N, N), (B, N, N), (B, 1 or heads, N, N).
@@ -80,8 +122,10 @@ def additive_bias(mask: Tensor | None, head: int, n_query: int, n_key: int, is_c
     if is_causal:
         bias = torch.full((n_query, n_key), float("-inf"), device=like.device).triu(1)
     if mask is not None:
-        if mask.dim() == 4:
-            mask = mask[:, head if mask.shape[1] > 1 else 0]
+        if mask.dim() == 3:
+            mask = mask[:, None]
+        elif mask.dim() == 4 and mask.shape[1] > 1:
+            mask = mask[:, heads]
         if mask.dtype == torch.bool:
             keep = mask if true_means_keep else ~mask
             extra = torch.zeros(mask.shape, dtype=torch.float32, device=like.device).masked_fill(~keep, float("-inf"))
@@ -122,12 +166,14 @@ class Backend(ABC):
 
     @classmethod
     def can_stream_heads(cls, module: nn.Module) -> bool:
-        """Whether :meth:`attach_head_stream` can rebuild ``module``'s weights head by head from q and k."""
+        """Whether :meth:`attach_head_stream` can rebuild ``module``'s weights from the q and k its kernel takes."""
         return False
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
-        """Make every call of ``module`` hand each head's float32 weights to ``emit``, its output unchanged."""
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
+        """Make every call of ``module`` hand its float32 weights to ``emit`` in chunks of heads that fit in
+        ``budget`` bytes (:func:`stream_softmax`), its output as without the recording (to rounding where a layer
+        reuses the weights for it)."""
         raise NotImplementedError(f"{cls.name} cannot stream the heads of {type(module).__name__}")
 
     # ------------------------------------------------------------------ models

@@ -3,18 +3,24 @@ and ``Beit``.
 
 timm attention modules compute the softmax matrix by hand and pass it through ``attn_drop`` only when
 ``fused_attn`` is False; by default they call ``F.scaled_dot_product_attention`` and the matrix never exists. So
-recording switches ``fused_attn`` off on the hooked layers only and hooks ``attn_drop``; head streaming keeps the
-fused kernel and rebuilds each head's weights from the q and k that plain ``Attention`` hooks expose.
+recording (in the autograd graph, for the gradient methods) switches ``fused_attn`` off on the hooked layers only
+and hooks ``attn_drop``. Streaming keeps ``fused_attn`` on and takes the layer's own call of
+``scaled_dot_product_attention`` (a torch function mode active only while the layer runs): its q and k are the
+ones after q/k norms and EVA's rotary embeddings, its mask BEiT's relative position bias, so the weights rebuilt
+from them are exactly the kernel's.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
-from .base import Backend, EmitAttention, EmitHead, Undo, additive_bias, head_softmaxes, to_pair
+from .base import Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax, to_pair
 
 __all__ = ["TimmBackend"]
 
@@ -50,6 +56,30 @@ UNSUPPORTED_MODELS = {
     "VisionTransformerRelPos": "relative-position ViTs hide the position bias from the softmax hooks",
     "VisionTransformerSAM": "SAM's ViT uses windowed attention in most blocks",
 }
+
+
+# attention classes whose fused path is one `F.scaled_dot_product_attention(q, k, v, attn_mask, ...)` call carrying
+# every term of the logits (q/k norms, rotary embeddings and relative position bias already applied): (module, class)
+STREAMABLE = {
+    ("timm.layers.attention", "Attention"),
+    ("timm.layers.attention", "AttentionRope"),
+    ("timm.models.eva", "EvaAttention"),
+    ("timm.models.beit", "Attention"),
+}
+
+
+class _TakeAttentionCall(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls to ``handler``; every other torch function runs as usual.
+    Pushed only while one attention layer runs (inside the handler the mode is off, so the real kernel runs)."""
+
+    def __init__(self, handler: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is F.scaled_dot_product_attention:
+            return self.handler(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 def _is_timm(module: nn.Module) -> bool:
@@ -93,32 +123,46 @@ class TimmBackend(Backend):
 
     @classmethod
     def can_stream_heads(cls, module: nn.Module) -> bool:
-        # plain Attention's logits are exactly q * scale @ k^T (+ mask). EVA adds rotary embeddings after k_norm and
-        # BEiT a relative position bias: terms q and k do not show, so they go through attach_recording.
-        from timm.layers.attention import Attention
-
-        return type(module) is Attention and isinstance(module.q_norm, nn.Module) and isinstance(module.k_norm, nn.Module)
+        return (type(module).__module__, type(module).__name__) in STREAMABLE
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
-        state: dict[str, Any] = {}
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
+        flag = module.fused_attn
+        module.fused_attn = True  # the layer must call the kernel whose arguments are taken
+        undo.append(lambda: setattr(module, "fused_attn", flag))
 
-        def pre(_: nn.Module, args: tuple, kwargs: dict) -> None:
-            state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-            state["causal"] = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+        def kernel(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                   is_causal: bool = False, scale: float | None = None, **rest: Any) -> Tensor:
+            n_q, n_k = q.shape[-2], k.shape[-2]
+            bias = lambda h0, h1: additive_bias(attn_mask, slice(h0, h1), n_q, n_k, is_causal, q)  # noqa: E731
+            scaling = q.shape[-1] ** -0.5 if scale is None else scale
+            weights = stream_softmax(q, k, scaling, bias, lambda h0, heads, a: emit(module, h0, heads, a), budget)
+            if weights is not None and dropout_p == 0.0 and v.dtype == torch.float32 and not torch.is_grad_enabled():
+                # every head's float32 weights exist already: weights @ v is the kernel's math path, without
+                # computing q k^T and the softmax a second time
+                if v.shape[1] != weights.shape[1]:
+                    v = v.repeat_interleave(weights.shape[1] // v.shape[1], dim=1)
+                return weights @ v
+            extra = {} if scale is None else {"scale": scale}
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, **extra, **rest)
 
-        def keep_q(_: nn.Module, args: tuple, q: Tensor) -> None:
-            state["q"] = q
+        mode = _TakeAttentionCall(kernel)
+        active: list[bool] = []
 
-        def use_k(_: nn.Module, args: tuple, k: Tensor) -> None:
-            q = state.pop("q")
-            n = q.shape[2]
-            bias = lambda h: additive_bias(state.get("mask"), h, n, n, state.get("causal", False), q)  # noqa: E731
-            head_softmaxes(q, k, module.scale, bias, lambda h, heads, a: emit(module, h, heads, a))
+        def enter(*_: Any) -> None:
+            mode.__enter__()
+            active.append(True)
 
-        undo.append(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
-        undo.append(module.q_norm.register_forward_hook(keep_q).remove)
-        undo.append(module.k_norm.register_forward_hook(use_k).remove)
+        def leave(*_: Any) -> None:
+            if active:
+                active.pop()
+                mode.__exit__(None, None, None)
+
+        undo.append(module.register_forward_pre_hook(enter).remove)
+        # always_call: the mode is popped even when the layer raises
+        undo.append(module.register_forward_hook(leave, always_call=True).remove)
+        undo.append(lambda: [leave() for _ in list(active)])
 
     # ------------------------------------------------------------------ models
 

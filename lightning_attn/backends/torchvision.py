@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import TokenLayout
-from .base import IMAGENET_MEAN, IMAGENET_STD, Backend, EmitAttention, EmitHead, Undo, additive_bias, head_softmaxes
+from .base import (
+    IMAGENET_MEAN, IMAGENET_STD, Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax,
+)
 
 __all__ = ["TorchvisionBackend"]
 
@@ -61,7 +63,7 @@ def _projections(module: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
 
 
 def _bias(module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, n_q: int, n_k: int,
-          like: Tensor) -> Callable[[int], Tensor | None]:
+          like: Tensor) -> Callable[[int, int], Tensor | None]:
     attn_mask = _argument("attn_mask", args, kwargs)
     padding = _argument("key_padding_mask", args, kwargs)
     causal = bool(_argument("is_causal", args, kwargs, False)) and attn_mask is None
@@ -70,9 +72,9 @@ def _bias(module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, 
     if padding is not None:
         padding = padding[:, None, None, :]  # (B, 1, 1, S): True (or -inf) = ignore that key
 
-    def bias(head: int) -> Tensor | None:
-        total = additive_bias(attn_mask, head, n_q, n_k, causal, like, true_means_keep=False)
-        extra = additive_bias(padding, head, n_q, n_k, False, like, true_means_keep=False)
+    def bias(h0: int, h1: int) -> Tensor | None:
+        total = additive_bias(attn_mask, slice(h0, h1), n_q, n_k, causal, like, true_means_keep=False)
+        extra = additive_bias(padding, slice(h0, h1), n_q, n_k, False, like, true_means_keep=False)
         if extra is None:
             return total
         return extra if total is None else total + extra
@@ -101,10 +103,9 @@ class TorchvisionBackend(Backend):
             q, k, v = _projections(mod, query, key, value)
             bias = _bias(mod, args, kwargs, q.shape[0], q.shape[2], k.shape[2], q)
             scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-            masks = [bias(h) for h in range(mod.num_heads)]
-            if any(m is not None for m in masks):
-                zero = torch.zeros(scores.shape[-2:], device=q.device)
-                scores = scores + torch.stack([zero if m is None else m for m in masks], dim=-3).to(scores.dtype)
+            mask = bias(0, mod.num_heads)
+            if mask is not None:
+                scores = scores + mask.to(scores.dtype)
             weights = scores.softmax(dim=-1)
             emit(mod, weights)
             used = F.dropout(weights, p=mod.dropout, training=mod.training)
@@ -121,7 +122,7 @@ class TorchvisionBackend(Backend):
         return isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
         _check_mha(module)
 
         def stream(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -130,7 +131,7 @@ class TorchvisionBackend(Backend):
             with torch.no_grad():
                 q, k = _projections(mod, query, key, None)
             bias = _bias(mod, args, kwargs, q.shape[0], q.shape[2], k.shape[2], q)
-            head_softmaxes(q, k, q.shape[-1] ** -0.5, bias, lambda h, heads, a: emit(mod, h, heads, a))
+            stream_softmax(q, k, q.shape[-1] ** -0.5, bias, lambda h0, heads, a: emit(mod, h0, heads, a), budget)
 
         undo.append(module.register_forward_pre_hook(stream, with_kwargs=True).remove)
 

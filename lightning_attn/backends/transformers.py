@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import TokenLayout
-from .base import Backend, EmitAttention, EmitHead, Undo, additive_bias, head_softmaxes, to_pair
+from .base import Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax, to_pair
 
 __all__ = ["TransformersBackend"]
 
@@ -178,17 +178,18 @@ class TransformersBackend(Backend):
         return True
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
+    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
         kernel = _switch(module, undo)
 
         def stream_then_kernel(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                                *args: Any, **kwargs: Any) -> Any:
             n_q, n_k = query.shape[-2], key.shape[-2]
             causal = bool(kwargs.get("is_causal", False))
-            bias = lambda h: additive_bias(  # noqa: E731
-                None if mask is None else mask[..., :n_k], h, n_q, n_k, causal, query
+            bias = lambda h0, h1: additive_bias(  # noqa: E731
+                None if mask is None else mask[..., :n_k], slice(h0, h1), n_q, n_k, causal, query
             )
-            head_softmaxes(query, key, _scaling(query, kwargs), bias, lambda h, heads, a: emit(mod, h, heads, a))
+            stream_softmax(query, key, _scaling(query, kwargs), bias, lambda h0, heads, a: emit(mod, h0, heads, a),
+                           budget)
             # the model's own kernel with exactly its arguments: outputs bitwise those of a plain forward
             return kernel(mod, query, key, value, mask, *args, **kwargs)
 
