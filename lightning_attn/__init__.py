@@ -10,6 +10,7 @@ from .capture import (
     find_vision_transformers,
     record_attention,
     record_head_attention,
+    stream_attention,
     supports_head_streaming,
 )
 from .diagnostics import (
@@ -92,6 +93,7 @@ __all__ = [
     "random_perturbation_curves",
     "record_attention",
     "record_head_attention",
+    "stream_attention",
     "redraw",
     "register_share",
     "register_slice",
