@@ -25,7 +25,7 @@ from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
-from .writers import AttentionWriter, WriterSet, writers_for
+from .writers import AttentionWriter, WriterSet, in_background, writers_for
 
 __all__ = ["AttentionMonitor"]
 
@@ -368,6 +368,7 @@ class AttentionMonitor(Callback):
         assert self._vit is not None
         self._probes = probes
         self._runner = ProbeRunner(self._vit, probes, self.options, name=self.name, layout=self.layout)
+        self._runner.animate = self.gif  # each pass adds its GIF frames: the end of fit only joins them
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self._resume(state)
@@ -419,7 +420,7 @@ class AttentionMonitor(Callback):
 
     def _own_writer(self) -> AttentionWriter | None:
         """The user's `writer=` as one writer, or None: the trainer's loggers then get one each at setup."""
-        return None if self._user_writers is None else WriterSet(self._user_writers)
+        return None if self._user_writers is None else WriterSet(in_background(self._user_writers))
 
     def _new_run(self) -> None:
         self._writer = self._own_writer()
@@ -443,7 +444,8 @@ class AttentionMonitor(Callback):
         # log_dir must be read on every rank (it broadcasts); only rank zero keeps a writer.
         log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero and self._writer is None:
-            self._writer = writers_for(trainer.loggers, Path(log_dir))  # one per logger, picked by what it can do
+            # one per logger, picked by what it can do; those that take calls from any thread write off the loop
+            self._writer = WriterSet(in_background(writers_for(trainer.loggers, Path(log_dir)).writers))
 
     # ------------------------------------------------------------------ when
 
@@ -620,16 +622,43 @@ class AttentionMonitor(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         runner, writer = self._runner, self._writer
-        if not (self.gif and trainer.is_global_zero and runner is not None and runner.history and writer is not None):
+        if writer is None or not trainer.is_global_zero:
             return
         try:
-            for tag, frames in runner.animations().items():
-                writer.add_animation(tag, frames, trainer.global_step)
-            writer.flush()
+            if self.gif and runner is not None and runner.history:
+                for tag, frames in runner.animations().items():
+                    writer.add_animation(tag, frames, trainer.global_step)
+                writer.flush()
+            writer.drain()
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
                 raise
             self._warn_once(type(err).__name__, f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}")
+
+    def _drain(self, when: str) -> None:
+        """Wait for the passes still being written on the writer thread (their errors follow ``on_error``)."""
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            writer.drain() if when != "teardown" else writer.close()
+        except Exception as err:
+            if self.on_error == "raise" and when != "exception":
+                raise
+            self._warn_once(type(err).__name__, f"AttentionMonitor could not write a pass ({when}): {type(err).__name__}: {err}")
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint never claims a pass whose pictures are not stored yet
+        self._drain("checkpoint")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drain("exception")  # the passes before the failure are kept
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drain("teardown")  # stops the writer thread; the next run starts its own
 
     # ------------------------------------------------------------------ state
 

@@ -25,6 +25,7 @@ from .faithfulness import PerturbationCurves, perturbation_curves, random_pertur
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
+from .animation import GifStream
 from .render import filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
 from .report import layer_series, scalar_report, tag_prefix
 
@@ -167,6 +168,10 @@ class ProbeRunner:
         self.history: list[tuple[int, Tensor]] = []
         #: (step, scalars) of every pass, for the layers x steps pictures
         self.scalar_history: list[tuple[int, dict[str, float]]] = []
+        #: draw each recorded pass's animation frames as it runs (the callback's ``gif``), not all at the end
+        self.animate = False
+        self._gifs: dict[str, GifStream] = {}
+        self._gif_frames = 0  # passes of `history` already in `_gifs`
 
     @staticmethod
     def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
@@ -270,6 +275,8 @@ class ProbeRunner:
         # a pass outside the history still shows itself at the end of the filmstrip
         extra = [] if record else [(step, maps[options.film_method][:, -1].detach())]
         panels = self.panels(maps, scalars, history_panels, extra) if render else []
+        if record and render and self.animate:
+            self._extend_animations()
         return ProbePass(step, maps, scalars, panels, curves)
 
     # ------------------------------------------------------------------ pictures
@@ -317,10 +324,27 @@ class ProbeRunner:
                 out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1:]}" + (f"/{rest}" if rest else ""), picture))
         return out
 
-    def animations(self) -> dict[str, list[np.ndarray]]:
-        """Per probe, the frames of its final-layer map over every pass: ``{tag: frames}``."""
+    def animations(self) -> dict[str, GifStream]:
+        """Per probe (the first :data:`MAX_ANIMATED`), its final-layer map over every recorded pass, as an animated
+        GIF: ``{tag: stream}``. Frames of passes drawn as they ran (:attr:`animate`) are kept encoded; the others
+        (all of them after a resume) are drawn now."""
+        self._extend_animations()
+        return dict(self._gifs)
+
+    def _extend_animations(self) -> None:
+        if self._gif_frames > len(self.history):  # the history was replaced or restarted
+            self._gifs, self._gif_frames = {}, 0
+        new = self.history[self._gif_frames :]
+        if not new:
+            return
         o = self.options
-        return _animations(self.display(), self.history, self.prefix, o.film_method, o.tile_size, o.cmap, o.alpha)
+        display = self.display()
+        maps = torch.stack([m.to(display.device) for _, m in new], dim=1)  # (B, T, gh, gw)
+        for i in range(min(maps.shape[0], MAX_ANIMATED)):
+            stream = self._gifs.setdefault(f"{self.prefix}/{o.film_method}_evolution/probe_{i:02d}", GifStream())
+            for t, (step, _) in enumerate(new):
+                stream.append(filmstrip(display[i], maps[i, t : t + 1], [f"step {step}"], o.tile_size * 2, o.cmap, o.alpha))
+        self._gif_frames = len(self.history)
 
     # ------------------------------------------------------------------ state
 
@@ -348,6 +372,7 @@ class ProbeRunner:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""
         self.baseline = self.previous = None
         self.history = []
+        self._gifs, self._gif_frames = {}, 0
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
         """What makes an earlier run's maps incomparable with this runner's: other probes or map options."""
@@ -371,6 +396,7 @@ class ProbeRunner:
         self.baseline = state.get("baseline_maps")
         self.previous = state.get("previous_maps")
         self.history = list(state.get("history") or [])
+        self._gifs, self._gif_frames = {}, 0
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
 
 

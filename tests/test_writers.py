@@ -113,14 +113,17 @@ def test_save_gif_detailed_frames_keep_count_and_size(tmp_path):
         assert gif.n_frames == 5 and gif.size == (40, 24)
 
 
-def test_save_gif_merges_repeated_frames_keeping_total_time(tmp_path):
+def test_save_gif_keeps_every_frame_and_its_duration(tmp_path):
     a, b = flat_frames(2)
     with Image.open(save_gif([a, a, b], tmp_path / "a.gif", duration_ms=100)) as gif:
-        durations = []
+        durations, pixels = [], []
         for i in range(gif.n_frames):
             gif.seek(i)
             durations.append(gif.info["duration"])
-    assert durations == [200, 100]
+            pixels.append(np.asarray(gif.convert("RGB")))
+    assert durations == [100, 100, 100]
+    for got, want in zip(pixels, [a, a, b]):
+        assert np.abs(got.astype(int) - want).max() <= 2
 
 
 @pytest.mark.parametrize(

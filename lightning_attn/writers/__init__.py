@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import AttentionWriter, ChartLayout, check_image
+from .background import BackgroundWriter, in_background
+from .base import Animation, AttentionWriter, ChartLayout, check_image
 from .files import PNGWriter, gif_bytes, save_gif
 from .mlflow import MLflowWriter
 from .select import WriterSet
@@ -21,7 +22,9 @@ from .wandb import WandbWriter
 __all__ = [
     "IMAGE_FORMATS",
     "LOGGER_WRITERS",
+    "Animation",
     "AttentionWriter",
+    "BackgroundWriter",
     "ChartLayout",
     "MLflowWriter",
     "PNGWriter",
@@ -31,6 +34,7 @@ __all__ = [
     "check_image",
     "encode_image",
     "gif_bytes",
+    "in_background",
     "save_gif",
     "writers_for",
 ]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-__all__ = ["AttentionWriter", "ChartLayout", "LoggerWriter", "check_image"]
+from ..animation import GifStream
+
+__all__ = ["Animation", "AttentionWriter", "ChartLayout", "LoggerWriter", "animation_size", "check_image"]
+
+#: What :meth:`AttentionWriter.add_animation` takes: the frames, or a :class:`~lightning_attn.animation.GifStream`
+#: that already holds them encoded (the callback's, built pass by pass).
+Animation = Union[Sequence[np.ndarray], GifStream]
 
 #: ``{section: {chart: [tag regex, ...]}}``: which scalar tags one chart draws as lines (see
 #: :func:`lightning_attn.report.scalar_layout`).
@@ -30,6 +36,16 @@ def check_image(image: Any) -> None:
         raise ValueError(f"`image` must be an (H, W, 3) uint8 numpy array (see render.make_grid), got {shape}")
 
 
+def animation_size(frames: Animation) -> tuple[int, int]:
+    """(height, width) of an animation's frames."""
+    if isinstance(frames, GifStream):
+        if frames.size is None:
+            raise ValueError("`frames` is empty: the GifStream holds no frame")
+        return frames.size
+    first = check_frames(frames)[0]
+    return first.shape[0], first.shape[1]
+
+
 def check_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     """The frames of an animation as a list, each checked by :func:`check_image` and all of one size."""
     frames = list(frames)
@@ -49,7 +65,14 @@ class AttentionWriter(ABC):
     A writer must implement :meth:`add_image` and :meth:`add_scalar`; everything else has a default built on
     them (or does nothing where a destination has no place for it), so a custom writer is a few lines. The
     writers for Lightning's loggers override the rest to use what each logger does best.
+
+    Attributes:
+        thread_safe: whether the writer may be driven from a thread other than the training loop's while the
+            loop goes on logging to the same logger; then the callback writes through a
+            :class:`~lightning_attn.writers.background.BackgroundWriter`. False unless a writer says so.
     """
+
+    thread_safe: bool = False
 
     @abstractmethod
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
@@ -68,7 +91,7 @@ class AttentionWriter(ABC):
         """Record a grid whose rows are the probes named ``rows`` (top to bottom); by default :meth:`add_image`."""
         self.add_image(tag, image, step)
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         """Record (H, W, 3) uint8 ``frames`` as one looping animation; by default nothing (no place for it)."""
 
     def add_layout(self, layout: ChartLayout) -> None:
@@ -79,6 +102,12 @@ class AttentionWriter(ABC):
 
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""
+
+    def drain(self) -> None:
+        """Wait until every record handed over is stored (a writer working on another thread); by default nothing."""
+
+    def close(self) -> None:
+        """Drain and release what the writer holds (a thread); it may be used again afterwards. By default nothing."""
 
 
 class LoggerWriter(AttentionWriter):

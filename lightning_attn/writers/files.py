@@ -7,7 +7,6 @@ Scalars go to the logger's own ``log_metrics`` (a CSVLogger's ``metrics.csv``), 
 from __future__ import annotations
 
 import csv
-import io
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import LoggerWriter, check_frames, check_image
+from ..animation import GifStream, gif_stream
+from .base import Animation, LoggerWriter, check_frames, check_image
 
 __all__ = ["PNGWriter", "gif_bytes", "save_gif"]
 
@@ -52,6 +52,11 @@ class PNGWriter(LoggerWriter):
         ...     sorted(p.name for p in Path(d).iterdir())
         ['attention__raw_step0000003.png', 'attention__rollout_evolution__probe_00.gif', 'scalars.csv']
     """
+
+    @property
+    def thread_safe(self) -> bool:  # type: ignore[override]
+        # files of its own only: a CSVLogger's rows are rewritten by its `save`, which the training loop calls too
+        return self.logger is None
 
     def __init__(self, directory: str | os.PathLike[str], logger: Any | None = None) -> None:
         self.directory = Path(directory)
@@ -92,7 +97,7 @@ class PNGWriter(LoggerWriter):
         with (self.directory / "alerts.txt").open("a") as f:
             f.write(f"{step}\t{tag}\t{' '.join(text.split())}\n")
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         save_gif(frames, self.animation_path(tag), duration_ms)
 
     def flush(self) -> None:
@@ -101,7 +106,7 @@ class PNGWriter(LoggerWriter):
             save()  # a CSVLogger keeps rows in memory until then
 
 
-def gif_bytes(frames: Sequence[np.ndarray], duration_ms: int = 500) -> bytes:
+def gif_bytes(frames: Animation, duration_ms: int = 500) -> bytes:
     """(H, W, 3) uint8 frames encoded as a looping animated GIF, in memory (see :func:`save_gif`).
 
     Example::
@@ -109,25 +114,21 @@ def gif_bytes(frames: Sequence[np.ndarray], duration_ms: int = 500) -> bytes:
         >>> gif_bytes([np.zeros((4, 6, 3), np.uint8)] * 2)[:6]
         b'GIF89a'
     """
-    frames = check_frames(frames)
     if isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 1:
         raise ValueError(f"`duration_ms` must be a positive int (milliseconds per frame), got {duration_ms!r}")
-    first, *rest = (Image.fromarray(frame) for frame in frames)
-    out = io.BytesIO()
-    first.save(out, format="GIF", save_all=True, append_images=rest, duration=duration_ms, loop=0)
-    return out.getvalue()
+    stream = frames if isinstance(frames, GifStream) else gif_stream(check_frames(frames))
+    return stream.to_bytes(duration_ms)
 
 
-def save_gif(frames: Sequence[np.ndarray], path: str | os.PathLike[str], duration_ms: int = 500) -> Path:
+def save_gif(frames: Animation, path: str | os.PathLike[str], duration_ms: int = 500) -> Path:
     """Write (H, W, 3) uint8 frames as an animated GIF that loops forever; returns the path written.
 
     The parent directory is created if needed and the file is GIF whatever its suffix. GIF holds at most 256
-    colours per frame, so Pillow quantises each frame to its own palette: colours come back close, not exact.
-    Pillow also merges a frame identical to the one before into it (shown for both durations), so the file can
-    hold fewer frames than were passed when some repeat; the animation looks the same.
+    colours per frame, so each frame is quantised to its own palette (:class:`~lightning_attn.animation.GifStream`):
+    colours come back close, not exact. Every frame is kept, repeated ones included.
 
     Args:
-        frames: images of one size, e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step.
+        frames: images of one size (or a :class:`~lightning_attn.animation.GifStream` holding them), e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step.
         path: file to write.
         duration_ms: how long each frame shows, in milliseconds.
 

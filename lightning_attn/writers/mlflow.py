@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import LoggerWriter, check_image
+from .base import Animation, LoggerWriter, check_image
 from .files import file_name, save_gif
 
 __all__ = ["MLflowWriter"]
@@ -24,6 +24,8 @@ class MLflowWriter(LoggerWriter):
     Args:
         logger: the logger.
     """
+
+    thread_safe = True  # each call is one request of MLflow's client, which keeps no state between them
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger
@@ -59,7 +61,7 @@ class MLflowWriter(LoggerWriter):
         artifact = f"alerts/{file_name(tag)}_step{step:07d}.txt"
         self.logger.experiment.log_text(self.logger.run_id, text, artifact_file=artifact)
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_gif(frames, Path(tmp) / f"{file_name(tag)}.gif", duration_ms)
             self.logger.experiment.log_artifact(self.logger.run_id, str(path), artifact_path="attention")

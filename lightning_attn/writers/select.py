@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .base import AttentionWriter, ChartLayout
+from .base import Animation, AttentionWriter, ChartLayout
 from .files import PNGWriter
 
 __all__ = ["WriterSet", "writers_for"]
@@ -60,7 +60,7 @@ class WriterSet(AttentionWriter):
     def add_grid(self, tag: str, image: np.ndarray, step: int, rows: Sequence[str]) -> None:
         self._each("add_grid", tag, image, step, rows)
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         self._each("add_animation", tag, frames, step, duration_ms)
 
     def add_layout(self, layout: ChartLayout) -> None:
@@ -71,6 +71,17 @@ class WriterSet(AttentionWriter):
 
     def flush(self) -> None:
         self._each("flush")
+        self._raise_errors()
+
+    def drain(self) -> None:
+        self._each("drain")
+        self._raise_errors()
+
+    def close(self) -> None:
+        self._each("close")
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
         if self._errors:
             (writer, method, err), self._errors = self._errors[0], []
             raise RuntimeError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import LoggerWriter, ChartLayout, check_image
+from .base import Animation, ChartLayout, LoggerWriter, animation_size, check_image
 from .files import file_name, gif_bytes
 
 __all__ = ["IMAGE_FORMATS", "TensorBoardWriter", "encode_image"]
@@ -70,6 +70,10 @@ class TensorBoardWriter(LoggerWriter):
         ...     writer.experiment.close()
     """
 
+    # SummaryWriter hands events to its own writer thread through a queue, and TensorBoardLogger.log_metrics is
+    # add_scalar underneath: both take calls from any thread
+    thread_safe = True
+
     def __init__(
         self,
         experiment: Any,
@@ -118,10 +122,10 @@ class TensorBoardWriter(LoggerWriter):
         for tag, value in metrics.items():
             self.experiment.add_scalar(tag, value, global_step=step)
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         data = gif_bytes(frames, duration_ms)
         if hasattr(self.experiment, "_get_file_writer"):
-            height, width = frames[0].shape[:2]
+            height, width = animation_size(frames)
             self._add_encoded(tag, data, height, width, step)  # the images tab plays GIFs
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import LoggerWriter, check_image
+from .base import Animation, LoggerWriter, check_image
 from .files import file_name, save_gif
 
 __all__ = ["WandbWriter"]
@@ -64,6 +64,6 @@ class WandbWriter(LoggerWriter):
         if callable(log_text):
             log_text(key=tag, columns=["step", "text"], data=[[step, text]], step=step)
 
-    def add_animation(self, tag: str, frames: Sequence[np.ndarray], step: int, duration_ms: int = 500) -> None:
+    def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         path = save_gif(frames, self.directory / f"{file_name(tag)}.gif", duration_ms)
         self.logger.log_video(key=tag, videos=[str(path)], step=step, format=["gif"])
