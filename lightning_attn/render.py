@@ -320,18 +320,27 @@ def make_grid(
     if col_labels is None and row_labels is None:
         return pixels
 
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
     step_x, step_y = tw + padding, th + padding
     for c, label in enumerate(col_labels or ()):
         x0 = left + padding + c * step_x
-        _draw_centred(draw, (x0, 0, x0 + tw, top), str(label))
+        pixels[:top, x0 : x0 + tw] = _label(str(label), tw, top, False)
     for r, label in enumerate(row_labels or ()):
-        # Draw on a horizontal strip, then turn it a quarter counter-clockwise into place.
-        strip = Image.new("RGB", (th, left), (255, 255, 255))
-        _draw_centred(ImageDraw.Draw(strip), (0, 0, th, left), str(label))
-        image.paste(strip.rotate(90, expand=True), (0, top + padding + r * step_y))
-    return np.asarray(image)
+        y0 = top + padding + r * step_y
+        pixels[y0 : y0 + th, :left] = _label(str(label), th, left, True)
+    return pixels
+
+
+@lru_cache(maxsize=4096)
+def _label(text: str, width: int, height: int, vertical: bool) -> np.ndarray:
+    """``text`` centred on a white (height, width) strip, as uint8 pixels; ``vertical``: turned a quarter
+    counter-clockwise, (width, height), to read bottom to top. Cached: the same labels come back every pass."""
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    _draw_centred(ImageDraw.Draw(strip), (0, 0, width, height), text)
+    if vertical:
+        strip = strip.rotate(90, expand=True)
+    out = np.asarray(strip).copy()
+    out.setflags(write=False)  # shared by every grid that shows it
+    return out
 
 
 def to_display(images: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Tensor:

@@ -333,3 +333,84 @@ def test_a_failing_writer_warns_and_the_other_writers_get_the_whole_pass(tmp_pat
         trainer.fit(lit.LitViT(), *lit.loaders())
     assert trainer.global_step == 8  # training went on
     assert sorted(set(healthy.scalar_steps)) == [0, 4, 8]  # the healthy writer got every pass, the failed one too
+
+
+class _SlowThreadSafe:
+    """A thread-safe writer that takes its time: what a slow disk or a remote store does to a pass."""
+
+    def __new__(cls):
+        import threading
+        import time
+
+        from lightning_attn.writers import AttentionWriter
+
+        class Slow(AttentionWriter):
+            thread_safe = True
+
+            def __init__(self):
+                self.images, self.threads = [], set()
+
+            def add_image(self, tag, image, step):
+                time.sleep(0.02)
+                self.images.append((tag, step))
+                self.threads.add(threading.current_thread().name)
+
+            def add_scalar(self, tag, value, step):
+                pass
+
+            def add_animation(self, tag, frames, step, duration_ms=500):
+                self.images.append((tag, step))
+
+        return Slow()
+
+
+def test_thread_safe_writers_write_off_the_loop_and_everything_is_stored_before_a_checkpoint(tmp_path):
+    slow = _SlowThreadSafe()
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=slow)
+    seen_at_checkpoint = []
+
+    class Check(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            seen_at_checkpoint.append((trainer.global_step, sorted({s for t, s in slow.images if t == "attention/raw"})))
+
+    trainer = lit.trainer(tmp_path, [monitor, Check(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+                          max_epochs=2, enable_checkpointing=True)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert slow.threads == {"lightning-attn-writer"}
+    # every pass up to the checkpoint's step was stored when the checkpoint was written
+    assert seen_at_checkpoint == [(4, [0, 4]), (8, [0, 4, 8])]
+    assert [t for t, s in slow.images if "evolution" in t] == ["attention/rollout_evolution/probe_00",
+                                                                "attention/rollout_evolution/probe_01"]
+    assert monitor._writer.writers[0]._thread is None, "the writer thread stops at teardown"
+
+
+def test_the_passes_before_a_crash_are_written(tmp_path):
+    slow = _SlowThreadSafe()
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=slow)
+
+    class Crash(lit.LitViT):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 6:
+                raise KeyError("crash")
+            return super().training_step(batch, batch_idx)
+
+    trainer = lit.trainer(tmp_path, [monitor], max_epochs=3)
+    with pytest.raises(KeyError, match="crash"):
+        trainer.fit(Crash(), *lit.loaders())
+    assert sorted({s for t, s in slow.images if t == "attention/raw"}) == [0, 4]
+
+
+def test_gif_frames_are_drawn_pass_by_pass(tmp_path):
+    monitor = AttentionMonitor(_probes(2), tile_size=16, writer=_SlowThreadSafe())
+    frames = []
+
+    class Count(pl.Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                frames.append(len(monitor.runner._gifs.get("attention/rollout_evolution/probe_00", ())))
+
+    trainer = lit.trainer(tmp_path, [monitor, Count()], max_epochs=3)
+    trainer.fit(lit.LitViT(), *lit.loaders())
+    assert frames == [2, 3, 4]  # the baseline and each epoch's pass, added as they ran
+    gifs = monitor.runner.animations()
+    assert len(gifs["attention/rollout_evolution/probe_01"]) == 4

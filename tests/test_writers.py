@@ -242,3 +242,91 @@ def test_the_package_imports_without_wandb_or_mlflow():
     code = "import sys, lightning_attn.writers, lightning_attn; print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _Recorder(AttentionWriter):
+    """Records which thread made each call, and can be told to fail or to wait."""
+
+    thread_safe = True
+
+    def __init__(self, fail_on: str | None = None, gate=None) -> None:
+        self.calls: list[tuple[str, object, str]] = []
+        self.fail_on, self.gate = fail_on, gate
+
+    def _record(self, method, payload):
+        import threading
+
+        if self.gate is not None:
+            self.gate.wait(5)
+        if method == self.fail_on:
+            raise OSError("disk full")
+        self.calls.append((method, payload, threading.current_thread().name))
+
+    def add_image(self, tag, image, step):
+        self._record("add_image", (tag, step))
+
+    def add_scalar(self, tag, value, step):
+        self._record("add_scalar", (tag, value, step))
+
+    def flush(self):
+        self._record("flush", None)
+
+
+def test_background_writer_writes_in_order_on_its_thread_and_drains():
+    from lightning_attn.writers import BackgroundWriter
+
+    inner = _Recorder()
+    writer = BackgroundWriter(inner)
+    metrics = {"a": 1.0}
+    for step in range(3):
+        writer.add_image("attention/raw", image(), step)
+        writer.add_scalars(metrics, step)
+        metrics["a"] += 1  # the caller goes on changing its dict: the writer kept a copy
+        writer.flush()
+    writer.drain()
+    assert [c[:2] for c in inner.calls] == [
+        call for step in range(3)
+        for call in (("add_image", ("attention/raw", step)), ("add_scalar", ("a", 1.0 + step, step)), ("flush", None))
+    ]
+    assert {c[2] for c in inner.calls} == {"lightning-attn-writer"}
+    writer.close()
+    assert writer._thread is None
+    writer.add_image("attention/raw", image(), 9)  # usable again after close: a new thread
+    writer.close()
+    assert inner.calls[-2][:2] == ("add_image", ("attention/raw", 9))
+
+
+def test_background_writer_bounds_the_passes_waiting_and_reports_errors_on_the_callers_thread():
+    import threading
+    import time
+
+    from lightning_attn.writers import BackgroundWriter
+
+    gate = threading.Event()
+    inner = _Recorder(gate=gate)
+    writer = BackgroundWriter(inner, max_pending=1)
+    writer.add_scalar("a", 1.0, 0)
+    writer.flush()  # taken by the worker, which waits at the gate
+    time.sleep(0.1)
+    writer.add_scalar("a", 2.0, 1)
+    writer.flush()  # waits in the queue (1 pending)
+    blocked = threading.Thread(target=lambda: (writer.add_scalar("a", 3.0, 2), writer.flush()))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive(), "a third pass waits while the queue is full"
+    gate.set()
+    blocked.join(5)
+    writer.drain()
+    assert [c[1][1] for c in inner.calls if c[0] == "add_scalar"] == [1.0, 2.0, 3.0]
+
+    failing = BackgroundWriter(_Recorder(fail_on="add_image"))
+    failing.add_image("attention/raw", image(), 0)
+    failing.add_scalar("a", 1.0, 0)
+    failing.flush()
+    with pytest.raises(RuntimeError, match="_Recorder.add_image failed: OSError: disk full"):
+        failing.drain()
+    assert [c[0] for c in failing.writer.calls] == ["add_scalar", "flush"], "the calls after a failure still ran"
+    failing.drain()  # reported once
+    failing.close()
+    with pytest.raises(ValueError, match="max_pending"):
+        BackgroundWriter(inner, max_pending=0)
