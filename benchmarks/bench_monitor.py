@@ -9,11 +9,13 @@ same script), alternating the two to spread drift in machine load over both. Mod
 
 1. training step with the monitor attached vs without (hooks exist only during the probe pass);
 2. probe pass (capture + raw and rollout maps) vs a plain fused forward of the same probes;
-3. rendering and writing one pass's grids at the defaults, and TensorBoard event-file growth per pass;
+3. drawing and writing one pass at the defaults (on the training loop, and on the writer thread), TensorBoard
+   event-file growth per pass, and the end-of-fit GIFs;
 4. peak extra memory of the probe pass beyond a plain forward, across depth and heads;
 5. the copied approach (hooks on attn_drop kept for the run, fused attention off, every attention copied to the
    CPU, rollout image by image on the CPU), reimplemented here: probe-pass speed-up and training slowdown;
-6. scaling of the probe pass with the number of probes and the input size.
+6. scaling with the number of probes (1 to 256), the input size and the model (ViT-S, ViT-B, ViT-L): probe pass,
+   plain forward, the copied approach, extra memory, drawing and writing, event bytes.
 """
 
 from __future__ import annotations
@@ -196,34 +198,89 @@ def _shape_probes(n: int = 8) -> torch.Tensor:
     return make_probes(n, 224, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3)[0]
 
 
-def bench_render(repeats: int, probes: torch.Tensor, label: str) -> tuple[list[tuple[str, float, float]], int]:
-    """Time `_write` of one pass at the defaults (8 probes x 12 layers) and the event-file bytes it adds."""
+def _write_pass(writer, result) -> None:
+    """What AttentionMonitor writes for one pass (its `_write`): grids, pictures, chart layout, scalars, flush."""
+    from lightning_attn.report import scalar_layout
+
+    for panel in result.panels:
+        if panel.rows:
+            writer.add_grid(panel.tag, panel.image, result.step, panel.rows)
+        else:
+            writer.add_image(panel.tag, panel.image, result.step)
+    writer.add_layout(scalar_layout(result.scalars))
+    writer.add_scalars(result.scalars, result.step)
+    writer.flush()
+
+
+def _event_bytes(directory: str) -> int:
+    return sum(p.stat().st_size for p in Path(directory).glob("events.out.tfevents.*"))
+
+
+def render_and_write(model: torch.nn.Module, probes: torch.Tensor, passes: int) -> dict[str, float]:
+    """Median seconds per pass, at the defaults, over `passes` passes after a baseline (so the filmstrip, the
+    layers x steps pictures and the GIF frames grow as in a run): drawing (on the loop), writing through
+    TensorBoardWriter on the loop, handing the same pass to a BackgroundWriter (on the loop) and the time its
+    thread then takes; plus the event-file bytes a pass adds and the end-of-fit GIFs' seconds."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_attn import ProbeOptions, ProbeRunner, Probes
+    from lightning_attn.writers import BackgroundWriter, TensorBoardWriter
+
+    runner = ProbeRunner(model, Probes(probes), ProbeOptions())
+    runner.animate = True  # as the callback does with gif=True
+    compute = runner.compute
+    spent: dict[str, float] = {}
+
+    def timed_compute(*args, **kwargs):
+        start = time.perf_counter()
+        out = compute(*args, **kwargs)
+        spent["compute"] = time.perf_counter() - start
+        return out
+
+    runner.compute = timed_compute
+    rows: dict[str, list[float]] = {k: [] for k in ("render", "write", "handoff", "thread", "bytes")}
+    with tempfile.TemporaryDirectory() as sync_dir, tempfile.TemporaryDirectory() as async_dir:
+        sync_events, async_events = SummaryWriter(sync_dir), SummaryWriter(async_dir)
+        sync = TensorBoardWriter(sync_events)
+        background = BackgroundWriter(TensorBoardWriter(async_events))
+        for step in range(passes + 1):
+            start = time.perf_counter()
+            result = runner.run(step)
+            rows["render"].append(time.perf_counter() - start - spent["compute"])
+            before = _event_bytes(sync_dir)
+            start = time.perf_counter()
+            _write_pass(sync, result)
+            sync_events.flush()
+            rows["write"].append(time.perf_counter() - start)
+            rows["bytes"].append(_event_bytes(sync_dir) - before)
+            start = time.perf_counter()
+            _write_pass(background, result)
+            rows["handoff"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            background.drain()  # measured apart: in a run the thread does this while training goes on
+            rows["thread"].append(time.perf_counter() - start + rows["handoff"][-1])
+        start = time.perf_counter()
+        for tag, stream in runner.animations().items():
+            sync.add_animation(tag, stream, passes)
+        gifs = time.perf_counter() - start
+        background.close()
+        sync_events.close()
+        async_events.close()
+    out = {k: statistics.median(v[1:]) for k, v in rows.items()}  # the baseline pass draws less
+    out["gifs"] = gifs
+    return out
+
+
+def bench_render(passes: int, probes: torch.Tensor, label: str) -> list[tuple[str, float, float]]:
     model = _vit()
-    with tempfile.TemporaryDirectory() as tmp:
-        monitor = AttentionMonitor(probes)
-        lit = _Lit(model)
-        trainer = pl.Trainer(logger=pl.loggers.TensorBoardLogger(tmp), enable_progress_bar=False, callbacks=[monitor],
-                             enable_model_summary=False, limit_val_batches=1)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(1), torch.zeros(1).long()))
-        trainer.validate(lit, loader)  # sets the monitor up and logs one pass
-        probes = monitor._probes
-        maps, curves = monitor._compute(trainer, probes)
-        metrics = dict(monitor.last_metrics)
-        # a writer of its own, so the bytes of exactly these passes can be read off its event file
-        from torch.utils.tensorboard import SummaryWriter
-
-        from lightning_attn.writers import TensorBoardWriter
-
-        experiment = SummaryWriter(os.path.join(tmp, "growth"))
-        monitor._writer = TensorBoardWriter(experiment)
-        experiment.flush()
-        events = next(Path(tmp, "growth").glob("events.out.tfevents.*"))
-        before = events.stat().st_size
-        times = _time(lambda: monitor._write(maps, probes, metrics, 1), repeats)
-        growth = (events.stat().st_size - before) // repeats
-        experiment.close()
-        compute = statistics.median(_time(lambda: monitor._compute(trainer, probes), max(2, repeats // 2)))
-    return [(f"render + write one pass at the defaults / probe pass (8 {label} probes)", statistics.median(times), compute)], growth
+    x = probes
+    t = render_and_write(model, probes, passes)
+    t_pass = statistics.median(_time(lambda: attention_maps(model, x), 3))
+    return [
+        (f"draw + hand to the writer thread, one pass at the defaults / probe pass (8 {label} probes)",
+         t["render"] + t["handoff"], t_pass),
+        (f"draw + write on the loop (no writer thread) / probe pass (8 {label} probes)", t["render"] + t["write"], t_pass),
+    ], t
 
 
 # ----------------------------------------------------------------------------- 4 and 6: memory (subprocesses)
@@ -282,21 +339,37 @@ def bench_memory(repeats: int) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-def bench_scaling(repeats: int, counts: list[int], sizes: list[int]) -> list[tuple[str, float, float, float]]:
-    rows = []
-    model = _vit(dynamic_img_size=True)
-    for size in sizes:
-        for b in counts if size == 224 else [16]:
-            x = _images(b, size)
+SCALING_MODELS = {
+    "ViT-S/16": dict(name=MODEL),
+    "ViT-B/16": dict(name="vit_base_patch16_224"),
+    "ViT-L/16": dict(name="vit_large_patch16_224"),
+}
 
-            def plain():
-                with torch.no_grad():
-                    model(x)
 
-            t_ours, t_plain = _alternate(lambda: attention_maps(model, x), plain, repeats)
-            extra, _ = _memory_extra(dict(name=MODEL, dynamic_img_size=True), b, size, repeats=1)
-            rows.append((f"{b} probes, {size}x{size}", t_ours, t_plain, extra))
-    return rows
+def bench_scaling(repeats: int, rows: list[tuple[str, int, int]], draw: bool) -> list[dict]:
+    """Per (model, probes, size): probe pass, plain fused forward, the copied approach, extra peak memory, and
+    (``draw``) drawing, writing and event bytes of one pass at the defaults."""
+    out = []
+    for label, count, size in rows:
+        spec = dict(SCALING_MODELS[label], dynamic_img_size=True)
+        model = _vit(**spec)
+        x = _images(count, size)
+
+        def plain():
+            with torch.no_grad():
+                model(x)
+
+        reps = repeats if count * (1 if label == "ViT-S/16" else 4) <= 64 else 1
+        t_ours, t_plain = _alternate(lambda: attention_maps(model, x), plain, reps)
+        copied = CopiedRollout(_vit(**spec))
+        t_copied = statistics.median(_time(lambda: copied(x), reps))
+        extra, _ = _memory_extra(spec, count, size, repeats=1)
+        row = dict(label=f"{label}, {count} probes, {size}x{size}", ours=t_ours, plain=t_plain, copied=t_copied,
+                   extra=extra)
+        if draw:
+            row.update(render_and_write(model, x, passes=2))
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -319,13 +392,19 @@ def main() -> None:
 
     print("| measurement | A (s) | B (s) | A / B |\n|---|---|---|---|")
     rows, error = bench_probe_pass(repeats)
-    render_noise, growth_noise = bench_render(repeats, _images(8), "noise")
-    render_shapes, growth_shapes = bench_render(repeats, _shape_probes(), "shapes")
+    render_noise, t_noise = bench_render(repeats, _images(8), "noise")
+    render_shapes, t_shapes = bench_render(repeats, _shape_probes(), "shapes")
     for label, a, b in bench_training(max(1, repeats // 3), 12) + rows + render_noise + render_shapes:
         print(f"| {label} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     print(f"\nmax |copied - ours| over the final rollout maps: {error:.1e}")
-    for label, growth in (("noise (worst case for PNG)", growth_noise), ("shapes", growth_shapes)):
-        print(f"TensorBoard event-file growth per pass at the defaults, {label} probes: {growth / 2**20:.2f} MiB ({growth} bytes)")
+    print("\n| one pass at the defaults (8 probes, vit_small, tile 96, JPEG) | noise probes | shape probes |\n|---|---|---|")
+    for key, what in (("render", "drawing the grids, pictures and GIF frames (s, on the loop)"),
+                      ("handoff", "handing the pass to the writer thread (s, on the loop)"),
+                      ("thread", "writing it on the writer thread (s, off the loop)"),
+                      ("write", "writing it on the loop instead (s)"),
+                      ("gifs", "end of fit: the GIFs of a run of that many passes (s)")):
+        print(f"| {what} | {t_noise[key]:.3f} | {t_shapes[key]:.3f} |")
+    print(f"| TensorBoard event-file growth per pass (MiB) | {t_noise['bytes'] / 2**20:.2f} | {t_shapes['bytes'] / 2**20:.2f} |")
     print()
 
     print("| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) | 16·B·N² (MiB) |")
@@ -333,10 +412,18 @@ def main() -> None:
     for label, extra, plain, bound in bench_memory(max(1, repeats // 3)):
         print(f"| {label} | {extra:.1f} | {plain:.1f} | {bound:.1f} |")
 
-    counts, sizes = ([1, 4, 16], [224, 384]) if args.quick else ([1, 4, 16, 64], [224, 384])
-    print("\n| scaling | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) |\n|---|---|---|---|---|")
-    for label, a, b, extra in bench_scaling(max(2, repeats // 2), counts, sizes):
-        print(f"| {label} | {a:.3f} | {b:.3f} | {a / b:.2f} | {extra:.1f} |")
+    if args.quick:
+        scaling = [("ViT-S/16", 1, 224), ("ViT-S/16", 16, 224), ("ViT-S/16", 16, 384), ("ViT-B/16", 8, 224)]
+    else:
+        scaling = [("ViT-S/16", b, 224) for b in (1, 4, 16, 64, 256)] + [
+            ("ViT-S/16", 16, 384), ("ViT-B/16", 8, 224), ("ViT-L/16", 8, 224)]
+    print("\n| scaling (random weights) | probe pass (s) | plain forward (s) | ratio | copied approach (s) | copied / ours "
+          "| extra peak memory (MiB) | draw + hand-off, on the loop (s) | writer thread (s) | event file per pass (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in bench_scaling(max(2, repeats // 2), scaling, draw=True):
+        print(f"| {r['label']} | {r['ours']:.3f} | {r['plain']:.3f} | {r['ours'] / r['plain']:.2f} | {r['copied']:.3f} | "
+              f"{r['copied'] / r['ours']:.2f} | {r['extra']:.1f} | {r['render'] + r['handoff']:.2f} | {r['thread']:.2f} | "
+              f"{r['bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":
