@@ -2,6 +2,7 @@
 
     python benchmarks/bench_monitor.py            # everything, ~10 min on 2 CPU cores
     python benchmarks/bench_monitor.py --quick    # fewer repeats, smaller scaling table
+    python benchmarks/bench_monitor.py --device cuda --device-only   # the GPU rows alone (a few minutes)
 
 Every figure is a ratio of two things measured in the same process (or, for memory, in fresh subprocesses of the
 same script), alternating the two to spread drift in machine load over both. Models are built with
@@ -372,16 +373,88 @@ def bench_scaling(repeats: int, rows: list[tuple[str, int, int]], draw: bool) ->
     return out
 
 
+# ----------------------------------------------------------------------------- GPU
+
+
+def _synced(fn, device: torch.device):
+    """``fn`` followed by a device synchronisation, so wall time covers the kernels it queued."""
+
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def _peak_allocated(fn, device: torch.device) -> float:
+    """Bytes ``torch.cuda.max_memory_allocated`` rose above the memory allocated before ``fn`` (MiB)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def bench_device(device: torch.device, repeats: int) -> None:
+    """The rows for an accelerator: probe pass / plain fused forward and the copied approach / ours at 16 probes,
+    and the probe pass's extra peak memory (``torch.cuda.max_memory_allocated``) across depth and heads."""
+    print(f"\n| {device.type}: measurement | A (s) | B (s) | A / B |\n|---|---|---|---|")
+    for probes in (16, 64):
+        model = _vit().to(device)
+        x = _images(probes).to(device)
+
+        def plain():
+            with torch.no_grad():
+                model(x)
+
+        ours = _synced(lambda: attention_maps(model, x), device)
+        t_ours, t_plain = _alternate(ours, _synced(plain, device), repeats)
+        copied = CopiedRollout(_vit().to(device))
+        t_copied, t_ours2 = _alternate(_synced(lambda: copied(x), device), ours, repeats)
+        print(f"| probe pass ({probes} probes, raw + rollout) / plain fused forward | {t_ours:.4f} | {t_plain:.4f} | "
+              f"{t_ours / t_plain:.2f} |")
+        print(f"| copied approach's probe pass / ours ({probes} probes) | {t_copied:.4f} | {t_ours2:.4f} | "
+              f"{t_copied / t_ours2:.2f} |")
+    if device.type != "cuda":
+        return
+    print("\n| 16 probes, 224² | extra peak allocated by the probe pass (MiB) | plain forward peak (MiB) |\n|---|---|---|")
+    for label, spec in (("depth 6, heads 6", dict(depth=6)), ("depth 12, heads 6", dict(depth=12)),
+                        ("depth 24, heads 6", dict(depth=24)), ("depth 12, heads 12 (dim 768)",
+                                                              dict(num_heads=12, embed_dim=768))):
+        model = _vit(**spec).to(device)
+        x = _images(16).to(device)
+        attention_maps(model, x)  # warm-up: kernels and workspaces
+
+        def plain():
+            with torch.no_grad():
+                model(x)
+
+        base = _peak_allocated(plain, device)
+        print(f"| {label} | {_peak_allocated(lambda: attention_maps(model, x), device) - base:.1f} | {base:.1f} |")
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default=None,
+                        help="also measure on this device (e.g. cuda); default: cuda when there is one")
+    parser.add_argument("--device-only", action="store_true", help="only the --device rows")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _peak_rss_child(json.loads(args.child))
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if args.device_only:
+        warnings.filterwarnings("ignore")
+        print(f"device: {device}, {torch.cuda.get_device_name() if device == 'cuda' else platform.machine()}, "
+              f"torch {torch.__version__}, timm {timm.__version__}, {date.today()}")
+        bench_device(torch.device(device or "cpu"), 3 if args.quick else 7)
         return
     repeats = 3 if args.quick else 7
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -424,6 +497,8 @@ def main() -> None:
         print(f"| {r['label']} | {r['ours']:.3f} | {r['plain']:.3f} | {r['ours'] / r['plain']:.2f} | {r['copied']:.3f} | "
               f"{r['copied'] / r['ours']:.2f} | {r['extra']:.1f} | {r['render'] + r['handoff']:.2f} | {r['thread']:.2f} | "
               f"{r['bytes'] / 2**20:.1f} |")
+    if device is not None:
+        bench_device(torch.device(device), repeats)
 
 
 if __name__ == "__main__":

@@ -188,8 +188,14 @@ class TransformersBackend(Backend):
             bias = lambda h0, h1: additive_bias(  # noqa: E731
                 None if mask is None else mask[..., :n_k], slice(h0, h1), n_q, n_k, causal, query
             )
-            stream_softmax(query, key, _scaling(query, kwargs), bias, lambda h0, heads, a: emit(mod, h0, heads, a),
-                           budget)
+            weights = stream_softmax(query, key, _scaling(query, kwargs), bias,
+                                     lambda h0, heads, a: emit(mod, h0, heads, a), budget)
+            dropout = float(kwargs.get("dropout", 0.0) or 0.0) if mod.training else 0.0
+            if weights is not None and dropout == 0.0 and value.dtype == torch.float32 and not torch.is_grad_enabled():
+                # every head's float32 weights exist already: the eager computation from them (sdpa's math path)
+                if value.shape[1] != weights.shape[1]:
+                    value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)
+                return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
             # the model's own kernel with exactly its arguments: outputs bitwise those of a plain forward
             return kernel(mod, query, key, value, mask, *args, **kwargs)
 
