@@ -339,11 +339,13 @@ class ProbeRunner:
             return
         o = self.options
         display = self.display()
-        maps = torch.stack([m.to(display.device) for _, m in new], dim=1)  # (B, T, gh, gw)
-        for i in range(min(maps.shape[0], MAX_ANIMATED)):
-            stream = self._gifs.setdefault(f"{self.prefix}/{o.film_method}_evolution/probe_{i:02d}", GifStream())
-            for t, (step, _) in enumerate(new):
-                stream.append(filmstrip(display[i], maps[i, t : t + 1], [f"step {step}"], o.tile_size * 2, o.cmap, o.alpha))
+        count = min(len(display), MAX_ANIMATED)
+        tags = [f"{self.prefix}/{o.film_method}_evolution/probe_{i:02d}" for i in range(count)]
+        for step, frame_maps in new:
+            # every probe's frame of this pass in one overlay: the filmstrip of each, one tile at a time
+            tiles = overlay(display[:count], frame_maps[:count, None].to(display.device), o.tile_size * 2, o.cmap, o.alpha)
+            for i, tag in enumerate(tags):
+                self._gifs.setdefault(tag, GifStream()).append(make_grid(tiles[i : i + 1], ["image", f"step {step}"]))
         self._gif_frames = len(self.history)
 
     # ------------------------------------------------------------------ state

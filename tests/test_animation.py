@@ -69,3 +69,29 @@ def test_stream_refuses_frames_of_another_size_or_type():
     with pytest.raises(ValueError, match="duration_ms"):
         stream.to_bytes(0)
     assert len(stream) == 1 and stream.nbytes > 0
+
+
+def test_runner_frames_are_the_filmstrips_of_each_pass():
+    """The frames drawn pass by pass, all probes in one overlay, are each probe's one-frame filmstrip."""
+    import timm
+
+    from lightning_attn import ProbeOptions, ProbeRunner, Probes
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    runner = ProbeRunner(vit, Probes(torch.rand(3, 3, 32, 32)), ProbeOptions(tile_size=16))
+    runner.animate = True
+    for step in (0, 5, 9):
+        runner.run(step)
+        with torch.no_grad():  # training moves the maps between passes
+            vit.blocks[0].attn.qkv.weight.mul_(1.5)
+    streams = runner.animations()
+    assert sorted(streams) == [f"attention/rollout_evolution/probe_{i:02d}" for i in range(3)]
+    display = runner.display()
+    for i, stream in enumerate(streams.values()):
+        expected = GifStream()
+        for step, maps in runner.history:
+            expected.append(filmstrip(display[i], maps[i : i + 1], [f"step {step}"], 32, "jet", 0.5))
+        assert stream.to_bytes() == expected.to_bytes()
+    runner.restart()
+    assert runner.animations() == {}
