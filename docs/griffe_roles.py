@@ -1,5 +1,6 @@
-"""A griffe extension for the API reference (mkdocs.yml loads it): the docstrings use Sphinx roles
-(:class:`~a.b.C`, :func:`f`, ...), which Markdown would show literally; each becomes a code span (`C`, `f`)."""
+"""A griffe extension for the API reference (mkdocs.yml loads it). The docstrings use Sphinx roles
+(:class:`~a.b.C`, :func:`f`, ...), which Markdown would show literally: each becomes a code span (`C`, `f`). Their
+reStructuredText ``Example::`` blocks become Google-style ``Example:`` sections, whose doctests show as code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|data|attr|mod|exc|obj):`~?([^`]+)`")
+LITERAL_EXAMPLE = re.compile(r"^(\s*Examples?)::[ \t]*$", re.MULTILINE)
 
 
 def _plain(match: re.Match[str]) -> str:
@@ -18,8 +20,9 @@ def _plain(match: re.Match[str]) -> str:
 
 
 class SphinxRoles(griffe.Extension):
-    """Rewrite Sphinx roles in every docstring as Markdown code spans."""
+    """Rewrite Sphinx roles and literal example blocks in every docstring."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = ROLE.sub(_plain, obj.docstring.value)
+            text = ROLE.sub(_plain, obj.docstring.value)
+            obj.docstring.value = LITERAL_EXAMPLE.sub(r"\1:", text)
