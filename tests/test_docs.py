@@ -57,3 +57,13 @@ def test_ci_installs_and_tests_as_readme_says() -> None:
           if line and not line.startswith(("#", "set ", "cd "))]
     for command in ci:
         assert command in readme, f".ci/run runs {command!r}, which README does not state"
+
+
+def test_the_api_reference_covers_every_exported_name() -> None:
+    import lightning_attn
+
+    documented = {line.split("::: lightning_attn.", 1)[1].strip()
+                  for page in (ROOT / "docs" / "api").glob("*.md")
+                  for line in page.read_text(encoding="utf-8").splitlines() if line.startswith("::: lightning_attn.")}
+    missing = sorted(set(lightning_attn.__all__) - documented)
+    assert not missing, f"exported by lightning_attn but on no page of docs/api/: {missing}"
