@@ -321,7 +321,9 @@ def random_perturbation_curves(
     Args:
         grid_size: (gh, gw) patch grid of the maps being compared (``AttentionMaps.grid_size``).
         seed: seed of the removal orders.
-        model, images, target, steps, baseline, batch_size: as for :func:`perturbation_curves`.
+
+    ``model``, ``images``, ``target``, ``steps``, ``baseline`` and ``batch_size`` are as for
+    :func:`perturbation_curves`.
 
     Example::
 
