@@ -330,6 +330,19 @@ def make_grid(
     return pixels
 
 
+def _stamp(canvas: np.ndarray, box: tuple[int, int, int, int], text: str, vertical: bool = False) -> None:
+    """Darken ``canvas`` (H, W, 3 uint8, white where text goes) with ``text`` centred in ``box`` (x0, y0, x1, y1);
+    ``vertical``: reading bottom to top. The part of the box outside the canvas is dropped."""
+    x0, y0, x1, y1 = box
+    strip = _label(text, y1 - y0, x1 - x0, True) if vertical else _label(text, x1 - x0, y1 - y0, False)
+    h, w = canvas.shape[:2]
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if cx0 >= cx1 or cy0 >= cy1:
+        return
+    region = canvas[cy0:cy1, cx0:cx1]
+    np.minimum(region, strip[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0], out=region)
+
+
 @lru_cache(maxsize=4096)
 def _label(text: str, width: int, height: int, vertical: bool) -> np.ndarray:
     """``text`` centred on a white (height, width) strip, as uint8 pixels; ``vertical``: turned a quarter
@@ -486,25 +499,27 @@ def layer_step_image(
     x_bar = left + heat.shape[1] + bar_gap
     canvas[top : top + heat.shape[0], x_bar : x_bar + bar_w] = (bar[:, None] * 255).round().astype(np.uint8)
 
-    image = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(image)
-    _draw_centred(draw, (0, 0, width, top), title)
+    # text from the cached label strips, merged with min so that overlapping boxes never erase each other's ink
+    _stamp(canvas, (0, 0, width, top), title)
     # y axis: a label per row when they fit, else every k-th
     every = max(1, -(-14 // cell_h))
     for r in range(0, rows, every):
         y = top + r * cell_h
-        _draw_centred(draw, (LABEL_SIZE, y + cell_h // 2 - 8, left - 2, y + cell_h // 2 + 8), f"L{layers[r]}")
-    strip = Image.new("RGB", (heat.shape[0], LABEL_SIZE), (255, 255, 255))
-    _draw_centred(ImageDraw.Draw(strip), (0, 0, heat.shape[0], LABEL_SIZE), "layer")
-    image.paste(strip.rotate(90, expand=True), (0, top))
+        _stamp(canvas, (LABEL_SIZE, y + cell_h // 2 - 8, left - 2, y + cell_h // 2 + 8), f"L{layers[r]}")
+    _stamp(canvas, (0, top, LABEL_SIZE, top + heat.shape[0]), "layer", vertical=True)
     # x axis: the last step and every k-th before it, at least 44 px apart
     y_ticks = top + heat.shape[0]
     stride = -(-44 // cell_w)
-    for c in range(cols - 1, -1, -stride):
+    ticks = list(range(cols - 1, -1, -stride))
+    for c in ticks:
+        x = left + c * cell_w + cell_w // 2
+        _stamp(canvas, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]))
+    _stamp(canvas, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step")
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for c in ticks:
         x = left + c * cell_w + cell_w // 2
         draw.line([(x, y_ticks), (x, y_ticks + 3)], fill=_TEXT)
-        _draw_centred(draw, (x - 24, y_ticks + 3, x + 24, y_ticks + 3 + LABEL_SIZE - 6), str(steps[c]))
-    _draw_centred(draw, (left, y_ticks + LABEL_SIZE - 2, left + max(heat.shape[1], 60), height), "step")
     # colour bar: max at the top, min at the bottom
     x_text = x_bar + bar_w + 3
     draw.text((x_text, top), _fmt(hi), fill=_TEXT, font=font)
