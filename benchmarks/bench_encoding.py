@@ -31,11 +31,11 @@ from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
-
 from lightning_attn import AttentionMonitor  # noqa: E402
 from lightning_attn.render import _font  # noqa: E402
 from lightning_attn.writers import TensorBoardWriter  # noqa: E402
+
+from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
 
 CONFIGS = [(tile, fmt, q) for tile in (56, 64, 96, 112) for fmt, q in (("png", 0), ("jpeg", 90), ("jpeg", 75))]
 

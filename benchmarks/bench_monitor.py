@@ -33,7 +33,6 @@ from datetime import date
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import timm
 import torch
 

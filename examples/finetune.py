@@ -23,8 +23,8 @@ import argparse
 import copy
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import AttentionMonitor
+
 from shapes import CLASSES, ShapesDataset, make_probes
 from train_vit import ViTClassifier
 

@@ -28,8 +28,8 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import timm
@@ -42,6 +42,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_attn import AttentionMonitor
+
 from shapes import CLASSES, ShapesDataset, make_probes
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"

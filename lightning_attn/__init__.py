@@ -27,7 +27,6 @@ from .metrics import normalized_entropy
 from .options import ProbeOptions
 from .probes import Probes
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
-from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .rollout import (
     attention_rollout,
     discard_weakest,
@@ -36,6 +35,7 @@ from .rollout import (
     relevance_propagation,
     residual_transition,
 )
+from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .writers import (
     AttentionWriter,
     MLflowWriter,

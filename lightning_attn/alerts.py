@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from .maps import METHODS
 
@@ -145,7 +146,7 @@ uniform_patience
             object.__setattr__(self, f.name, float(value))
 
     @classmethod
-    def from_any(cls, value: "AlertThresholds | Mapping[str, float] | None") -> "AlertThresholds":
+    def from_any(cls, value: AlertThresholds | Mapping[str, float] | None) -> AlertThresholds:
         """The thresholds from None (defaults), a dict of the ones to change, or an :class:`AlertThresholds`."""
         if value is None:
             return cls()
@@ -194,7 +195,7 @@ class Alert:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Alert":
+    def from_dict(cls, data: Mapping[str, Any]) -> Alert:
         """From :meth:`to_dict` (tolerant of missing keys)."""
         return cls(
             rule=str(data.get("rule", "")), step=int(data.get("step", 0)),

@@ -12,8 +12,9 @@ then serves all requested methods.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn

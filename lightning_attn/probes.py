@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +120,7 @@ class Probes:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> "Probes":
+    def to(self, device: torch.device) -> Probes:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Probes(self.images.to(device), move(self.labels), move(self.masks))
 

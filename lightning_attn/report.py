@@ -6,10 +6,9 @@ Everything is assembled as tensors and copied to the host once, in :func:`scalar
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-
 import torch
 from torch import Tensor
 

@@ -11,17 +11,18 @@ model (:func:`redraw`).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, ContextManager
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .backends import Backend, backend_for
-from .layout import TokenLayout
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
+from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats

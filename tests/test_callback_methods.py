@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_attn.runner import row_labels
 from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, pointing_game
 from lightning_attn.render import grid_shape
+from lightning_attn.runner import row_labels
 
 import lit
 

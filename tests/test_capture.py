@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import MODELS, input_for, make_vit
 
 from lightning_attn import find_attention_modules, record_attention
 from lightning_attn.backends.timm import NOT_TOKEN_SELF_ATTENTION
 
-from conftest import MODELS, input_for, make_vit
 from reference import attention_from_qkv
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_attn import AttentionMonitor, Probes, ProbeOptions, ProbeRunner, TokenLayout
+from lightning_attn import AttentionMonitor, ProbeOptions, ProbeRunner, Probes, TokenLayout
 from lightning_attn.render import fit_label
 from lightning_attn.runner import MAX_ANIMATED
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import train_vit  # noqa: E402
-
 import lit  # noqa: E402
+import train_vit  # noqa: E402
 
 
 def test_example_fast_run_logs_every_method(tmp_path, capsys):

@@ -3,13 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MODELS, input_for, make_vit
 
 from lightning_attn import attention_maps
 from lightning_attn.capture import find_attention_modules
 from lightning_attn.maps import METHODS
 from lightning_attn.rollout import grad_rollout, relevance_propagation
 
-from conftest import MODELS, input_for, make_vit
 import reference
 
 GRAD = ("grad_rollout", "relevance")

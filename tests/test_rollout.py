@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import input_for, make_vit
 
 from lightning_attn import attention_rollout, discard_weakest, fuse_heads, record_attention, residual_transition
 from lightning_attn.rollout import grad_rollout, relevance_propagation
 
-from conftest import input_for, make_vit
 import reference
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+
 from torch import nn
 
 from ..layout import TokenLayout

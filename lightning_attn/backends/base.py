@@ -16,7 +16,8 @@ Everything past the backend (maps, rollout, diagnostics, render, the callback) s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn

@@ -9,7 +9,8 @@ fused kernel and rebuilds each head's weights from the q and k that plain ``Atte
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 

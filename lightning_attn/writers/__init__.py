@@ -7,8 +7,9 @@ has ``accepts(logger)`` and ``for_logger(logger, directory)``, plus one line in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .base import AttentionWriter, ChartLayout, check_image
 from .files import PNGWriter, gif_bytes, save_gif

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .base import LoggerWriter, ChartLayout, check_image
+from .base import ChartLayout, LoggerWriter, check_image
 from .files import file_name, gif_bytes
 
 __all__ = ["IMAGE_FORMATS", "TensorBoardWriter", "encode_image"]
@@ -19,7 +20,7 @@ IMAGE_FORMATS = ("png", "jpeg")
 
 # One merged layout per SummaryWriter: TensorBoard shows only the last layout written to a run, so monitors
 # sharing a logger each add their charts to it and the whole is written again.
-_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
 
 
 def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
@@ -95,7 +96,7 @@ class TensorBoardWriter(LoggerWriter):
         return all(callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars"))
 
     @classmethod
-    def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> "TensorBoardWriter":
+    def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> TensorBoardWriter:
         """The writer for ``logger``; GIF files go under its ``log_dir`` (else ``directory``), in ``attention/``."""
         root = getattr(logger, "log_dir", None) or directory
         return cls(logger.experiment, logger=logger, image_format=image_format, directory=Path(root) / "attention")
