@@ -98,9 +98,9 @@ def main() -> None:
 
         def plain():
             with torch.no_grad():
-                backend.forward(x)
+                backend.forward(x)  # noqa: B023 (timed within this iteration)
 
-        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)
+        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
         memory = {what: statistics.median(_peak(dict(family=family, probes=args.probes, what=what))
                                           for _ in range(1 if args.quick else 3)) for what in ("plain", "maps")}
         print(f"| {family} | {ours:.3f} | {base:.3f} | {ours / base:.2f} | {memory['maps'] - memory['plain']:.1f} "

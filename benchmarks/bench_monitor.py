@@ -290,9 +290,9 @@ def bench_scaling(repeats: int, counts: list[int], sizes: list[int]) -> list[tup
 
             def plain():
                 with torch.no_grad():
-                    model(x)
+                    model(x)  # noqa: B023 (timed within this iteration)
 
-            t_ours, t_plain = _alternate(lambda: attention_maps(model, x), plain, repeats)
+            t_ours, t_plain = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
             extra, _ = _memory_extra(dict(name=MODEL, dynamic_img_size=True), b, size, repeats=1)
             rows.append((f"{b} probes, {size}x{size}", t_ours, t_plain, extra))
     return rows

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +52,7 @@ AGGREGATIONS = ("mean", "max", "min")
 
 #: What a gradient method explains: None (each image's predicted class), a class index for all images, a (B,)
 #: class per image, or a callable ``output -> (B,)`` score of the model's output (an embedding similarity, say).
-Target = Union[int, Tensor, Callable[[Any], Tensor], None]
+Target = int | Tensor | Callable[[Any], Tensor] | None
 
 
 @dataclass

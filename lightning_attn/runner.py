@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +191,7 @@ class ProbeRunner:
 
     def compute(
         self,
-        forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
         convert_input: Callable[[Tensor], Tensor] = lambda x: x,
     ) -> tuple[AttentionMaps, dict[str, PerturbationCurves]]:
         """The maps (and faithfulness curves) of the probes, under ``forward_context`` (e.g. a precision's)."""
@@ -239,7 +239,7 @@ class ProbeRunner:
         render: bool = True,
         history_panels: bool = True,
         record: bool = True,
-        forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
         convert_input: Callable[[Tensor], Tensor] = lambda x: x,
     ) -> ProbePass:
         """One pass at ``step``: maps, scalars (drift from the baseline, the first pass, and from the previous
