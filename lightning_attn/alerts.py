@@ -161,7 +161,7 @@ uniform_patience
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"`alert_thresholds` has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-        return cls(**value)
+        return cls(**value)  # type: ignore[arg-type]  # keys checked above, values by __post_init__
 
 
 # ---------------------------------------------------------------------------------------------------- records

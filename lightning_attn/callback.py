@@ -64,7 +64,7 @@ def _full_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
     if type(wrapped).__name__ == "FullyShardedDataParallel":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):  # type: ignore[arg-type]  # not None: the type name
             yield
         return
     yield
@@ -224,7 +224,9 @@ class AttentionMonitor(Callback):
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
-        self.options = ProbeOptions(
+        # ProbeOptions takes any sequences and keeps them as tuples (__post_init__): more than its field types say
+        make_options: Callable[..., ProbeOptions] = ProbeOptions
+        self.options = make_options(
             methods=methods, target=target, layers=layers, aggregates=aggregates, matrix_layers=matrix_layers,
             head_fusion=head_fusion, discard_ratio=discard_ratio, query=query, tile_size=tile_size, cmap=cmap,
             alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
@@ -244,7 +246,7 @@ class AttentionMonitor(Callback):
         if isinstance(probes, int) and (labels is not None or masks is not None):
             raise ValueError("`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader")
         if isinstance(probes, Tensor):
-            Probes(probes, labels, masks)  # validates shapes now, not at setup
+            Probes(probes, labels, masks)  # type: ignore[arg-type]  # validates (and converts) now, not at setup
         if module is not None and not isinstance(module, (str, nn.Module)):
             raise ValueError(f"`module` must be an attribute path (str) or an nn.Module, got {type(module).__name__}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -404,7 +406,7 @@ class AttentionMonitor(Callback):
                 images = self.probes.detach().clone()
             else:
                 images = load_images(self.probes, self.transform or backend_for(self._vit).transform())
-            probes = Probes(images, self.labels, self.masks)
+            probes = Probes(images, self.labels, self.masks)  # type: ignore[arg-type]  # label lists: converted
         if probes is not None:
             self._start_runner(probes)  # checks the model, the probes and the options against each other
         else:
@@ -429,7 +431,8 @@ class AttentionMonitor(Callback):
         self.stop_reason = None
 
     def _setup_writers(self, trainer: pl.Trainer) -> None:
-        twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        twins = [cb for cb in callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
         if twins:
             raise ValueError(
                 f"{len(twins) + 1} AttentionMonitors share `name={self.name!r}`: their tags would overwrite each "
@@ -592,7 +595,7 @@ class AttentionMonitor(Callback):
             self._warn_once(f"alerts {type(err).__name__}", f"AttentionMonitor could not check the alerts at step "
                             f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.")
             return []
-        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))
+        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))  # type: ignore[union-attr]  # a history
         for alert in fired:
             rank_zero_warn(alert.message, category=RuntimeWarning)
         return fired

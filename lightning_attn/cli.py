@@ -206,7 +206,8 @@ def render(args: argparse.Namespace) -> int:
     paths, batches = _batches(args, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    pictures, results = [], []
+    pictures: list[tuple[str, str]] = []
+    results: list[dict[str, Any]] = []
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
         labels = None if args.target is None else torch.full((images.shape[0],), args.target)
         runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
@@ -253,7 +254,7 @@ def compare(args: argparse.Namespace) -> int:
         panel = Panel(f"compare/{film}", make_grid(tiles, header, rows), rows)
         pictures.append((f"{film}: A (left) and B (right), images {index * args.batch_size}..", _save(panel, out, f"_{index:03d}")))
     count = len(paths)
-    table = []
+    table: list[dict[str, Any]] = []
     for method, total in drift_sum.items():
         for layer, value in enumerate(total / count):
             table.append({"method": method, "layer": layer, "drift": float(value)})

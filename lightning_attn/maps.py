@@ -14,7 +14,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -217,12 +217,14 @@ class _Reducer:
         if head == 0:
             self._check_tokens(index, attention.shape[-1])
             self._fused, self._head_rows, self._head_distances = attention.clone(), [], []
-        elif self.head_fusion == "mean":
-            self._fused += attention
-        elif self.head_fusion == "max":
-            torch.maximum(self._fused, attention, out=self._fused)
         else:
-            torch.minimum(self._fused, attention, out=self._fused)
+            fused = cast(Tensor, self._fused)  # set at head 0 of this layer
+            if self.head_fusion == "mean":
+                fused += attention
+            elif self.head_fusion == "max":
+                torch.maximum(fused, attention, out=fused)
+            else:
+                torch.minimum(fused, attention, out=fused)
         if index in self.head_layers:
             self._head_rows.append(query_row(attention, self.layout).reshape(-1, *self.layout.grid_size))
         if self.distance:
@@ -232,7 +234,8 @@ class _Reducer:
                 self.head_maps[index] = torch.stack(self._head_rows, dim=1)
             if self._head_distances:
                 self.distances.append(torch.cat(self._head_distances, dim=1))
-            fused = self._fused / heads if self.head_fusion == "mean" else self._fused
+            fused = cast(Tensor, self._fused)
+            fused = fused / heads if self.head_fusion == "mean" else fused
             self._fused = None
             self._finish(index, fused)
 
@@ -318,7 +321,7 @@ def target_scores(target: Target, output: Any, logits: Tensor | None, batch: int
     """Each image's score to explain, (B,), and the class index behind it ((B,) int64, None for a callable)."""
     if callable(target) and not isinstance(target, Tensor):
         return callable_score(target, output, batch), None
-    chosen = _resolve_target(target, logits)  # type: ignore[arg-type]
+    chosen = _resolve_target(target, logits)
     assert logits is not None
     return logits.gather(1, chosen[:, None])[:, 0], chosen
 

@@ -8,14 +8,17 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["MANY_PROBES", "BatchToProbes", "Probes", "split_batch", "display_stats", "load_images", "model_transform", "take_from_loader"]
 
-ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+if TYPE_CHECKING:  # PIL is imported when images are loaded, not with the package
+    import PIL.Image
+
+ImageLike = Union[str, Path, "PIL.Image.Image"]
 
 # Keys under which dict batches commonly carry their images and labels (torchvision, HF datasets, timm).
 _IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")

@@ -94,7 +94,7 @@ def scalar_report(
         if masks is not None:  # artifact tokens sit on background: the share they take outside the object
             raw = maps.raw.float().flatten(-2)
             shares = raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)
-            outside = 1 - pixels_to_patches(masks.to(raw.device), tuple(maps.raw.shape[-2:])).flatten(-2)
+            outside = 1 - pixels_to_patches(masks.to(raw.device), (maps.raw.shape[-2], maps.raw.shape[-1])).flatten(-2)
             hot = artifact_mask(maps.raw, artifact_threshold).flatten(-2)
             _per_layer(out, f"{p}_artifacts/background_share", (shares * hot * outside.unsqueeze(1)).sum(-1).mean(0))
     if registers is not None and maps.prefix_attention is not None and maps.raw is not None:

@@ -225,7 +225,7 @@ class ProbeRunner:
             if target is None:
                 assert maps.logits is not None, "the runner checked that the model has class logits"
                 target = maps.logits.argmax(-1)
-            kwargs = dict(target=target, steps=options.faithfulness_steps)
+            kwargs: dict[str, Any] = dict(target=target, steps=options.faithfulness_steps)
             with forward_context():
                 for method in options.methods:
                     curves[method] = perturbation_curves(self.model, images, maps[method][:, -1], **kwargs)
@@ -281,7 +281,7 @@ class ProbeRunner:
         display = self.display()
         names = options.class_names
         rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names, start=self.first_index)
-        render = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
+        render: dict[str, Any] = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
         out: list[Panel] = []
         columns = ["image"] + [f"L{layer}" for layer in self.layers]
         for method in options.methods:

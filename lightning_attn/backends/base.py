@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ def to_pair(value: object) -> tuple[int, int]:
     """``8`` -> (8, 8); ``(8, 16)`` -> (8, 16)."""
     if isinstance(value, int):
         return value, value
-    a, b = value  # type: ignore[misc]
+    a, b = cast("tuple[Any, Any]", value)  # a pair, or the unpacking raises as before
     return int(a), int(b)
 
 

@@ -113,7 +113,8 @@ class TensorBoardWriter(LoggerWriter):
         if self.image_format == "png" or not hasattr(self.experiment, "_get_file_writer"):
             self.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
             return
-        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), *image.shape[:2], step)
+        height, width = image.shape[:2]
+        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), height, width, step)
 
     def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         for tag, value in metrics.items():
