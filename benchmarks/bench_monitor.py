@@ -139,8 +139,14 @@ def _train_step_time(callbacks, steps: int, batch: int, tmp: str, copied: bool =
     loader = torch.utils.data.DataLoader(data, batch_size=batch)
     timer = _StepTimer()
     trainer = pl.Trainer(
-        max_epochs=2, limit_val_batches=1, callbacks=[timer, *callbacks], logger=pl.loggers.TensorBoardLogger(tmp),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        max_epochs=2,
+        limit_val_batches=1,
+        callbacks=[timer, *callbacks],
+        logger=pl.loggers.TensorBoardLogger(tmp),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(_Lit(model), loader, loader)
     return statistics.median(timer.times[2:])  # first steps warm up
@@ -201,8 +207,13 @@ def bench_render(repeats: int, probes: torch.Tensor, label: str) -> tuple[list[t
     with tempfile.TemporaryDirectory() as tmp:
         monitor = AttentionMonitor(probes)
         lit = _Lit(model)
-        trainer = pl.Trainer(logger=pl.loggers.TensorBoardLogger(tmp), enable_progress_bar=False, callbacks=[monitor],
-                             enable_model_summary=False, limit_val_batches=1)
+        trainer = pl.Trainer(
+            logger=pl.loggers.TensorBoardLogger(tmp),
+            enable_progress_bar=False,
+            callbacks=[monitor],
+            enable_model_summary=False,
+            limit_val_batches=1,
+        )
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(1), torch.zeros(1).long()))
         trainer.validate(lit, loader)  # sets the monitor up and logs one pass
         probes = monitor._probes
@@ -222,7 +233,9 @@ def bench_render(repeats: int, probes: torch.Tensor, label: str) -> tuple[list[t
         growth = (events.stat().st_size - before) // repeats
         experiment.close()
         compute = statistics.median(_time(lambda: monitor._compute(trainer, probes), max(2, repeats // 2)))
-    return [(f"render + write one pass at the defaults / probe pass (8 {label} probes)", statistics.median(times), compute)], growth
+    return [
+        (f"render + write one pass at the defaults / probe pass (8 {label} probes)", statistics.median(times), compute)
+    ], growth
 
 
 # ----------------------------------------------------------------------------- 4 and 6: memory (subprocesses)
@@ -255,14 +268,19 @@ def _peak_extra(spec: dict) -> float:
     # Large blocks straight from mmap and back on free (glibc otherwise raises its mmap threshold and keeps freed
     # blocks in the heap), so resident memory follows the live tensors and the peak mark is their peak.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
 
 
 def _memory_extra(model: dict, probes: int, size: int = 224, repeats: int = 3) -> tuple[float, float]:
-    plain = statistics.median(_peak_extra(dict(model=model, probes=probes, size=size, what="plain")) for _ in range(repeats))
-    ours = statistics.median(_peak_extra(dict(model=model, probes=probes, size=size, what="maps")) for _ in range(repeats))
+    plain = statistics.median(
+        _peak_extra(dict(model=model, probes=probes, size=size, what="plain")) for _ in range(repeats)
+    )
+    ours = statistics.median(
+        _peak_extra(dict(model=model, probes=probes, size=size, what="maps")) for _ in range(repeats)
+    )
     return ours - plain, plain
 
 
@@ -312,8 +330,10 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), timm {timm.__version__}, lightning {pl.__version__}, {date.today()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), timm {timm.__version__}, lightning {pl.__version__}, {date.today()}"
+    )
     print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU only)'}\n")
 
     print("| measurement | A (s) | B (s) | A / B |\n|---|---|---|---|")
@@ -324,10 +344,14 @@ def main() -> None:
         print(f"| {label} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     print(f"\nmax |copied - ours| over the final rollout maps: {error:.1e}")
     for label, growth in (("noise (worst case for PNG)", growth_noise), ("shapes", growth_shapes)):
-        print(f"TensorBoard event-file growth per pass at the defaults, {label} probes: {growth / 2**20:.2f} MiB ({growth} bytes)")
+        print(
+            f"TensorBoard event-file growth per pass at the defaults, {label} probes: {growth / 2**20:.2f} MiB ({growth} bytes)"
+        )
     print()
 
-    print("| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) | 16·B·N² (MiB) |")
+    print(
+        "| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) | 16·B·N² (MiB) |"
+    )
     print("|---|---|---|---|")
     for label, extra, plain, bound in bench_memory(max(1, repeats // 3)):
         print(f"| {label} | {extra:.1f} | {plain:.1f} | {bound:.1f} |")

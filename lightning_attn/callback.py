@@ -227,11 +227,27 @@ class AttentionMonitor(Callback):
         # ProbeOptions takes any sequences and keeps them as tuples (__post_init__): more than its field types say
         make_options: Callable[..., ProbeOptions] = ProbeOptions
         self.options = make_options(
-            methods=methods, target=target, layers=layers, aggregates=aggregates, matrix_layers=matrix_layers,
-            head_fusion=head_fusion, discard_ratio=discard_ratio, query=query, tile_size=tile_size, cmap=cmap,
-            alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
-            artifact_threshold=artifact_threshold, faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
-            filmstrip_length=filmstrip_length, mean=mean, std=std, class_names=class_names,
+            methods=methods,
+            target=target,
+            layers=layers,
+            aggregates=aggregates,
+            matrix_layers=matrix_layers,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            query=query,
+            tile_size=tile_size,
+            cmap=cmap,
+            alpha=alpha,
+            log_entropy=log_entropy,
+            head_layers=head_layers,
+            diagnostics=diagnostics,
+            artifact_threshold=artifact_threshold,
+            faithfulness=faithfulness,
+            faithfulness_steps=faithfulness_steps,
+            filmstrip_length=filmstrip_length,
+            mean=mean,
+            std=std,
+            class_names=class_names,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -244,7 +260,9 @@ class AttentionMonitor(Callback):
         if isinstance(probes, (list, tuple)) and not probes:
             raise ValueError("`probes` is an empty list: pass at least one image path or PIL image")
         if isinstance(probes, int) and (labels is not None or masks is not None):
-            raise ValueError("`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader")
+            raise ValueError(
+                "`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader"
+            )
         if isinstance(probes, Tensor):
             Probes(probes, labels, masks)  # type: ignore[arg-type]  # validates (and converts) now, not at setup
         if module is not None and not isinstance(module, (str, nn.Module)):
@@ -252,7 +270,9 @@ class AttentionMonitor(Callback):
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
         if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}")
+            raise ValueError(
+                f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}"
+            )
         if batch_to_probes is not None and not callable(batch_to_probes):
             raise ValueError(
                 "`batch_to_probes` must be a callable `batch -> images` or `batch -> (images, labels)`, got "
@@ -592,8 +612,11 @@ class AttentionMonitor(Callback):
         except Exception as err:  # a faulty rule must cost neither the run nor this pass's pictures
             if self.on_error == "raise":
                 raise
-            self._warn_once(f"alerts {type(err).__name__}", f"AttentionMonitor could not check the alerts at step "
-                            f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.")
+            self._warn_once(
+                f"alerts {type(err).__name__}",
+                f"AttentionMonitor could not check the alerts at step "
+                f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.",
+            )
             return []
         result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))  # type: ignore[union-attr]  # a history
         for alert in fired:
@@ -627,7 +650,10 @@ class AttentionMonitor(Callback):
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
                 raise
-            self._warn_once(type(err).__name__, f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}")
+            self._warn_once(
+                type(err).__name__,
+                f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}",
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -654,7 +680,9 @@ class AttentionMonitor(Callback):
         self._alert_book.load_state_dict(state_dict.get("alerts") or {})
         runner_state = state_dict.get("runner")
         if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
-            runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}
+            runner_state = {
+                k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")
+            }
         stored = state_dict.get("probes")
         if isinstance(self.probes, int) and stored is not None:
             # the same N: the checkpoint's images; `probes=N` changed: N images afresh, and the runner, seeing other

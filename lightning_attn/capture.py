@@ -185,7 +185,9 @@ def record_head_attention(model: nn.Module, modules: Sequence[nn.Module], on_hea
     """
     bad = [type(m).__name__ for m in modules if not supports_head_streaming(m)]
     if bad or not modules:
-        raise ValueError(f"record_head_attention needs layers that stream heads, got {bad or 'none'}; use record_attention")
+        raise ValueError(
+            f"record_head_attention needs layers that stream heads, got {bad or 'none'}; use record_attention"
+        )
     undo: Undo = []
     calls: dict[int, int] = {}  # id(module) -> layer index of its current call
     order = [0]

@@ -108,7 +108,9 @@ class AttentionMaps:
     def __getitem__(self, method: str) -> Tensor:
         maps = getattr(self, method, None) if method in METHODS else None
         if maps is None:
-            raise KeyError(f"no {method!r} maps: computed methods are {[m for m in METHODS if getattr(self, m) is not None]}")
+            raise KeyError(
+                f"no {method!r} maps: computed methods are {[m for m in METHODS if getattr(self, m) is not None]}"
+            )
         return maps
 
     def aggregate(self, reduction: str = "mean", method: str = "raw") -> Tensor:
@@ -488,9 +490,11 @@ def attention_maps(
                 output = backend.forward(images)
             _check_calls(len(heads_seen), len(modules))
         else:
-            with _ModeGuard(backend.model), torch.no_grad(), record_attention(
-                backend.model, modules, on_attention=reducer, store=False
-            ) as rec:
+            with (
+                _ModeGuard(backend.model),
+                torch.no_grad(),
+                record_attention(backend.model, modules, on_attention=reducer, store=False) as rec,
+            ):
                 output = backend.forward(images)
             _check_calls(rec.num_calls, len(modules))
     logits = backend.class_logits(output)

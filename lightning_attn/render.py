@@ -250,7 +250,9 @@ def _font(size: int = _FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFon
 _MIN_FONT_SIZE = 7
 
 
-def fit_label(draw: ImageDraw.ImageDraw, text: str, width: int) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+def fit_label(
+    draw: ImageDraw.ImageDraw, text: str, width: int
+) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
     """``text`` and a font that fit in ``width`` pixels: a smaller font first, then whole trailing words dropped
     for an ellipsis. A label is never cut inside a word, so ``p571`` never reads ``p5``."""
     for size in range(_FONT_SIZE, _MIN_FONT_SIZE - 1, -1):

@@ -134,7 +134,9 @@ def scalar_layout(tags: Iterable[str]) -> dict[str, dict[str, list[str]]]:
     return layout
 
 
-def layer_series(history: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, tuple[list[int], list[int], np.ndarray]]:
+def layer_series(
+    history: Sequence[tuple[int, Mapping[str, float]]],
+) -> dict[str, tuple[list[int], list[int], np.ndarray]]:
     """Per chart whose lines are layers, the whole run as a table: ``{chart: (layers, steps, values)}`` with
     ``values`` (layers, steps) float64, NaN where a pass did not log that layer (e.g. drift at the baseline).
 

@@ -68,10 +68,17 @@ def resolve_layers(requested: Sequence[int] | None, num_layers: int, name: str) 
     return [layer % num_layers for layer in requested]
 
 
-def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: str = "raw",
-               class_names: Sequence[str] | None = None, start: int = 0) -> list[str]:
+def row_labels(
+    count: int,
+    labels: Tensor | None,
+    maps: AttentionMaps,
+    method: str = "raw",
+    class_names: Sequence[str] | None = None,
+    start: int = 0,
+) -> list[str]:
     """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``. With
     ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``. Probes are numbered from ``start``."""
+
     def name(index: int) -> str:
         if class_names is None:
             return str(index)
@@ -93,13 +100,16 @@ def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: s
     return rows
 
 
-def _checked(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
-             ) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
+def _checked(
+    model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
+) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
     """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
     model and the options are checked against each other."""
     backend = backend_for(model, layout)
     num_layers = len(backend.attention_layers())
-    indices = tuple(resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers"))
+    indices = tuple(
+        resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers")
+    )
     if options.needs_class:
         check_explainable(backend, options.target)
     return backend, indices  # type: ignore[return-value]
@@ -129,8 +139,16 @@ class ProbeRunner:
         (['attention/raw', 'attention/rollout', 'attention/raw_aggregates'], True)
     """
 
-    def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None,
-                 layout: TokenLayout | None = None, first_index: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Probes,
+        options: ProbeOptions,
+        *,
+        name: str | None = None,
+        layout: TokenLayout | None = None,
+        first_index: int = 0,
+    ) -> None:
         self.backend, (self.layers, self.matrix_layers, self.head_layers) = _checked(model, options, layout)
         self._layout = layout
         self.first_index = first_index  # the number of the first probe on the rows (a batch of a larger set)
@@ -274,8 +292,13 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ pictures
 
-    def panels(self, maps: AttentionMaps, scalars: Mapping[str, float], history: bool = True,
-               extra_frames: Sequence[tuple[int, Tensor]] = ()) -> list[Panel]:
+    def panels(
+        self,
+        maps: AttentionMaps,
+        scalars: Mapping[str, float],
+        history: bool = True,
+        extra_frames: Sequence[tuple[int, Tensor]] = (),
+    ) -> list[Panel]:
         """The pictures of one pass, in the order they are logged."""
         options, p = self.options, self.prefix
         display = self.display()
@@ -314,7 +337,7 @@ class ProbeRunner:
             for chart, (layers, steps, values) in layer_series(self.scalar_history).items():
                 section, _, rest = chart.partition("/")
                 picture = layer_step_image(values, steps, chart, layers=layers)
-                out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1:]}" + (f"/{rest}" if rest else ""), picture))
+                out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1 :]}" + (f"/{rest}" if rest else ""), picture))
         return out
 
     def animations(self) -> dict[str, list[np.ndarray]]:
@@ -359,8 +382,11 @@ class ProbeRunner:
                 found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
         before = state.get("comparable")
         if before is not None:
-            found += [f"`{k}` ({before[k]!r} then, {v!r} now)" for k, v in self.options.comparable().items()
-                      if k in before and before[k] != v]
+            found += [
+                f"`{k}` ({before[k]!r} then, {v!r} now)"
+                for k, v in self.options.comparable().items()
+                if k in before and before[k] != v
+            ]
         history = state.get("history") or []
         if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
             found.append("the number of probes")
@@ -374,8 +400,15 @@ class ProbeRunner:
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
 
 
-def _animations(display: Tensor, history: Sequence[tuple[int, Tensor]], prefix: str, method: str, tile_size: int,
-                cmap: str, alpha: float) -> dict[str, list[np.ndarray]]:
+def _animations(
+    display: Tensor,
+    history: Sequence[tuple[int, Tensor]],
+    prefix: str,
+    method: str,
+    tile_size: int,
+    cmap: str,
+    alpha: float,
+) -> dict[str, list[np.ndarray]]:
     steps = [f"step {s}" for s, _ in history]
     maps = torch.stack([m.to(display.device) for _, m in history], dim=1)  # (B, T, gh, gw)
     out = {}

@@ -12,9 +12,7 @@ from reference import attention_from_qkv
 
 
 def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules()
-    )
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
 def test_captured_attention_equals_attention_recomputed_from_qkv():
@@ -95,7 +93,10 @@ def test_nothing_recorded_outside_the_context():
 def test_streaming_callback_receives_layer_indices_without_storing():
     model = make_vit("vit")
     seen = []
-    with torch.no_grad(), record_attention(model, on_attention=lambda i, a: seen.append((i, a.shape)), store=False) as rec:
+    with (
+        torch.no_grad(),
+        record_attention(model, on_attention=lambda i, a: seen.append((i, a.shape)), store=False) as rec,
+    ):
         model(input_for("vit", batch=1))
     assert [i for i, _ in seen] == [0, 1, 2]
     assert rec.attentions == [] and rec.num_calls == 3
@@ -105,7 +106,11 @@ def test_streaming_callback_receives_layer_indices_without_storing():
     "name, kwargs, match",
     [
         ("resnet10t", {}, "ResNet is not a supported Vision Transformer"),
-        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "Swin uses window"),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+            "Swin uses window",
+        ),
         ("xcit_nano_12_p16_224", dict(depth=1), "XCiT attends over channels"),
     ],
 )

@@ -20,7 +20,6 @@ import reference
 GRID = (4, 4)  # 16 x 16 images, 4 x 4 pixel patches
 
 
-
 class RegionClassifier(nn.Module):
     """Class 0's logit is 3 x the mean brightness of the top-left 2 x 2 patches; classes 1 and 2 are constants.
 

@@ -70,8 +70,15 @@ def head_softmaxes(
             emit(h, heads, logits.softmax(dim=-1))
 
 
-def additive_bias(mask: Tensor | None, head: int, n_query: int, n_key: int, is_causal: bool, like: Tensor,
-                  true_means_keep: bool = True) -> Tensor | None:
+def additive_bias(
+    mask: Tensor | None,
+    head: int,
+    n_query: int,
+    n_key: int,
+    is_causal: bool,
+    like: Tensor,
+    true_means_keep: bool = True,
+) -> Tensor | None:
     """One head's additive float32 bias from an attention mask as attention kernels take it, or None.
 
     ``mask`` may be bool (``true_means_keep``: SDPA's convention; False for ``nn.MultiheadAttention``, where True

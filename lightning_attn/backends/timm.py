@@ -98,7 +98,9 @@ class TimmBackend(Backend):
         # BEiT a relative position bias: terms q and k do not show, so they go through attach_recording.
         from timm.layers.attention import Attention
 
-        return type(module) is Attention and isinstance(module.q_norm, nn.Module) and isinstance(module.k_norm, nn.Module)
+        return (
+            type(module) is Attention and isinstance(module.q_norm, nn.Module) and isinstance(module.k_norm, nn.Module)
+        )
 
     @classmethod
     def attach_head_stream(cls, module: nn.Module, emit: EmitHead, undo: Undo) -> None:
@@ -157,7 +159,9 @@ class TimmBackend(Backend):
         distilled = getattr(model, "dist_token", None) is not None
         self._check_query(query, has_cls)
         if query == "cls_dist" and not distilled:
-            raise ValueError(f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token")
+            raise ValueError(
+                f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token"
+            )
         if query == "auto":
             if not has_cls or getattr(model, "global_pool", "token") != "token":
                 query = "mean"  # eva02, beit and *_gap_* pool patches: the class token does not feed the head

@@ -61,8 +61,9 @@ def _projections(module: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
     return out
 
 
-def _bias(module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, n_q: int, n_k: int,
-          like: Tensor) -> Callable[[int], Tensor | None]:
+def _bias(
+    module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, n_q: int, n_k: int, like: Tensor
+) -> Callable[[int], Tensor | None]:
     attn_mask = _argument("attn_mask", args, kwargs)
     padding = _argument("key_padding_mask", args, kwargs)
     causal = bool(_argument("is_causal", args, kwargs, False)) and attn_mask is None
@@ -177,12 +178,14 @@ class TorchvisionBackend(Backend):
 
         size = self.model.image_size
         # the ImageNet weights' own recipe: resize the short side to size * 256 / 224, centre crop
-        return transforms.Compose([
-            transforms.Resize(round(size * 256 / 224)),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return transforms.Compose(
+            [
+                transforms.Resize(round(size * 256 / 224)),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     @property
     def has_class_logits(self) -> bool:

@@ -20,6 +20,7 @@ from .base import LoggerWriter, check_frames, check_image
 
 __all__ = ["PNGWriter", "gif_bytes", "save_gif"]
 
+
 def file_name(tag: str) -> str:
     """A tag as a file name: ``/`` becomes ``__``.
 

@@ -93,7 +93,9 @@ class TensorBoardWriter(LoggerWriter):
     def accepts(logger: Any) -> bool:
         """True for any logger whose ``experiment`` is a SummaryWriter-like object (torch's or tensorboardX's)."""
         experiment = getattr(logger, "experiment", None)
-        return all(callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars"))
+        return all(
+            callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars")
+        )
 
     @classmethod
     def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> TensorBoardWriter:
@@ -149,4 +151,3 @@ class TensorBoardWriter(LoggerWriter):
 
     def flush(self) -> None:
         self.experiment.flush()
-
