@@ -345,12 +345,14 @@ def main() -> None:
     print(f"\nmax |copied - ours| over the final rollout maps: {error:.1e}")
     for label, growth in (("noise (worst case for PNG)", growth_noise), ("shapes", growth_shapes)):
         print(
-            f"TensorBoard event-file growth per pass at the defaults, {label} probes: {growth / 2**20:.2f} MiB ({growth} bytes)"
+            f"TensorBoard event-file growth per pass at the defaults, {label} probes: "
+            f"{growth / 2**20:.2f} MiB ({growth} bytes)"
         )
     print()
 
     print(
-        "| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) | 16·B·N² (MiB) |"
+        "| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) "
+        "| 16·B·N² (MiB) |"
     )
     print("|---|---|---|---|")
     for label, extra, plain, bound in bench_memory(max(1, repeats // 3)):

@@ -176,7 +176,8 @@ class AttentionMonitor(Callback):
         >>> loader = torch.utils.data.DataLoader(data, batch_size=4)
         >>> monitor = AttentionMonitor(probes=torch.randn(2, 3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], default_root_dir=getfixture("tmp_path"),
-        ...                      enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
         >>> trainer.fit(LitViT(), loader, loader)
         >>> sorted(k for k in monitor.last_metrics if k.startswith("attention_entropy/raw"))
         ['attention_entropy/raw/layer_00', 'attention_entropy/raw/layer_01']

@@ -143,7 +143,8 @@ def layer_series(
     Example::
 
         >>> layers, steps, values = layer_series([(0, {"attention_entropy/raw/layer_00": 0.9}),
-        ...     (4, {"attention_entropy/raw/layer_00": 0.8, "attention_entropy/raw/layer_01": 0.5})])["attention_entropy/raw"]
+        ...     (4, {"attention_entropy/raw/layer_00": 0.8, "attention_entropy/raw/layer_01": 0.5})])[
+        ...     "attention_entropy/raw"]
         >>> layers, steps, values.tolist()
         ([0, 1], [0, 4], [[0.9, 0.8], [nan, 0.5]])
     """

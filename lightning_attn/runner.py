@@ -163,7 +163,8 @@ class ProbeRunner:
         if probes.labels is not None and classes is not None and int(probes.labels.max()) >= classes:
             bad = sorted({int(v) for v in probes.labels.tolist() if v >= classes})
             raise ValueError(
-                f"`labels` {bad} are out of range: {type(self.model).__name__} has {classes} classes (0..{classes - 1}); "
+                f"`labels` {bad} are out of range: {type(self.model).__name__} has {classes} classes "
+                f"(0..{classes - 1}); "
                 "pass the class index each probe belongs to"
             )
         if options.class_names is not None and classes is not None and len(options.class_names) != classes:

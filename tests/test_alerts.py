@@ -106,8 +106,8 @@ def test_pointing_game_falling_below_its_best():
 
 def test_chance_compares_each_method_with_the_random_map():
     rule = ChanceRule(margin=0.02, patience=2)
-    auc = lambda raw, rollout, rnd: {
-        "attention_faithfulness/most_first_auc/raw": raw,  # noqa: E731
+    auc = lambda raw, rollout, rnd: {  # noqa: E731
+        "attention_faithfulness/most_first_auc/raw": raw,
         "attention_faithfulness/most_first_auc/rollout": rollout,
         "attention_faithfulness/most_first_auc/random": rnd,
     }

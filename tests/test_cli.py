@@ -53,7 +53,8 @@ def run_dir(tmp_path_factory) -> Path:
         "import lit\nfrom lightning.pytorch.cli import LightningCLI\n"
         "cli = LightningCLI(lit.LitViT, subclass_mode_model=True, run=False, args=['--model=lit.LitViTHparams',"
         " '--model.init_args.lr=0.1', '--trainer.max_epochs=1', '--trainer.limit_train_batches=2',"
-        f" '--trainer.enable_progress_bar=false', '--trainer.default_root_dir={root / 'cli'}', '--trainer.logger=false'])\n"
+        " '--trainer.enable_progress_bar=false',"
+        f" '--trainer.default_root_dir={root / 'cli'}', '--trainer.logger=false'])\n"
         "cli.trainer.fit(cli.model, lit.loaders()[0])\n"
     )
     subprocess.run([sys.executable, str(cli_script)], check=True, env=_env(), capture_output=True, timeout=300)

@@ -197,8 +197,8 @@ def test_custom_scalars_layout_one_chart_per_metric_and_method_one_line_per_laye
 
 def test_two_named_monitors_share_a_trainer_and_both_resume(tmp_path):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make = lambda: [
-        AttentionMonitor(_probes(), name="teacher", tile_size=16, module="teacher"),  # noqa: E731
+    make = lambda: [  # noqa: E731
+        AttentionMonitor(_probes(), name="teacher", tile_size=16, module="teacher"),
         AttentionMonitor(_probes(), name="student", tile_size=16, module="model", methods=("raw",)),
     ]
     first = make()

@@ -245,6 +245,9 @@ def test_the_package_imports_without_wandb_or_mlflow():
     import subprocess
     import sys
 
-    code = "import sys, lightning_attn.writers, lightning_attn; print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    code = (
+        "import sys, lightning_attn.writers, lightning_attn; "
+        "print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

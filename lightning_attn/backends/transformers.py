@@ -197,10 +197,8 @@ class TransformersBackend(Backend):
         ) -> Any:
             n_q, n_k = query.shape[-2], key.shape[-2]
             causal = bool(kwargs.get("is_causal", False))
-            bias = (
-                lambda h: additive_bias(  # noqa: E731
-                    None if mask is None else mask[..., :n_k], h, n_q, n_k, causal, query
-                )
+            bias = (  # noqa: E731
+                lambda h: additive_bias(None if mask is None else mask[..., :n_k], h, n_q, n_k, causal, query)
             )
             head_softmaxes(query, key, _scaling(query, kwargs), bias, lambda h, heads, a: emit(mod, h, heads, a))
             # the model's own kernel with exactly its arguments: outputs bitwise those of a plain forward
