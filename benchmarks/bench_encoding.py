@@ -31,19 +31,25 @@ from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
-
 from lightning_attn import AttentionMonitor  # noqa: E402
 from lightning_attn.render import _font  # noqa: E402
 from lightning_attn.writers import TensorBoardWriter  # noqa: E402
+
+from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
 
 CONFIGS = [(tile, fmt, q) for tile in (56, 64, 96, 112) for fmt, q in (("png", 0), ("jpeg", 90), ("jpeg", 75))]
 
 
 def _monitor_at_steady_state(tmp: str, tile: int) -> tuple[AttentionMonitor, object, object, dict]:
     monitor = AttentionMonitor(_shape_probes(), tile_size=tile, mean=(0.5,) * 3, std=(0.5,) * 3)
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[monitor], enable_model_summary=False,
-                         limit_val_batches=1, default_root_dir=tmp)
+    trainer = pl.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[monitor],
+        enable_model_summary=False,
+        limit_val_batches=1,
+        default_root_dir=tmp,
+    )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(1), torch.zeros(1).long()))
     trainer.validate(_Lit(_vit()), loader)  # sets the monitor up and runs one pass
     probes = monitor._probes
@@ -53,7 +59,9 @@ def _monitor_at_steady_state(tmp: str, tile: int) -> tuple[AttentionMonitor, obj
     final = monitor._history[0][1]
     monitor._history = [(100 * i, final.roll(i, dims=-1)) for i in range(1 + monitor.filmstrip_length)]
     rng = np.random.default_rng(0)
-    monitor._scalar_history = [(100 * i, {k: v * (1 + 0.1 * rng.random()) for k, v in metrics.items()}) for i in range(19)]
+    monitor._scalar_history = [
+        (100 * i, {k: v * (1 + 0.1 * rng.random()) for k, v in metrics.items()}) for i in range(19)
+    ]
     return monitor, maps, probes, metrics
 
 

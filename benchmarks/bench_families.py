@@ -40,8 +40,15 @@ def _model(name: str) -> torch.nn.Module:
     if name.startswith("transformers"):
         from transformers import ViTConfig, ViTForImageClassification
 
-        config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                           image_size=224, patch_size=16, num_labels=1000)
+        config = ViTConfig(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            image_size=224,
+            patch_size=16,
+            num_labels=1000,
+        )
         return ViTForImageClassification(config).eval()
     from torchvision.models import vit_b_16
 
@@ -69,8 +76,9 @@ def _child(spec: dict) -> None:
 
 def _peak(spec: dict) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back: RSS follows live tensors
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
 
 
@@ -87,8 +95,10 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     import transformers
 
-    print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (2 threads), "
-          f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n")
+    print(
+        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (2 threads), "
+        f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n"
+    )
     print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
     print("|---|---|---|---|---|---|")
     for family in FAMILIES:
@@ -98,13 +108,20 @@ def main() -> None:
 
         def plain():
             with torch.no_grad():
-                backend.forward(x)
+                backend.forward(x)  # noqa: B023 (timed within this iteration)
 
-        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)
-        memory = {what: statistics.median(_peak(dict(family=family, probes=args.probes, what=what))
-                                          for _ in range(1 if args.quick else 3)) for what in ("plain", "maps")}
-        print(f"| {family} | {ours:.3f} | {base:.3f} | {ours / base:.2f} | {memory['maps'] - memory['plain']:.1f} "
-              f"| {memory['plain']:.1f} |", flush=True)
+        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
+        memory = {
+            what: statistics.median(
+                _peak(dict(family=family, probes=args.probes, what=what)) for _ in range(1 if args.quick else 3)
+            )
+            for what in ("plain", "maps")
+        }
+        print(
+            f"| {family} | {ours:.3f} | {base:.3f} | {ours / base:.2f} | {memory['maps'] - memory['plain']:.1f} "
+            f"| {memory['plain']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from datetime import date
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import timm
 import torch
 
@@ -143,8 +142,14 @@ def _train_step_time(callbacks, steps: int, batch: int, tmp: str, copied: bool =
     loader = torch.utils.data.DataLoader(data, batch_size=batch)
     timer = _StepTimer()
     trainer = pl.Trainer(
-        max_epochs=2, limit_val_batches=1, callbacks=[timer, *callbacks], logger=pl.loggers.TensorBoardLogger(tmp),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        max_epochs=2,
+        limit_val_batches=1,
+        callbacks=[timer, *callbacks],
+        logger=pl.loggers.TensorBoardLogger(tmp),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
     )
     trainer.fit(_Lit(model), loader, loader)
     return statistics.median(timer.times[2:])  # first steps warm up
@@ -314,14 +319,19 @@ def _peak_extra(spec: dict) -> float:
     # Large blocks straight from mmap and back on free (glibc otherwise raises its mmap threshold and keeps freed
     # blocks in the heap), so resident memory follows the live tensors and the peak mark is their peak.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         check=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
 
 
 def _memory_extra(model: dict, probes: int, size: int = 224, repeats: int = 3) -> tuple[float, float]:
-    plain = statistics.median(_peak_extra(dict(model=model, probes=probes, size=size, what="plain")) for _ in range(repeats))
-    ours = statistics.median(_peak_extra(dict(model=model, probes=probes, size=size, what="maps")) for _ in range(repeats))
+    plain = statistics.median(
+        _peak_extra(dict(model=model, probes=probes, size=size, what="plain")) for _ in range(repeats)
+    )
+    ours = statistics.median(
+        _peak_extra(dict(model=model, probes=probes, size=size, what="maps")) for _ in range(repeats)
+    )
     return ours - plain, plain
 
 
@@ -459,8 +469,10 @@ def main() -> None:
     repeats = 3 if args.quick else 7
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), timm {timm.__version__}, lightning {pl.__version__}, {date.today()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), timm {timm.__version__}, lightning {pl.__version__}, {date.today()}"
+    )
     print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU only)'}\n")
 
     print("| measurement | A (s) | B (s) | A / B |\n|---|---|---|---|")
@@ -480,7 +492,10 @@ def main() -> None:
     print(f"| TensorBoard event-file growth per pass (MiB) | {t_noise['bytes'] / 2**20:.2f} | {t_shapes['bytes'] / 2**20:.2f} |")
     print()
 
-    print("| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) | 16·B·N² (MiB) |")
+    print(
+        "| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) "
+        "| 16·B·N² (MiB) |"
+    )
     print("|---|---|---|---|")
     for label, extra, plain, bound in bench_memory(max(1, repeats // 3)):
         print(f"| {label} | {extra:.1f} | {plain:.1f} | {bound:.1f} |")

@@ -23,8 +23,8 @@ import argparse
 import copy
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attn import AttentionMonitor
+
 from shapes import CLASSES, ShapesDataset, make_probes
 from train_vit import ViTClassifier
 
@@ -44,11 +45,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain on two shapes, fine-tune on two others, read the alerts.")
     p.add_argument("--pretrain-epochs", type=int, default=4, help="default: %(default)s")
     p.add_argument("--finetune-epochs", type=int, default=4, help="default: %(default)s")
-    p.add_argument("--num-train", type=int, default=3000, help="shapes drawn per stage (half kept) (default: %(default)s)")
+    p.add_argument(
+        "--num-train", type=int, default=3000, help="shapes drawn per stage (half kept) (default: %(default)s)"
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="sane fine-tuning peak lr, AdamW (default: %(default)s)")
     p.add_argument("--pretrain-lr", type=float, default=1e-3, help="default: %(default)s")
-    p.add_argument("--bad-factor", type=float, default=1000.0,
-                   help="the second fine-tune uses --lr times this (default: %(default)s)")
+    p.add_argument(
+        "--bad-factor",
+        type=float,
+        default=1000.0,
+        help="the second fine-tune uses --lr times this (default: %(default)s)",
+    )
     p.add_argument("--logdir", type=Path, default=Path("lightning_logs"), help="default: %(default)s")
     p.add_argument("--plot", type=Path, default=None, help="save the drift curves of both fine-tunes to this PNG")
     p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
@@ -73,25 +80,37 @@ def probes(classes: Sequence[int], n: int = 8, seed: int = 0) -> dict:
     return {"probes": images[keep][:n], "labels": labels[keep][:n], "masks": masks[keep][:n]}
 
 
-def fit(module: ViTClassifier, classes: Sequence[int], epochs: int, args: argparse.Namespace, name: str,
-        seed: int) -> AttentionMonitor:
+def fit(
+    module: ViTClassifier, classes: Sequence[int], epochs: int, args: argparse.Namespace, name: str, seed: int
+) -> AttentionMonitor:
     """Train ``module`` on ``classes`` with an AttentionMonitor (alerts on, the default); returns the monitor."""
     train = DataLoader(shapes(classes, args.num_train, seed), batch_size=32, shuffle=True, drop_last=True)
     val = DataLoader(shapes(classes, args.num_train // 4, seed + 1), batch_size=128)
-    monitor = AttentionMonitor(**probes(classes, seed=args.seed), module="model", mean=MEAN, std=STD,
-                               tile_size=48, gif=False)
+    monitor = AttentionMonitor(
+        **probes(classes, seed=args.seed), module="model", mean=MEAN, std=STD, tile_size=48, gif=False
+    )
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=TensorBoardLogger(args.logdir, name=name),
-        callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
-        limit_train_batches=4 if args.fast else None, limit_val_batches=1 if args.fast else None,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(args.logdir, name=name),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        limit_train_batches=4 if args.fast else None,
+        limit_val_batches=1 if args.fast else None,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, train, val)
     accuracy = float(trainer.callback_metrics.get("val/acc", float("nan")))
-    print(f"{name}: {trainer.global_step} steps, validation accuracy {accuracy:.3f}, "
-          f"{len(monitor.alerts)} alert(s){':' if monitor.alerts else ''}")
+    print(
+        f"{name}: {trainer.global_step} steps, validation accuracy {accuracy:.3f}, "
+        f"{len(monitor.alerts)} alert(s){':' if monitor.alerts else ''}"
+    )
     for alert in monitor.alerts:
         print(f"    step {alert.step}: {alert.rule} (layers {list(alert.layers)}, curve {alert.curve})")
     return monitor
@@ -140,8 +159,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, AttentionMonitor]:
         L.seed_everything(args.seed, verbose=False)
         module = ViTClassifier(lr=lr, **kwargs)
         module.model.load_state_dict(copy.deepcopy(pretrained.model.state_dict()))
-        runs[f"fine-tune, lr {lr:g}"] = fit(module, FINETUNE_CLASSES, args.finetune_epochs, args,
-                                            f"finetune_lr{lr:g}", seed=10 * args.seed + 2)
+        runs[f"fine-tune, lr {lr:g}"] = fit(
+            module, FINETUNE_CLASSES, args.finetune_epochs, args, f"finetune_lr{lr:g}", seed=10 * args.seed + 2
+        )
     if args.plot is not None:
         plot(runs, args.plot)
     print(f"Finished in {time.perf_counter() - start:.0f} s; TensorBoard: tensorboard --logdir {args.logdir}")

@@ -1,6 +1,6 @@
 """The functional core without Lightning: per-layer raw attention and rollout of a tiny timm ViT, printed.
 
-    python examples/print_maps.py
+python examples/print_maps.py
 """
 
 from __future__ import annotations

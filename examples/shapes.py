@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -78,9 +78,7 @@ def _draw(seed: int, index: int, stream: int, image_size: int) -> tuple[Tensor, 
     return uniforms, noise
 
 
-def render_shapes(
-    uniforms: Tensor, noise: Tensor, labels: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def render_shapes(uniforms: Tensor, noise: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rasterise a batch of samples from their random draws; un-normalised colours in [0, 1].
 
     Args:

@@ -28,8 +28,8 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import timm
@@ -42,6 +42,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_attn import AttentionMonitor
+
 from shapes import CLASSES, ShapesDataset, make_probes
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
@@ -133,48 +134,92 @@ class ViTClassifier(L.LightningModule):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train a timm ViT; log its attention maps to TensorBoard every epoch.")
-    p.add_argument("--data", type=Path, default=None,
-                   help="ImageFolder root with train/ and val/ subfolders; default: shapes generated in code")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="ImageFolder root with train/ and val/ subfolders; default: shapes generated in code",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name (default: %(default)s)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from the hub weights (downloads them: needs internet); keeps the hub patch size/depth")
-    p.add_argument("--img-size", type=int, default=None,
-                   help=f"input side; default {SCRATCH_IMG_SIZE} from scratch, the hub model's own with --pretrained")
-    p.add_argument("--patch-size", type=int, default=None,
-                   help=f"from scratch only; default {SCRATCH_PATCH_SIZE}")
-    p.add_argument("--depth", type=int, default=None,
-                   help=f"number of blocks, from scratch only; default {SCRATCH_DEPTH}")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start from the hub weights (downloads them: needs internet); keeps the hub patch size/depth",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help=f"input side; default {SCRATCH_IMG_SIZE} from scratch, the hub model's own with --pretrained",
+    )
+    p.add_argument("--patch-size", type=int, default=None, help=f"from scratch only; default {SCRATCH_PATCH_SIZE}")
+    p.add_argument(
+        "--depth", type=int, default=None, help=f"number of blocks, from scratch only; default {SCRATCH_DEPTH}"
+    )
     p.add_argument("--epochs", type=int, default=6, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--num-train", type=int, default=None,
-                   help="training images; default 4000 generated shapes, or the whole train/ folder")
-    p.add_argument("--num-val", type=int, default=None,
-                   help="validation images; default 800 generated shapes, or the whole val/ folder")
-    p.add_argument("--probes", type=int, default=8,
-                   help="number of probe images whose attention is logged (default: %(default)s)")
-    p.add_argument("--logdir", type=Path, default=Path("lightning_logs"),
-                   help="TensorBoard log root (default: %(default)s)")
+    p.add_argument(
+        "--num-train",
+        type=int,
+        default=None,
+        help="training images; default 4000 generated shapes, or the whole train/ folder",
+    )
+    p.add_argument(
+        "--num-val",
+        type=int,
+        default=None,
+        help="validation images; default 800 generated shapes, or the whole val/ folder",
+    )
+    p.add_argument(
+        "--probes", type=int, default=8, help="number of probe images whose attention is logged (default: %(default)s)"
+    )
+    p.add_argument(
+        "--logdir", type=Path, default=Path("lightning_logs"), help="TensorBoard log root (default: %(default)s)"
+    )
     p.add_argument("--accelerator", default="auto", help='"cpu", "gpu", "mps" or "auto" (default: %(default)s)')
-    p.add_argument("--devices", default="1",
-                   help='devices to train on: "1", "2", "auto"; more than 1 runs DDP (default: %(default)s)')
-    p.add_argument("--precision", default="32-true",
-                   help='"32-true", "bf16-mixed", "16-mixed"... (default: %(default)s)')
-    p.add_argument("--workers", type=int, default=4,
-                   help="data-loader workers for --data; the shapes live in memory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the model, the shapes and the probes (default: %(default)s)")
+    p.add_argument(
+        "--devices",
+        default="1",
+        help='devices to train on: "1", "2", "auto"; more than 1 runs DDP (default: %(default)s)',
+    )
+    p.add_argument(
+        "--precision", default="32-true", help='"32-true", "bf16-mixed", "16-mixed"... (default: %(default)s)'
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="data-loader workers for --data; the shapes live in memory (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the model, the shapes and the probes (default: %(default)s)"
+    )
     p.add_argument("--fast", action="store_true", help="smoke run: 1 epoch, a few small batches")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: torch's). Float sums depend on it, so a run is bit for bit the same "
-                        "only at the same count; README's numbers use --threads 2")
-    p.add_argument("--report", action="store_true",
-                   help="after training, print README's table (pointing game and deletion AUCs) from the event file")
-    p.add_argument("--docs", type=Path, default=None,
-                   help="after training, save the last rollout and relevance grids and the filmstrip as PNG here "
-                        "(README's pictures: --docs docs)")
-    p.add_argument("--no-monitor", action="store_true",
-                   help="train without AttentionMonitor (compare the printed weights digest with a monitored run)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's). Float sums depend on it, so a run is bit for bit the same "
+        "only at the same count; README's numbers use --threads 2",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="after training, print README's table (pointing game and deletion AUCs) from the event file",
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="after training, save the last rollout and relevance grids and the filmstrip as PNG here "
+        "(README's pictures: --docs docs)",
+    )
+    p.add_argument(
+        "--no-monitor",
+        action="store_true",
+        help="train without AttentionMonitor (compare the printed weights digest with a monitored run)",
+    )
     args = p.parse_args(argv)
     if args.pretrained and (args.patch_size is not None or args.depth is not None):
         p.error("--patch-size/--depth cannot change a pretrained model: drop them, or drop --pretrained")
@@ -252,8 +297,13 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
 
     num_classes = len(CLASSES) if args.data is None else len(folder_classes(args.data))
     module = ViTClassifier(
-        args.model, num_classes, img_size=args.img_size, pretrained=args.pretrained, lr=args.lr,
-        patch_size=args.patch_size, depth=args.depth,
+        args.model,
+        num_classes,
+        img_size=args.img_size,
+        pretrained=args.pretrained,
+        lr=args.lr,
+        patch_size=args.patch_size,
+        depth=args.depth,
     )
     # The model's data config gives mean/std/interpolation/crop. It reports the hub input size (224) even for a
     # model built for another size, so an --img-size is passed in explicitly.
@@ -272,8 +322,13 @@ def main(argv: Sequence[str] | None = None) -> L.Trainer:
     # All four maps; faithfulness (deletion AUCs) costs a few extra forwards of the probes per epoch. With the
     # generated shapes the probes carry masks, so the pointing game shows localisation rising as the model learns.
     monitor = AttentionMonitor(
-        **probes, module="model", methods=("raw", "rollout", "grad_rollout", "relevance"), faithfulness=True,
-        every_n_epochs=1, mean=mean, std=std,
+        **probes,
+        module="model",
+        methods=("raw", "rollout", "grad_rollout", "relevance"),
+        faithfulness=True,
+        every_n_epochs=1,
+        mean=mean,
+        std=std,
     )
     callbacks = [LearningRateMonitor(logging_interval="step")] + ([] if args.no_monitor else [monitor])
     trainer = L.Trainer(
@@ -319,8 +374,11 @@ def export_images(log_dir: str | Path, directory: Path) -> list[Path]:
     acc.Reload()
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for tag, name in (("attention/rollout", "example_rollout.png"), ("attention/relevance", "example_relevance.png"),
-                      ("attention/filmstrip", "example_filmstrip.png")):
+    for tag, name in (
+        ("attention/rollout", "example_rollout.png"),
+        ("attention/relevance", "example_relevance.png"),
+        ("attention/filmstrip", "example_filmstrip.png"),
+    ):
         if tag in acc.Tags()["images"]:
             image = Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)).convert("RGB")
             image.save(directory / name)

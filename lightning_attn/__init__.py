@@ -28,7 +28,6 @@ from .metrics import normalized_entropy
 from .options import ProbeOptions
 from .probes import Probes
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
-from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .rollout import (
     attention_rollout,
     discard_weakest,
@@ -37,6 +36,7 @@ from .rollout import (
     relevance_propagation,
     residual_transition,
 )
+from .runner import Panel, ProbePass, ProbeRunner, redraw
 from .writers import (
     AttentionWriter,
     MLflowWriter,

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from .maps import METHODS
 
@@ -145,7 +146,7 @@ uniform_patience
             object.__setattr__(self, f.name, float(value))
 
     @classmethod
-    def from_any(cls, value: "AlertThresholds | Mapping[str, float] | None") -> "AlertThresholds":
+    def from_any(cls, value: AlertThresholds | Mapping[str, float] | None) -> AlertThresholds:
         """The thresholds from None (defaults), a dict of the ones to change, or an :class:`AlertThresholds`."""
         if value is None:
             return cls()
@@ -160,7 +161,7 @@ uniform_patience
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"`alert_thresholds` has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-        return cls(**value)
+        return cls(**value)  # type: ignore[arg-type]  # keys checked above, values by __post_init__
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -194,12 +195,15 @@ class Alert:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Alert":
+    def from_dict(cls, data: Mapping[str, Any]) -> Alert:
         """From :meth:`to_dict` (tolerant of missing keys)."""
         return cls(
-            rule=str(data.get("rule", "")), step=int(data.get("step", 0)),
-            layers=tuple(int(x) for x in data.get("layers") or ()), message=str(data.get("message", "")),
-            curve=str(data.get("curve", "")), probes=tuple(int(x) for x in data.get("probes") or ()),
+            rule=str(data.get("rule", "")),
+            step=int(data.get("step", 0)),
+            layers=tuple(int(x) for x in data.get("layers") or ()),
+            message=str(data.get("message", "")),
+            curve=str(data.get("curve", "")),
+            probes=tuple(int(x) for x in data.get("probes") or ()),
         )
 
 
@@ -308,7 +312,9 @@ class CollapseRule(Rule):
         layers = _layers_of(last, f"{self.prefix}_entropy/{collapsed[0]}")
         values = ", ".join(f"{m} {last[f'{chart}/{m}']:.3f}" for m in collapsed)
         return Finding(
-            layers=tuple(layers[-1:]), curve=f"{chart}/{collapsed[0]}", methods=tuple(collapsed),
+            layers=tuple(layers[-1:]),
+            curve=f"{chart}/{collapsed[0]}",
+            methods=tuple(collapsed),
             detail=f"the final layer's normalised entropy (median over probes) is {values} (<= {self.entropy:g}) "
             f"for {self.patience}+ passes",
         )
@@ -350,7 +356,9 @@ class UniformRule(Rule):
         last = history[-1][1]
         values = ", ".join(f"{last[f'{chart}/layer_{layer:02d}']:.3f}" for layer in late)
         return Finding(
-            layers=tuple(late), curve=chart, methods=(method,),
+            layers=tuple(late),
+            curve=chart,
+            methods=(method,),
             detail=f"late layers {_fmt(late)} have normalised entropy {values} (>= {self.entropy:g}) "
             f"for the {self.patience}+ passes since the baseline",
         )
@@ -413,7 +421,9 @@ class OverwriteRule(Rule):
             return None
         e, l_ = drifts(history[-1][1])  # type: ignore[misc]
         return Finding(
-            layers=tuple(early), curve=chart, methods=(method,),
+            layers=tuple(early),
+            curve=chart,
+            methods=(method,),
             detail=f"early layers {_fmt(early)} drifted {e:.3f} bits from the baseline, late layers {_fmt(late)} "
             f"{l_:.3f} (early >= {self.ratio:g} x late and >= {self.min_drift:g}) for {self.patience}+ passes",
         )
@@ -463,7 +473,8 @@ class ArtifactRule(Rule):
         found = hot(last)
         values = ", ".join(f"layer {layer} {last[f'{chart}/layer_{layer:02d}']:.2f}" for layer in found)
         return Finding(
-            layers=tuple(found), curve=chart,
+            layers=tuple(found),
+            curve=chart,
             detail=f"artifact tokens take {values} of the attention (>= {self.share:g}, and >= {self.growth:g} "
             f"more than at the first pass) for {self.patience}+ passes",
         )
@@ -505,7 +516,9 @@ class PointingRule(Rule):
             return None
         layers = _layers_of(history[-1][1], f"{self.prefix}_entropy/{fallen[0]}")
         return Finding(
-            layers=tuple(layers[-1:]), curve=f"{chart}/{fallen[0]}", methods=tuple(fallen),
+            layers=tuple(layers[-1:]),
+            curve=f"{chart}/{fallen[0]}",
+            methods=tuple(fallen),
             detail=f"the share of the final map inside the object masks is {', '.join(numbers)}, below "
             f"{1 - self.drop:g} x the best, for {self.patience}+ passes",
         )
@@ -547,7 +560,9 @@ class ChanceRule(Rule):
         last = history[-1][1]
         layers = _layers_of(last, f"{self.prefix}_entropy/{bad[0]}")
         return Finding(
-            layers=tuple(layers[-1:]), curve=chart, methods=tuple(bad),
+            layers=tuple(layers[-1:]),
+            curve=chart,
+            methods=tuple(bad),
             detail=f"deletion AUC {', '.join(numbers)} against the random map's {last[f'{chart}/random']:.3f} "
             f"(not lower by {self.margin:g}) for {self.patience}+ passes",
         )

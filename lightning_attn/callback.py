@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -19,8 +20,8 @@ from typing_extensions import override
 
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import backend_for, find_vision_transformers, unsupported_message
-from .maps import AGGREGATIONS
 from .layout import TokenLayout
+from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .report import scalar_layout, tag_prefix
@@ -63,7 +64,7 @@ def _full_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
     if type(wrapped).__name__ == "FullyShardedDataParallel":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):  # type: ignore[arg-type]  # not None: the type name
             yield
         return
     yield
@@ -179,7 +180,8 @@ class AttentionMonitor(Callback):
         >>> loader = torch.utils.data.DataLoader(data, batch_size=4)
         >>> monitor = AttentionMonitor(probes=torch.randn(2, 3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[monitor], default_root_dir=getfixture("tmp_path"),
-        ...                      enable_progress_bar=False, enable_model_summary=False, logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      logger=pl.loggers.TensorBoardLogger(getfixture("tmp_path")))
         >>> trainer.fit(LitViT(), loader, loader)
         >>> sorted(k for k in monitor.last_metrics if k.startswith("attention_entropy/raw"))
         ['attention_entropy/raw/layer_00', 'attention_entropy/raw/layer_01']
@@ -247,15 +249,19 @@ class AttentionMonitor(Callback):
         if isinstance(probes, (list, tuple)) and not probes:
             raise ValueError("`probes` is an empty list: pass at least one image path or PIL image")
         if isinstance(probes, int) and (labels is not None or masks is not None):
-            raise ValueError("`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader")
+            raise ValueError(
+                "`labels`/`masks` go with tensor or image probes; with `probes=N` labels come from the loader"
+            )
         if isinstance(probes, Tensor):
-            Probes(probes, labels, masks)  # validates shapes now, not at setup
+            Probes(probes, labels, masks)  # type: ignore[arg-type]  # validates (and converts) now, not at setup
         if module is not None and not isinstance(module, (str, nn.Module)):
             raise ValueError(f"`module` must be an attribute path (str) or an nn.Module, got {type(module).__name__}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
         if transform is not None and not callable(transform):
-            raise ValueError(f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}")
+            raise ValueError(
+                f"`transform` must be a callable PIL image -> (C, H, W) tensor, got {type(transform).__name__}"
+            )
         if batch_to_probes is not None and not callable(batch_to_probes):
             raise ValueError(
                 "`batch_to_probes` must be a callable `batch -> images` or `batch -> (images, labels)`, got "
@@ -410,7 +416,7 @@ class AttentionMonitor(Callback):
                 images = self.probes.detach().clone()
             else:
                 images = load_images(self.probes, self.transform or backend_for(self._vit).transform())
-            probes = Probes(images, self.labels, self.masks)
+            probes = Probes(images, self.labels, self.masks)  # type: ignore[arg-type]  # label lists: converted
         if probes is not None:
             self._start_runner(probes)  # checks the model, the probes and the options against each other
         else:
@@ -435,7 +441,8 @@ class AttentionMonitor(Callback):
         self.stop_reason = None
 
     def _setup_writers(self, trainer: pl.Trainer) -> None:
-        twins = [cb for cb in trainer.callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+        twins = [cb for cb in callbacks if isinstance(cb, AttentionMonitor) and cb is not self and cb.name == self.name]
         if twins:
             raise ValueError(
                 f"{len(twins) + 1} AttentionMonitors share `name={self.name!r}`: their tags would overwrite each "
@@ -596,10 +603,13 @@ class AttentionMonitor(Callback):
         except Exception as err:  # a faulty rule must cost neither the run nor this pass's pictures
             if self.on_error == "raise":
                 raise
-            self._warn_once(f"alerts {type(err).__name__}", f"AttentionMonitor could not check the alerts at step "
-                            f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.")
+            self._warn_once(
+                f"alerts {type(err).__name__}",
+                f"AttentionMonitor could not check the alerts at step "
+                f"{result.step}: {type(err).__name__}: {err}. Training goes on; shown once per kind of error.",
+            )
             return []
-        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))
+        result.scalars.update(self._alert_book.markers(fired, self._runner.prefix))  # type: ignore[union-attr]  # a history
         for alert in fired:
             rank_zero_warn(alert.message, category=RuntimeWarning)
         return fired
@@ -633,7 +643,10 @@ class AttentionMonitor(Callback):
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
                 raise
-            self._warn_once(type(err).__name__, f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}")
+            self._warn_once(
+                type(err).__name__,
+                f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}",
+            )
 
     def _drain(self, when: str) -> None:
         """Wait for the passes still being written on the writer thread (their errors follow ``on_error``)."""
@@ -685,7 +698,9 @@ class AttentionMonitor(Callback):
         self._alert_book.load_state_dict(state_dict.get("alerts") or {})
         runner_state = state_dict.get("runner")
         if runner_state is None and "history" in state_dict:  # format 1: the runner's fields at the top level
-            runner_state = {k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")}
+            runner_state = {
+                k: state_dict.get(k) for k in ("baseline_maps", "previous_maps", "history", "scalar_history")
+            }
         stored = state_dict.get("probes")
         if isinstance(self.probes, int) and stored is not None:
             # the same N: the checkpoint's images; `probes=N` changed: N images afresh, and the runner, seeing other

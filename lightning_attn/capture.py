@@ -10,13 +10,13 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .backends import backend_for, find_vision_transformers, layer_backend, layers_of, unsupported_message
+from .backends import find_vision_transformers, layer_backend, layers_of, unsupported_message
 from .backends.base import Undo
 
 __all__ = [

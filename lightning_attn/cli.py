@@ -16,8 +16,9 @@ import html
 import json
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,8 +52,10 @@ class UsageError(ValueError):
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-class", help="the checkpoint's LightningModule as pkg.mod.Class (LightningCLI "
-                        "checkpoints name it themselves)")
+    parser.add_argument(
+        "--model-class",
+        help="the checkpoint's LightningModule as pkg.mod.Class (LightningCLI checkpoints name it themselves)",
+    )
     parser.add_argument("--module", help="attribute path of the ViT inside the LightningModule when it holds several")
     parser.add_argument("--pretrained", action="store_true", help="load hub weights for a timm: model")
 
@@ -73,39 +76,51 @@ def _map_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lightning-attn", description="Render, compare and replay ViT attention maps.",
+        prog="lightning-attn",
+        description="Render, compare and replay ViT attention maps.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    render = sub.add_parser("render", help="attention grids and scalars of one model on image files",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="example:\n  " + EXAMPLES["render"],
-                            description="MODEL: a Lightning checkpoint (.ckpt), timm:<name>, or a Hugging Face folder.")
+    render = sub.add_parser(
+        "render",
+        help="attention grids and scalars of one model on image files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["render"],
+        description="MODEL: a Lightning checkpoint (.ckpt), timm:<name>, or a Hugging Face folder.",
+    )
     render.add_argument("model")
     render.add_argument("images", nargs="+", help="image files or folders")
     render.add_argument("-o", "--output", required=True, help="folder for the PNGs, scalars.json and index.html")
     _model_arguments(render)
     _map_arguments(render)
-    compare = sub.add_parser("compare", help="side-by-side rollout and per-layer drift of two models",
-                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                             epilog="example:\n  " + EXAMPLES["compare"],
-                             description="e.g. the pretrained model against the fine-tuned checkpoint.")
+    compare = sub.add_parser(
+        "compare",
+        help="side-by-side rollout and per-layer drift of two models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["compare"],
+        description="e.g. the pretrained model against the fine-tuned checkpoint.",
+    )
     compare.add_argument("model_a")
     compare.add_argument("model_b")
     compare.add_argument("images", nargs="+", help="image files or folders")
     compare.add_argument("-o", "--output", required=True)
     _model_arguments(compare)
     _map_arguments(compare)
-    replay = sub.add_parser("replay", help="filmstrip and evolution GIFs of a run, from its checkpoint, no model",
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="example:\n  " + EXAMPLES["replay"])
+    replay = sub.add_parser(
+        "replay",
+        help="filmstrip and evolution GIFs of a run, from its checkpoint, no model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["replay"],
+    )
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
     for command in (render, compare, replay):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+        )
     replay.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     return parser
 
@@ -131,8 +146,14 @@ def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
 
 def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
     return ProbeOptions(
-        methods=tuple(args.methods), layers=args.layers, head_fusion=args.head_fusion,
-        discard_ratio=args.discard_ratio, query=args.query, tile_size=args.tile_size, cmap=args.cmap, **extra,
+        methods=tuple(args.methods),
+        layers=args.layers,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        query=args.query,
+        tile_size=args.tile_size,
+        cmap=args.cmap,
+        **extra,
     )
 
 
@@ -172,14 +193,21 @@ def _save(panel: Panel, directory: Path, suffix: str = "") -> str:
     return name
 
 
-def _index(directory: Path, title: str, pictures: list[tuple[str, str]], tables: list[tuple[str, list[list[Any]]]],
-           tables_first: bool = False) -> None:
+def _index(
+    directory: Path,
+    title: str,
+    pictures: list[tuple[str, str]],
+    tables: list[tuple[str, list[list[Any]]]],
+    tables_first: bool = False,
+) -> None:
     """A one-page ``index.html``: the pictures, and the tables (folded unless ``tables_first``)."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}</style>",
-             f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     folded = []
     for caption, rows in tables:
         body = ["<table>"]
@@ -205,7 +233,8 @@ def render(args: argparse.Namespace) -> int:
     paths, batches = _batches(args, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    pictures, results = [], []
+    pictures: list[tuple[str, str]] = []
+    results: list[dict[str, Any]] = []
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
         labels = None if args.target is None else torch.full((images.shape[0],), args.target)
         runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
@@ -216,8 +245,12 @@ def render(args: argparse.Namespace) -> int:
         results.append({"images": [str(p) for p in chunk], "scalars": result.scalars})
     (out / "scalars.json").write_text(json.dumps({"model": args.model, "batches": results}, indent=1) + "\n")
     scalars = sorted(results[0]["scalars"].items())
-    _index(out, f"lightning-attn render {args.model}", pictures,
-           [("scalars (first batch, means over its images)", [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]])])
+    _index(
+        out,
+        f"lightning-attn render {args.model}",
+        pictures,
+        [("scalars (first batch, means over its images)", [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]])],
+    )
     print(f"wrote {len(pictures)} PNG files, scalars.json and index.html to {out}")
     return 0
 
@@ -250,30 +283,44 @@ def compare(args: argparse.Namespace) -> int:
         header = ["image"] + [f"A L{l}" for l in a.layers] + [f"B L{l}" for l in b.layers]
         rows = [f"#{index * args.batch_size + i}" for i in range(images.shape[0])]
         panel = Panel(f"compare/{film}", make_grid(tiles, header, rows), rows)
-        pictures.append((f"{film}: A (left) and B (right), images {index * args.batch_size}..", _save(panel, out, f"_{index:03d}")))
+        pictures.append(
+            (f"{film}: A (left) and B (right), images {index * args.batch_size}..", _save(panel, out, f"_{index:03d}"))
+        )
     count = len(paths)
-    table = []
+    table: list[dict[str, Any]] = []
     for method, total in drift_sum.items():
         for layer, value in enumerate(total / count):
             table.append({"method": method, "layer": layer, "drift": float(value)})
     table.sort(key=lambda row: -row["drift"])  # the layers that moved most first
-    (out / "drift.json").write_text(json.dumps({"model_a": args.model_a, "model_b": args.model_b, "images": count,
-                                                "drift": table}, indent=1) + "\n")
+    (out / "drift.json").write_text(
+        json.dumps({"model_a": args.model_a, "model_b": args.model_b, "images": count, "drift": table}, indent=1) + "\n"
+    )
     lines = ["| method | layer | drift (JSD, bits) |", "|---|---|---|"]
     lines += [f"| {row['method']} | {row['layer']} | {row['drift']:.4f} |" for row in table]
     print("\n".join(lines))
     (out / "drift.md").write_text("\n".join(lines) + "\n")
-    _index(out, f"lightning-attn compare {args.model_a} {args.model_b}", pictures,
-           [("drift from A to B per layer, most first (Jensen–Shannon divergence, bits, mean over images)",
-             [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]])],
-           tables_first=True)
+    _index(
+        out,
+        f"lightning-attn compare {args.model_a} {args.model_b}",
+        pictures,
+        [
+            (
+                "drift from A to B per layer, most first (Jensen–Shannon divergence, bits, mean over images)",
+                [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]],
+            )
+        ],
+        tables_first=True,
+    )
     return 0
 
 
 def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     callbacks = load_checkpoint_state(checkpoint).get("callbacks") or {}
-    return [(key, state["runner"]) for key, state in callbacks.items()
-            if isinstance(state, dict) and isinstance(state.get("runner"), dict)]
+    return [
+        (key, state["runner"])
+        for key, state in callbacks.items()
+        if isinstance(state, dict) and isinstance(state.get("runner"), dict)
+    ]
 
 
 def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:

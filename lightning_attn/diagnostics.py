@@ -253,7 +253,7 @@ def _pair(value: object, name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[arg-type]
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
         raise ValueError(f"`{name}` must be a positive int or a pair of them (height, width), got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 @lru_cache(maxsize=32)

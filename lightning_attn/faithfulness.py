@@ -17,8 +17,9 @@ patch embedding, which drops them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -262,7 +263,7 @@ def perturbation_curves(
                 pixels = patches_to_pixels(removed_rows[start : start + batch_size], (h, w))[:, None]
                 output = forward(torch.where(pixels, fill[rows], images[rows]))
                 if scored:
-                    probs.append(callable_score(target, output, len(rows)).float()[:, None])
+                    probs.append(callable_score(target, output, len(rows)).float()[:, None])  # type: ignore[arg-type]  # scored
                     continue
                 logits = read_logits(output)
                 if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(rows):
@@ -277,7 +278,7 @@ def perturbation_curves(
             chosen = None
             read = probs_all.reshape(len(removed), b).T
         else:
-            chosen = _resolve_target(target, probs_all[:b])  # argmax of the unperturbed images' probabilities
+            chosen = _resolve_target(target, probs_all[:b])  # type: ignore[arg-type]  # not scored; argmax of the unperturbed images' probabilities
             read = probs_all.gather(1, chosen.repeat(len(removed))[:, None]).reshape(len(removed), b).T
         first, last, middle = read[:, :1], read[:, 1:2], read[:, 2:]
         most_first = torch.cat([first, middle[:, : steps - 1], last], dim=1)

@@ -122,7 +122,9 @@ def load_model(spec: str, *, model_class: str | None = None, pretrained: bool = 
     if path.is_dir() and (path / "config.json").is_file():
         return _from_hugging_face(path)
     if path.is_dir():
-        raise ValueError(f"{spec!r} is a folder without `config.json`: pass a Hugging Face model folder or a .ckpt file")
+        raise ValueError(
+            f"{spec!r} is a folder without `config.json`: pass a Hugging Face model folder or a .ckpt file"
+        )
     raise ValueError(
         f"model {spec!r} does not exist: pass a Lightning checkpoint (.ckpt), `timm:<model name>` or a Hugging Face "
         "model folder"

@@ -12,8 +12,9 @@ then serves all requested methods.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -52,7 +53,7 @@ AGGREGATIONS = ("mean", "max", "min")
 
 #: What a gradient method explains: None (each image's predicted class), a class index for all images, a (B,)
 #: class per image, or a callable ``output -> (B,)`` score of the model's output (an embedding similarity, say).
-Target = Union[int, Tensor, Callable[[Any], Tensor], None]
+Target = int | Tensor | Callable[[Any], Tensor] | None
 
 
 @dataclass
@@ -108,7 +109,9 @@ class AttentionMaps:
     def __getitem__(self, method: str) -> Tensor:
         maps = getattr(self, method, None) if method in METHODS else None
         if maps is None:
-            raise KeyError(f"no {method!r} maps: computed methods are {[m for m in METHODS if getattr(self, m) is not None]}")
+            raise KeyError(
+                f"no {method!r} maps: computed methods are {[m for m in METHODS if getattr(self, m) is not None]}"
+            )
         return maps
 
     def aggregate(self, reduction: str = "mean", method: str = "raw") -> Tensor:
@@ -345,7 +348,7 @@ def target_scores(target: Target, output: Any, logits: Tensor | None, batch: int
     """Each image's score to explain, (B,), and the class index behind it ((B,) int64, None for a callable)."""
     if callable(target) and not isinstance(target, Tensor):
         return callable_score(target, output, batch), None
-    chosen = _resolve_target(target, logits)  # type: ignore[arg-type]
+    chosen = _resolve_target(target, logits)
     assert logits is not None
     return logits.gather(1, chosen[:, None])[:, 0], chosen
 
@@ -522,9 +525,11 @@ def attention_maps(
                 output = backend.forward(images)
             _check_calls(len(heads_seen), len(modules))
         else:
-            with _ModeGuard(backend.model), torch.no_grad(), record_attention(
-                backend.model, modules, on_attention=reducer, store=False
-            ) as rec:
+            with (
+                _ModeGuard(backend.model),
+                torch.no_grad(),
+                record_attention(backend.model, modules, on_attention=reducer, store=False) as rec,
+            ):
                 output = backend.forward(images)
             _check_calls(rec.num_calls, len(modules))
     logits = backend.class_logits(output)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -132,7 +133,9 @@ class ProbeOptions:
         set_("alpha", float(alpha))
         threshold = self.artifact_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 1 < threshold < math.inf:
-            raise ValueError(f"`artifact_threshold` must be a finite number > 1 (times the median share), got {threshold!r}")
+            raise ValueError(
+                f"`artifact_threshold` must be a finite number > 1 (times the median share), got {threshold!r}"
+            )
         set_("artifact_threshold", float(threshold))
         _int_in("faithfulness_steps", self.faithfulness_steps, 1, MAX_FAITHFULNESS_STEPS)
         _int_in("filmstrip_length", self.filmstrip_length, 1)

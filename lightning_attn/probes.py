@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MANY_PROBES", "BatchToProbes", "Probes", "split_batch", "display_stats", "load_images", "model_transform", "take_from_loader"]
+__all__ = [
+    "MANY_PROBES",
+    "BatchToProbes",
+    "Probes",
+    "split_batch",
+    "display_stats",
+    "load_images",
+    "model_transform",
+    "take_from_loader",
+]
 
-ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+if TYPE_CHECKING:  # PIL is imported when images are loaded, not with the package
+    import PIL.Image
+
+ImageLike = Union[str, Path, "PIL.Image.Image"]
 
 # Keys under which dict batches commonly carry their images and labels (torchvision, HF datasets, timm).
 _IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
@@ -58,7 +71,9 @@ def _check_labels(labels: object, batch: int) -> Tensor:
     try:
         values = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"`labels` must be a sequence or tensor of class indices, got {type(labels).__name__}: {err}") from None
+        raise ValueError(
+            f"`labels` must be a sequence or tensor of class indices, got {type(labels).__name__}: {err}"
+        ) from None
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise ValueError(
             f"`labels` must be integer class indices, got {values.dtype} (floats would be truncated): pass "
@@ -86,13 +101,18 @@ def _check_masks(masks: object, images: Tensor) -> Tensor:
             "a mask of its own height and width"
         )
     if values.dtype != torch.bool:
-        if not (values.is_floating_point() or values.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        if not (
+            values.is_floating_point()
+            or values.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        ):
             raise ValueError(f"`masks` must be bool or hold values in [0, 1], got {values.dtype}")
         if values.is_floating_point() and not torch.isfinite(values).all():
             raise ValueError("`masks` contain NaN or inf: pass bool masks or values in [0, 1]")
         if values.numel() and (values.min() < 0 or values.max() > 1):
             hint = " (0/255 image masks: pass `masks > 127`)" if values.max() > 1 and values.max() <= 255 else ""
-            raise ValueError(f"`masks` must be bool or hold values in [0, 1], got values up to {values.max().item()}{hint}")
+            raise ValueError(
+                f"`masks` must be bool or hold values in [0, 1], got values up to {values.max().item()}{hint}"
+            )
     return values
 
 
@@ -119,7 +139,7 @@ class Probes:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> "Probes":
+    def to(self, device: torch.device) -> Probes:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Probes(self.images.to(device), move(self.labels), move(self.masks))
 
@@ -174,7 +194,9 @@ _FIX = "pass `batch_to_probes=lambda batch: (images, labels)` (or `probes` as a 
 
 def _is_labels(value: Any, batch: int) -> bool:
     return (
-        isinstance(value, Tensor) and value.dim() == 1 and value.shape[0] == batch
+        isinstance(value, Tensor)
+        and value.dim() == 1
+        and value.shape[0] == batch
         and not (value.is_floating_point() or value.dtype == torch.bool)
     )
 
@@ -203,7 +225,11 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None, str | None]:
         if label_key is not None and _is_labels(batch[label_key], images.shape[0]):
             return images, batch[label_key], None
         others = sorted(str(k) for k in batch if k != image_key)
-        return images, None, (f"no integer labels under {_LABEL_KEYS} among the batch's keys {others}" if others else None)
+        return (
+            images,
+            None,
+            (f"no integer labels under {_LABEL_KEYS} among the batch's keys {others}" if others else None),
+        )
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
         images = batch[0]
         found = [v for v in batch[1:] if _is_labels(v, images.shape[0])]

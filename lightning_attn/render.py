@@ -6,8 +6,8 @@ device -> host copy, one per grid. matplotlib is used only to read a colormap's 
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import matplotlib
 import numpy as np
@@ -49,7 +49,7 @@ def check_cmap(name: str) -> None:
         )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lut(name: str) -> np.ndarray:
     check_cmap(name)
     table = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
@@ -238,7 +238,7 @@ def grid_shape(
     return height, width
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(size: int = _FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -250,7 +250,9 @@ def _font(size: int = _FONT_SIZE) -> ImageFont.FreeTypeFont | ImageFont.ImageFon
 _MIN_FONT_SIZE = 7
 
 
-def fit_label(draw: ImageDraw.ImageDraw, text: str, width: int) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
+def fit_label(
+    draw: ImageDraw.ImageDraw, text: str, width: int
+) -> tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]:
     """``text`` and a font that fit in ``width`` pixels: a smaller font first, then whole trailing words dropped
     for an ellipsis. A label is never cut inside a word, so ``p571`` never reads ``p5``."""
     for size in range(_FONT_SIZE, _MIN_FONT_SIZE - 1, -1):

@@ -6,10 +6,9 @@ Everything is assembled as tensors and copied to the host once, in :func:`scalar
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-
 import torch
 from torch import Tensor
 
@@ -95,7 +94,7 @@ def scalar_report(
         if masks is not None:  # artifact tokens sit on background: the share they take outside the object
             raw = maps.raw.float().flatten(-2)
             shares = raw / raw.sum(-1, keepdim=True).clamp_min(1e-12)
-            outside = 1 - pixels_to_patches(masks.to(raw.device), tuple(maps.raw.shape[-2:])).flatten(-2)
+            outside = 1 - pixels_to_patches(masks.to(raw.device), (maps.raw.shape[-2], maps.raw.shape[-1])).flatten(-2)
             hot = artifact_mask(maps.raw, artifact_threshold).flatten(-2)
             _per_layer(out, f"{p}_artifacts/background_share", (shares * hot * outside.unsqueeze(1)).sum(-1).mean(0))
     if registers is not None and maps.prefix_attention is not None and maps.raw is not None:
@@ -135,14 +134,17 @@ def scalar_layout(tags: Iterable[str]) -> dict[str, dict[str, list[str]]]:
     return layout
 
 
-def layer_series(history: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, tuple[list[int], list[int], np.ndarray]]:
+def layer_series(
+    history: Sequence[tuple[int, Mapping[str, float]]],
+) -> dict[str, tuple[list[int], list[int], np.ndarray]]:
     """Per chart whose lines are layers, the whole run as a table: ``{chart: (layers, steps, values)}`` with
     ``values`` (layers, steps) float64, NaN where a pass did not log that layer (e.g. drift at the baseline).
 
     Example::
 
         >>> layers, steps, values = layer_series([(0, {"attention_entropy/raw/layer_00": 0.9}),
-        ...     (4, {"attention_entropy/raw/layer_00": 0.8, "attention_entropy/raw/layer_01": 0.5})])["attention_entropy/raw"]
+        ...     (4, {"attention_entropy/raw/layer_00": 0.8, "attention_entropy/raw/layer_01": 0.5})])[
+        ...     "attention_entropy/raw"]
         >>> layers, steps, values.tolist()
         ([0, 1], [0, 4], [[0.9, 0.8], [nan, 0.5]])
     """

@@ -20,7 +20,7 @@ fusing heads; the caller computes the gradients (see :func:`lightning_attn.atten
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

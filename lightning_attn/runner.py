@@ -11,17 +11,18 @@ model (:func:`redraw`).
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .backends import Backend, backend_for
-from .layout import TokenLayout
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
+from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
@@ -68,10 +69,17 @@ def resolve_layers(requested: Sequence[int] | None, num_layers: int, name: str) 
     return [layer % num_layers for layer in requested]
 
 
-def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: str = "raw",
-               class_names: Sequence[str] | None = None, start: int = 0) -> list[str]:
+def row_labels(
+    count: int,
+    labels: Tensor | None,
+    maps: AttentionMaps,
+    method: str = "raw",
+    class_names: Sequence[str] | None = None,
+    start: int = 0,
+) -> list[str]:
     """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``. With
     ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``. Probes are numbered from ``start``."""
+
     def name(index: int) -> str:
         if class_names is None:
             return str(index)
@@ -93,13 +101,16 @@ def row_labels(count: int, labels: Tensor | None, maps: AttentionMaps, method: s
     return rows
 
 
-def _checked(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
-             ) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
+def _checked(
+    model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
+) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
     """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
     model and the options are checked against each other."""
     backend = backend_for(model, layout)
     num_layers = len(backend.attention_layers())
-    indices = tuple(resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers"))
+    indices = tuple(
+        resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers")
+    )
     if options.needs_class:
         check_explainable(backend, options.target)
     return backend, indices  # type: ignore[return-value]
@@ -129,8 +140,16 @@ class ProbeRunner:
         (['attention/raw', 'attention/rollout', 'attention/raw_aggregates'], True)
     """
 
-    def __init__(self, model: nn.Module, probes: Probes, options: ProbeOptions, *, name: str | None = None,
-                 layout: TokenLayout | None = None, first_index: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Probes,
+        options: ProbeOptions,
+        *,
+        name: str | None = None,
+        layout: TokenLayout | None = None,
+        first_index: int = 0,
+    ) -> None:
         self.backend, (self.layers, self.matrix_layers, self.head_layers) = _checked(model, options, layout)
         self._layout = layout
         self.first_index = first_index  # the number of the first probe on the rows (a batch of a larger set)
@@ -145,7 +164,8 @@ class ProbeRunner:
         if probes.labels is not None and classes is not None and int(probes.labels.max()) >= classes:
             bad = sorted({int(v) for v in probes.labels.tolist() if v >= classes})
             raise ValueError(
-                f"`labels` {bad} are out of range: {type(self.model).__name__} has {classes} classes (0..{classes - 1}); "
+                f"`labels` {bad} are out of range: {type(self.model).__name__} has {classes} classes "
+                f"(0..{classes - 1}); "
                 "pass the class index each probe belongs to"
             )
         if options.class_names is not None and classes is not None and len(options.class_names) != classes:
@@ -195,7 +215,7 @@ class ProbeRunner:
 
     def compute(
         self,
-        forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
         convert_input: Callable[[Tensor], Tensor] = lambda x: x,
     ) -> tuple[AttentionMaps, dict[str, PerturbationCurves]]:
         """The maps (and faithfulness curves) of the probes, under ``forward_context`` (e.g. a precision's)."""
@@ -230,7 +250,7 @@ class ProbeRunner:
             if target is None:
                 assert maps.logits is not None, "the runner checked that the model has class logits"
                 target = maps.logits.argmax(-1)
-            kwargs = dict(target=target, steps=options.faithfulness_steps)
+            kwargs: dict[str, Any] = dict(target=target, steps=options.faithfulness_steps)
             with forward_context():
                 for method in options.methods:
                     curves[method] = perturbation_curves(self.model, images, maps[method][:, -1], **kwargs)
@@ -244,7 +264,7 @@ class ProbeRunner:
         render: bool = True,
         history_panels: bool = True,
         record: bool = True,
-        forward_context: Callable[[], ContextManager[Any]] = nullcontext,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
         convert_input: Callable[[Tensor], Tensor] = lambda x: x,
     ) -> ProbePass:
         """One pass at ``step``: maps, scalars (drift from the baseline, the first pass, and from the previous
@@ -281,14 +301,19 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ pictures
 
-    def panels(self, maps: AttentionMaps, scalars: Mapping[str, float], history: bool = True,
-               extra_frames: Sequence[tuple[int, Tensor]] = ()) -> list[Panel]:
+    def panels(
+        self,
+        maps: AttentionMaps,
+        scalars: Mapping[str, float],
+        history: bool = True,
+        extra_frames: Sequence[tuple[int, Tensor]] = (),
+    ) -> list[Panel]:
         """The pictures of one pass, in the order they are logged."""
         options, p = self.options, self.prefix
         display = self.display()
         names = options.class_names
         rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names, start=self.first_index)
-        render = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
+        render: dict[str, Any] = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
         out: list[Panel] = []
         columns = ["image"] + [f"L{layer}" for layer in self.layers]
         for method in options.methods:
@@ -321,7 +346,7 @@ class ProbeRunner:
             for chart, (layers, steps, values) in layer_series(self.scalar_history).items():
                 section, _, rest = chart.partition("/")
                 picture = layer_step_image(values, steps, chart, layers=layers)
-                out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1:]}" + (f"/{rest}" if rest else ""), picture))
+                out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1 :]}" + (f"/{rest}" if rest else ""), picture))
         return out
 
     def animations(self) -> dict[str, GifStream]:
@@ -386,8 +411,11 @@ class ProbeRunner:
                 found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
         before = state.get("comparable")
         if before is not None:
-            found += [f"`{k}` ({before[k]!r} then, {v!r} now)" for k, v in self.options.comparable().items()
-                      if k in before and before[k] != v]
+            found += [
+                f"`{k}` ({before[k]!r} then, {v!r} now)"
+                for k, v in self.options.comparable().items()
+                if k in before and before[k] != v
+            ]
         history = state.get("history") or []
         if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
             found.append("the number of probes")
@@ -402,8 +430,15 @@ class ProbeRunner:
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
 
 
-def _animations(display: Tensor, history: Sequence[tuple[int, Tensor]], prefix: str, method: str, tile_size: int,
-                cmap: str, alpha: float) -> dict[str, list[np.ndarray]]:
+def _animations(
+    display: Tensor,
+    history: Sequence[tuple[int, Tensor]],
+    prefix: str,
+    method: str,
+    tile_size: int,
+    cmap: str,
+    alpha: float,
+) -> dict[str, list[np.ndarray]]:
     steps = [f"step {s}" for s, _ in history]
     maps = torch.stack([m.to(display.device) for _, m in history], dim=1)  # (B, T, gh, gw)
     out = {}

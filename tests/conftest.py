@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-import timm
 import pytest
+import timm
 import torch
 
 # Small enough to run in milliseconds on 2 CPU cores; the dims override keeps every family tiny.

@@ -14,8 +14,17 @@ class LitViT(pl.LightningModule):
     def __init__(self, depth: int = 2, num_classes: int = 3, lr: float = 0.05, drop: float = 0.0, **kwargs):
         super().__init__()
         self.model = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=8, depth=depth,
-            embed_dim=48, num_heads=3, num_classes=num_classes, drop_rate=drop, attn_drop_rate=drop, **kwargs,
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=IMG,
+            patch_size=8,
+            depth=depth,
+            embed_dim=48,
+            num_heads=3,
+            num_classes=num_classes,
+            drop_rate=drop,
+            attn_drop_rate=drop,
+            **kwargs,
         )
         self.lr = lr
         self.train_losses: list[float] = []
@@ -67,9 +76,16 @@ def trainer(tmp_path, callbacks, logger=True, **kwargs) -> pl.Trainer:
     if logger is True:
         logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
     options = dict(
-        max_epochs=2, limit_train_batches=4, limit_val_batches=2, accelerator="cpu", devices=1,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        log_every_n_steps=1, default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
     )
     return pl.Trainer(callbacks=callbacks, logger=logger, **{**options, **kwargs})
 

@@ -106,9 +106,11 @@ def test_pointing_game_falling_below_its_best():
 
 def test_chance_compares_each_method_with_the_random_map():
     rule = ChanceRule(margin=0.02, patience=2)
-    auc = lambda raw, rollout, rnd: {"attention_faithfulness/most_first_auc/raw": raw,  # noqa: E731
-                                     "attention_faithfulness/most_first_auc/rollout": rollout,
-                                     "attention_faithfulness/most_first_auc/random": rnd}
+    auc = lambda raw, rollout, rnd: {  # noqa: E731
+        "attention_faithfulness/most_first_auc/raw": raw,
+        "attention_faithfulness/most_first_auc/rollout": rollout,
+        "attention_faithfulness/most_first_auc/random": rnd,
+    }
     found = rule.check(_history(auc(0.3, 0.3, 0.3), auc(0.2, 0.29, 0.3), auc(0.2, 0.31, 0.3)))
     assert found.methods == ("rollout",)
     assert rule.check(_history(auc(0.3, 0.3, 0.3), auc(0.3, 0.3, 0.3))) is None
@@ -120,7 +122,10 @@ def test_alert_book_fires_once_per_episode_and_round_trips():
     history = _history(high, low)
     (alert,) = book.update(history)
     assert (alert.rule, alert.step, alert.layers) == ("collapse", 4, (2,))
-    assert "Open the curve `attention_entropy_median/raw`" in alert.message and "Try: lower the learning rate" in alert.message
+    assert (
+        "Open the curve `attention_entropy_median/raw`" in alert.message
+        and "Try: lower the learning rate" in alert.message
+    )
     assert book.update(history + [(8, low)]) == []  # the same episode
     assert book.update(history + [(8, low), (12, high)]) == []  # cleared
     assert [a.step for a in book.update(history + [(8, low), (12, high), (16, low)])] == [16]  # a new episode
@@ -197,14 +202,22 @@ def test_uniform_attention_fires_writes_stops_and_is_not_repeated_after_resume(t
     text = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0})
     text.Reload()
     (event,) = text.Tensors("attention/alerts/uniform/text_summary")
-    assert event.step == 12 and "Try: check that the attention receives gradient" in event.tensor_proto.string_val[0].decode()
+    assert (
+        event.step == 12
+        and "Try: check that the attention receives gradient" in event.tensor_proto.string_val[0].decode()
+    )
 
     # resume: the alerts come back from the checkpoint and the ongoing episode is not said again
     second = AttentionMonitor(_probes(), tile_size=16, alerts="stop", faithfulness=True, faithfulness_steps=2)
     trainer = lit.trainer(tmp_path, [second, ckpt], max_epochs=4, enable_checkpointing=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(_freeze_uniform(lit.LitViT()), _learnable(32, 0), _learnable(16, 1), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        trainer.fit(
+            _freeze_uniform(lit.LitViT()),
+            _learnable(32, 0),
+            _learnable(16, 1),
+            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+        )
     assert trainer.global_step == 16 and not trainer.should_stop
     assert not [w for w in caught if "AttentionMonitor alert" in str(w.message)]
     assert second.alerts == monitor.alerts
@@ -246,17 +259,24 @@ def test_collapse_artifact_and_pointing_from_a_constructed_token(tmp_path):
     # the token on the object is no artifact (with masks the rule reads the share outside them); on background it is
     assert set(fired) == {("collapse", 8), ("artifacts", 12), ("pointing", 12)}, monitor.alerts
     assert fired[("collapse", 8)].layers == (1,) and fired[("collapse", 8)].probes == (0, 1)
-    assert fired[("artifacts", 12)].layers == (1,) and fired[("artifacts", 12)].curve == "attention_artifacts/background_share"
+    assert (
+        fired[("artifacts", 12)].layers == (1,)
+        and fired[("artifacts", 12)].curve == "attention_artifacts/background_share"
+    )
     assert fired[("pointing", 12)].curve == "attention_pointing_game/rollout"
     assert monitor.last_metrics["attention_pointing_game/raw"] < 0.05
     lines = (tmp_path / "attention" / "alerts.txt").read_text().splitlines()  # the files writer
     assert [line.split("\t")[:2] for line in lines] == [
-        ["8", "attention/alerts/collapse"], ["12", "attention/alerts/artifacts"], ["12", "attention/alerts/pointing"]]
+        ["8", "attention/alerts/collapse"],
+        ["12", "attention/alerts/artifacts"],
+        ["12", "attention/alerts/pointing"],
+    ]
 
     # two constructed tokens: artifacts without collapse (entropy ~ log 2 / log 16)
     monitor = AttentionMonitor(_probes(), tile_size=16, on_error="raise", alerts=True)
     lit.trainer(tmp_path / "two", [monitor, _Route([[5, 10]])], max_epochs=2, logger=False).fit(
-        lit.LitViT(), *lit.loaders())
+        lit.LitViT(), *lit.loaders()
+    )
     assert [(a.rule, a.step) for a in monitor.alerts] == [("artifacts", 8)]
 
 

@@ -41,7 +41,8 @@ def _configs(model: torch.nn.Module) -> list[dict]:
 
     return [
         {**m.config.to_dict(), "impl": m.config._attn_implementation_internal}
-        for m in model.modules() if isinstance(m, PreTrainedModel)
+        for m in model.modules()
+        if isinstance(m, PreTrainedModel)
     ]
 
 
@@ -162,8 +163,9 @@ def test_models_without_logits_need_a_callable_target():
     curves = perturbation_curves(model, families.images(2), maps.relevance[:, -1], target=_embedding, steps=2)
     assert curves.target is None and curves.most_first.shape == (2, 3)
     with torch.no_grad():
-        np.testing.assert_allclose(curves.most_first[:, 0].numpy(), _embedding(model(families.images(2))).numpy(),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            curves.most_first[:, 0].numpy(), _embedding(model(families.images(2))).numpy(), rtol=1e-5
+        )
 
 
 def test_torchvision_maps_and_gradients_equal_a_float64_forward_written_by_hand():
@@ -174,16 +176,23 @@ def test_torchvision_maps_and_gradients_equal_a_float64_forward_written_by_hand(
     torch_atts = [torch.from_numpy(a) for a in atts]
     maps = attention_maps(model, x, head_fusion="max", discard_ratio=0.5)
     assert (maps.num_prefix_tokens, maps.query, maps.grid_size) == (1, "cls", (4, 4))
-    np.testing.assert_allclose(maps.raw.numpy(), _rows(reference.raw_fused(torch_atts, "max"), 1, "cls", (4, 4)),
-                               atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(maps.rollout.numpy(), _rows(reference.rollout(torch_atts, "max", 0.5), 1, "cls", (4, 4)),
-                               atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        maps.raw.numpy(), _rows(reference.raw_fused(torch_atts, "max"), 1, "cls", (4, 4)), atol=1e-5, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        maps.rollout.numpy(), _rows(reference.rollout(torch_atts, "max", 0.5), 1, "cls", (4, 4)), atol=1e-5, rtol=1e-4
+    )
     torch.testing.assert_close(maps.logits.double(), logits, atol=1e-5, rtol=1e-5)
     grad_maps = attention_maps(model, x, methods=GRAD, target=torch.tensor(targets))
-    np.testing.assert_allclose(grad_maps.grad_rollout.numpy(), _rows(reference.grad_rollout(atts, grads), 1, "cls", (4, 4)),
-                               atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(grad_maps.relevance.numpy(), _rows(reference.relevance(atts, grads), 1, "cls", (4, 4)),
-                               atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        grad_maps.grad_rollout.numpy(),
+        _rows(reference.grad_rollout(atts, grads), 1, "cls", (4, 4)),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(
+        grad_maps.relevance.numpy(), _rows(reference.relevance(atts, grads), 1, "cls", (4, 4)), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_torchvision_outputs_bitwise_unchanged_and_no_hooks_left():

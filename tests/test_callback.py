@@ -55,9 +55,9 @@ def test_grid_pixels_are_the_overlay_of_the_probe(tmp_path):
     trainer.fit(lit.LitViT(), *lit.loaders())
     grid = np.asarray(Image.open(tmp_path / "attention" / "attention__raw_step0000004.png"))
     top, pad = 24, 2
-    image_tile = grid[top + pad: top + pad + 32, 24 + pad: 24 + pad + 32]
+    image_tile = grid[top + pad : top + pad + 32, 24 + pad : 24 + pad + 32]
     assert np.abs(image_tile.astype(int) - 128).max() <= 1
-    heat = grid[top + pad: top + pad + 32, 24 + 2 * pad + 32: 24 + 2 * pad + 64].astype(float)
+    heat = grid[top + pad : top + pad + 32, 24 + 2 * pad + 32 : 24 + 2 * pad + 64].astype(float)
     # jet at 0 is dark blue, at 1 dark red: blended 50/50 with grey, the extremes are both present per tile
     assert heat[..., 2].max() > 150 and heat[..., 0].max() > 150
 
@@ -329,7 +329,10 @@ def test_a_failing_writer_warns_and_the_other_writers_get_the_whole_pass(tmp_pat
     healthy = Collect()
     monitor = AttentionMonitor(_probes(2), tile_size=16, writer=[Collect(broken=True), healthy])
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=2)
-    with pytest.warns(RuntimeWarning, match=r"skipped the probe pass at step 0: RuntimeError: Collect\.add_grid failed: OSError: disk full"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"skipped the probe pass at step 0: RuntimeError: Collect\.add_grid failed: OSError: disk full",
+    ):
         trainer.fit(lit.LitViT(), *lit.loaders())
     assert trainer.global_step == 8  # training went on
     assert sorted(set(healthy.scalar_steps)) == [0, 4, 8]  # the healthy writer got every pass, the failed one too

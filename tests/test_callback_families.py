@@ -62,8 +62,14 @@ def _masks() -> torch.Tensor:
 def test_fit_logs_every_method_diagnostic_and_faithfulness(tmp_path, kind):
     has_logits = kind in ("vit_cls", "deit_teacher", "torchvision")
     monitor = AttentionMonitor(
-        torch.randn(2, 3, lit.IMG, lit.IMG), labels=[0, 1] if has_logits else None, masks=_masks(), methods=ALL,
-        target=None if has_logits else _score, faithfulness=True, faithfulness_steps=2, tile_size=16,
+        torch.randn(2, 3, lit.IMG, lit.IMG),
+        labels=[0, 1] if has_logits else None,
+        masks=_masks(),
+        methods=ALL,
+        target=None if has_logits else _score,
+        faithfulness=True,
+        faithfulness_steps=2,
+        tile_size=16,
         on_error="raise",
     )
     model = LitFamily(kind)
@@ -101,8 +107,9 @@ def test_unsupported_timm_family_named_with_module_fails_at_setup(tmp_path):
     class LitNaFlex(lit.LitViT):
         def __init__(self):
             super().__init__()
-            self.backbone = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1, embed_dim=48,
-                                              num_heads=3)
+            self.backbone = timm.create_model(
+                "naflexvit_base_patch16_gap", pretrained=False, depth=1, embed_dim=48, num_heads=3
+            )
 
     monitor = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), module="backbone")
     with pytest.raises(ValueError, match="NaFlexViT packs.*Supported: timm VisionTransformer"):
@@ -113,8 +120,14 @@ def test_unsupported_timm_family_named_with_module_fails_at_setup(tmp_path):
 @pytest.mark.parametrize("kind", ["vit_cls", "torchvision"])
 def test_bf16_every_method_float32_maps(tmp_path, precision, kind):
     monitor = AttentionMonitor(
-        torch.randn(2, 3, lit.IMG, lit.IMG), labels=[0, 1], masks=_masks(), methods=ALL, faithfulness=True,
-        faithfulness_steps=2, tile_size=16, on_error="raise",
+        torch.randn(2, 3, lit.IMG, lit.IMG),
+        labels=[0, 1],
+        masks=_masks(),
+        methods=ALL,
+        faithfulness=True,
+        faithfulness_steps=2,
+        tile_size=16,
+        on_error="raise",
     )
     lit.trainer(tmp_path, [monitor], max_epochs=1, precision=precision).fit(LitFamily(kind), *lit.loaders())
     values = monitor.last_metrics

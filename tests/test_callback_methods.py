@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_attn.runner import row_labels
 from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, pointing_game
 from lightning_attn.render import grid_shape
+from lightning_attn.runner import row_labels
 
 import lit
 
@@ -34,8 +34,16 @@ ALL = ("raw", "rollout", "grad_rollout", "relevance")
 def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     labels = torch.tensor([0, 2, 1])
     monitor = AttentionMonitor(
-        _probes(), labels=labels, masks=_masks(), methods=ALL, faithfulness=True, faithfulness_steps=4,
-        tile_size=16, mean=MEAN, std=STD, on_error="raise",
+        _probes(),
+        labels=labels,
+        masks=_masks(),
+        methods=ALL,
+        faithfulness=True,
+        faithfulness_steps=4,
+        tile_size=16,
+        mean=MEAN,
+        std=STD,
+        on_error="raise",
     )
     trainer = lit.trainer(tmp_path, [monitor])
     model = lit.LitViT()
@@ -85,7 +93,9 @@ def test_gradient_rows_show_the_explained_class(tmp_path):
     monitor = AttentionMonitor(_probes(2), labels=[1, 2], methods=("relevance",), tile_size=16, aggregates=())
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, logger=False)
     trainer.fit(lit.LitViT(), *lit.loaders())
-    maps = attention_maps(trainer.lightning_module.model, _probes(2), methods=("relevance",), target=torch.tensor([1, 2]))
+    maps = attention_maps(
+        trainer.lightning_module.model, _probes(2), methods=("relevance",), target=torch.tensor([1, 2])
+    )
     probes = monitor._probes
     assert row_labels(len(probes), probes.labels, maps, "relevance") == ["#0 t1", "#1 t2"]
     assert row_labels(len(probes), probes.labels, maps, "raw")[0].startswith("#0 y1 p")

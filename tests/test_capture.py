@@ -3,18 +3,16 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import MODELS, input_for, make_vit
 
 from lightning_attn import find_attention_modules, record_attention
 from lightning_attn.backends.timm import NOT_TOKEN_SELF_ATTENTION
 
-from conftest import MODELS, input_for, make_vit
 from reference import attention_from_qkv
 
 
 def _no_hooks(model: torch.nn.Module) -> bool:
-    return all(
-        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules()
-    )
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
 def test_captured_attention_equals_attention_recomputed_from_qkv():
@@ -77,7 +75,7 @@ def test_restored_when_the_forward_raises():
     assert all(m.fused_attn for m in layers)
     assert _no_hooks(model)
     # the wrong input raises inside timm itself: same guarantee
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever timm raises; the point is what is restored after)
         with record_attention(model):
             model(torch.randn(1, 3, 40, 40))
     assert all(m.fused_attn for m in layers) and _no_hooks(model)
@@ -95,7 +93,10 @@ def test_nothing_recorded_outside_the_context():
 def test_streaming_callback_receives_layer_indices_without_storing():
     model = make_vit("vit")
     seen = []
-    with torch.no_grad(), record_attention(model, on_attention=lambda i, a: seen.append((i, a.shape)), store=False) as rec:
+    with (
+        torch.no_grad(),
+        record_attention(model, on_attention=lambda i, a: seen.append((i, a.shape)), store=False) as rec,
+    ):
         model(input_for("vit", batch=1))
     assert [i for i, _ in seen] == [0, 1, 2]
     assert rec.attentions == [] and rec.num_calls == 3
@@ -105,7 +106,11 @@ def test_streaming_callback_receives_layer_indices_without_storing():
     "name, kwargs, match",
     [
         ("resnet10t", {}, "ResNet is not a supported Vision Transformer"),
-        ("swin_tiny_patch4_window7_224", dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)), "Swin uses window"),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
+            "Swin uses window",
+        ),
         ("xcit_nano_12_p16_224", dict(depth=1), "XCiT attends over channels"),
     ],
 )

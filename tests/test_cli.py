@@ -53,7 +53,8 @@ def run_dir(tmp_path_factory) -> Path:
         "import lit\nfrom lightning.pytorch.cli import LightningCLI\n"
         "cli = LightningCLI(lit.LitViT, subclass_mode_model=True, run=False, args=['--model=lit.LitViTHparams',"
         " '--model.init_args.lr=0.1', '--trainer.max_epochs=1', '--trainer.limit_train_batches=2',"
-        f" '--trainer.enable_progress_bar=false', '--trainer.default_root_dir={root / 'cli'}', '--trainer.logger=false'])\n"
+        " '--trainer.enable_progress_bar=false',"
+        f" '--trainer.default_root_dir={root / 'cli'}', '--trainer.logger=false'])\n"
         "cli.trainer.fit(cli.model, lit.loaders()[0])\n"
     )
     subprocess.run([sys.executable, str(cli_script)], check=True, env=_env(), capture_output=True, timeout=300)
@@ -72,8 +73,23 @@ def _vit_of(checkpoint: Path) -> torch.nn.Module:
 def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
     ckpt = run_dir / "ckpt" / "last.ckpt"
     out = tmp_path / "render"
-    done = _run("render", str(ckpt), "--model-class", "lit.LitViT", str(run_dir / "images"), "-o", str(out),
-                "--batch-size", "2", "--tile-size", "16", "--methods", "raw", "rollout", "relevance")
+    done = _run(
+        "render",
+        str(ckpt),
+        "--model-class",
+        "lit.LitViT",
+        str(run_dir / "images"),
+        "-o",
+        str(out),
+        "--batch-size",
+        "2",
+        "--tile-size",
+        "16",
+        "--methods",
+        "raw",
+        "rollout",
+        "relevance",
+    )
     assert done.returncode == 0, done.stderr
     vit = _vit_of(ckpt)
     paths = sorted((run_dir / "images").glob("*.png"))
@@ -91,7 +107,8 @@ def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
     # the maps themselves are attention_maps' on these images
     maps = attention_maps(vit, images[:2], methods=("raw",))
     assert saved["batches"][0]["scalars"]["attention_entropy/raw/layer_00"] == pytest.approx(
-        float(__import__("lightning_attn").normalized_entropy(maps.raw[:, 0]).mean()), abs=1e-6)
+        float(__import__("lightning_attn").normalized_entropy(maps.raw[:, 0]).mean()), abs=1e-6
+    )
     page = (out / "index.html").read_text()
     assert "attention__rollout_000.png" in page and "attention_entropy/raw/layer_00" in page
 
@@ -99,16 +116,40 @@ def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
 def test_lightning_cli_checkpoint_names_its_own_class(run_dir, tmp_path):
     (ckpt,) = (run_dir / "cli").rglob("*.ckpt")
     assert "_class_path" in torch.load(ckpt, weights_only=False)["hyper_parameters"]
-    assert main(["render", str(ckpt), str(run_dir / "images" / "img0.png"), "-o", str(tmp_path), "--quiet",
-                 "--tile-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                str(ckpt),
+                str(run_dir / "images" / "img0.png"),
+                "-o",
+                str(tmp_path),
+                "--quiet",
+                "--tile-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "attention__raw_000.png").is_file()
 
 
 def test_compare_drift_equals_the_diagnostics_function(run_dir, tmp_path):
     ckpt = run_dir / "ckpt" / "last.ckpt"
     (first,) = [p for p in (run_dir / "ckpt").glob("epoch=0*.ckpt")]
-    done = _run("compare", str(first), str(ckpt), "--model-class", "lit.LitViT", str(run_dir / "images"),
-                "-o", str(tmp_path), "--tile-size", "16", module=True)
+    done = _run(
+        "compare",
+        str(first),
+        str(ckpt),
+        "--model-class",
+        "lit.LitViT",
+        str(run_dir / "images"),
+        "-o",
+        str(tmp_path),
+        "--tile-size",
+        "16",
+        module=True,
+    )
     assert done.returncode == 0, done.stderr
     table = json.loads((tmp_path / "drift.json").read_text())["drift"]
     assert [r["drift"] for r in table] == sorted((r["drift"] for r in table), reverse=True)  # most moved first
@@ -124,8 +165,11 @@ def test_compare_drift_equals_the_diagnostics_function(run_dir, tmp_path):
 def test_replay_redraws_the_history_without_the_model(run_dir, tmp_path):
     done = _run("replay", str(run_dir), "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    state = next(v for k, v in torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=False)["callbacks"].items()
-                 if k.startswith("AttentionMonitor"))["runner"]
+    state = next(
+        v
+        for k, v in torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=False)["callbacks"].items()
+        if k.startswith("AttentionMonitor")
+    )["runner"]
     strip, animations = redraw(state)
     assert [s for s, _ in state["history"]] == [0, 4, 8]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "attention__filmstrip.png")), strip.image)
@@ -152,7 +196,10 @@ def test_help_has_an_example_per_subcommand():
         (["render", "timm:vit_tiny_patch16_224", "{bad}", "-o", "{out}"], "cannot read an image"),
         (["render", "{ckpt}", "--model-class", "nowhere.LitViT", "{images}", "-o", "{out}"], "cannot import `nowhere`"),
         (["render", "{ckpt}", "{images}", "-o", "{out}"], "pass `--model-class"),
-        (["render", "{ckpt}", "--model-class", "lit.LitViTDeeper", "{images}", "-o", "{out}"], "do not fit `lit.LitViTDeeper`"),
+        (
+            ["render", "{ckpt}", "--model-class", "lit.LitViTDeeper", "{images}", "-o", "{out}"],
+            "do not fit `lit.LitViTDeeper`",
+        ),
         (["render", "timm:resnet10t", "{images}", "-o", "{out}"], "not a supported Vision Transformer"),
         (["render", "timm:no_such_model", "{images}", "-o", "{out}"], "timm has no model"),
         (["replay", "{out}", "-o", "{out}"], "no checkpoint"),
@@ -161,8 +208,9 @@ def test_help_has_an_example_per_subcommand():
 def test_bad_input_is_one_line_and_exit_status_2(run_dir, tmp_path, capsys, args, message):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    values = dict(images=str(run_dir / "images"), out=str(tmp_path), bad=str(bad),
-                  ckpt=str(run_dir / "ckpt" / "last.ckpt"))
+    values = dict(
+        images=str(run_dir / "images"), out=str(tmp_path), bad=str(bad), ckpt=str(run_dir / "ckpt" / "last.ckpt")
+    )
     sys.path.insert(0, str(TESTS))
     assert main([a.format(**values) for a in args]) == 2
     err = capsys.readouterr().err
@@ -187,6 +235,21 @@ def test_render_a_hugging_face_folder_and_a_timm_name(run_dir, tmp_path):
     images = load_images([image], backend_for(loaded).transform())
     expected = ProbeRunner(loaded, Probes(images), ProbeOptions(tile_size=16)).run(0, history_panels=False)
     assert saved == pytest.approx(expected.scalars, abs=1e-6)
-    assert main(["render", "timm:vit_tiny_patch16_224", image, "-o", str(tmp_path / "b"), "--quiet",
-                 "--layers", "-1", "--tile-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                "timm:vit_tiny_patch16_224",
+                image,
+                "-o",
+                str(tmp_path / "b"),
+                "--quiet",
+                "--layers",
+                "-1",
+                "--tile-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "b" / "attention__rollout_000.png").is_file()

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TINY, make_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_attn.backends import register_slice
+from lightning_attn.capture import record_attention
 from lightning_attn.diagnostics import (
     artifact_mask,
     artifact_tokens,
@@ -17,12 +20,8 @@ from lightning_attn.diagnostics import (
     mean_attention_distance,
     register_share,
 )
-from lightning_attn.backends import register_slice
-from lightning_attn.capture import record_attention
 from lightning_attn.layout import TokenLayout
 from lightning_attn.maps import query_row
-
-from conftest import TINY, make_vit
 
 
 def one_hot(b, l, gh, gw, at):

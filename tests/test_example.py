@@ -7,9 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import train_vit  # noqa: E402
-
 import lit  # noqa: E402
+import train_vit  # noqa: E402
 
 
 def test_example_fast_run_logs_every_method(tmp_path, capsys):
@@ -35,7 +34,10 @@ def test_example_trains_the_same_weights_with_and_without_the_monitor_and_report
     assert digest(watched) == digest(plain)  # the monitor changes nothing in training, bit for bit
     assert "| relevance | " in watched and "| random map | — / — |" in watched
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [
-        "example_filmstrip.png", "example_relevance.png", "example_rollout.png"]
+        "example_filmstrip.png",
+        "example_relevance.png",
+        "example_rollout.png",
+    ]
 
 
 def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):

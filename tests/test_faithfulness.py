@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import input_for, make_vit
 from torch import nn
 
 from lightning_attn import attention_maps
@@ -14,11 +15,9 @@ from lightning_attn.faithfulness import (
     random_perturbation_curves,
 )
 
-from conftest import input_for, make_vit
 import reference
 
 GRID = (4, 4)  # 16 x 16 images, 4 x 4 pixel patches
-
 
 
 class RegionClassifier(nn.Module):

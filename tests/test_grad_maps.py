@@ -3,17 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MODELS, input_for, make_vit
 
 from lightning_attn import attention_maps
 from lightning_attn.capture import find_attention_modules
 from lightning_attn.maps import METHODS
 from lightning_attn.rollout import grad_rollout, relevance_propagation
 
-from conftest import MODELS, input_for, make_vit
 import reference
 
 GRAD = ("grad_rollout", "relevance")
-
 
 
 def _rows(mats: np.ndarray, key: str, grid: tuple[int, int]) -> np.ndarray:
@@ -93,8 +92,10 @@ def test_parameter_grads_hooks_flags_and_modes_are_left_as_they_were():
         p.grad = torch.full_like(p, float(i)) if i % 2 else None
     requires = [p.requires_grad for p in params]
     maps = attention_maps(model, input_for("vit"), methods=METHODS)
-    assert all((p.grad is None) if i % 2 == 0 else torch.equal(p.grad, torch.full_like(p, float(i)))
-               for i, p in enumerate(params))
+    assert all(
+        (p.grad is None) if i % 2 == 0 else torch.equal(p.grad, torch.full_like(p, float(i)))
+        for i, p in enumerate(params)
+    )
     assert [p.requires_grad for p in params] == requires
     assert model.training and model.blocks[0].training and not model.blocks[1].training
     assert all(m.fused_attn for _, m in find_attention_modules(model))

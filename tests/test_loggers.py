@@ -24,10 +24,16 @@ STEPS = [0, 4, 8]  # baseline, then the end of each of 2 epochs of 4 batches
 def offline(tmp_path, monkeypatch):
     """W&B offline and silent, MLflow on a local file store: nothing may reach the network."""
     for key, value in {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb_dir"),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
-        "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_ERROR_REPORTING": "false",
-        "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"),
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
     }.items():
         monkeypatch.setenv(key, value)
     (tmp_path / "wandb_dir").mkdir()
@@ -52,8 +58,9 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
         pl.loggers.CSVLogger(tmp, name="csv"),
     ]
     # patience 1: a fresh model's near-uniform attention fires the "uniform" alert at the first epoch's pass
-    monitor = AttentionMonitor(_probes(), labels=[0, 1], tile_size=16, on_error="raise",
-                               alert_thresholds={"uniform_patience": 1})
+    monitor = AttentionMonitor(
+        _probes(), labels=[0, 1], tile_size=16, on_error="raise", alert_thresholds={"uniform_patience": 1}
+    )
     trainer = lit.trainer(tmp, [monitor], logger=loggers)
     trainer.fit(lit.LitViT(), *lit.loaders())
     loggers[1].experiment.finish()
@@ -61,8 +68,14 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     message = monitor.alerts[0].message
     tags = set(monitor.last_metrics)
     assert len(tags) > 20 and all(t.startswith("attention_") for t in tags)
-    images = {"attention/raw", "attention/rollout", "attention/raw_aggregates", "attention/filmstrip",
-              "attention/heads/layer_01", "attention_layers_steps/entropy/raw"}
+    images = {
+        "attention/raw",
+        "attention/rollout",
+        "attention/raw_aggregates",
+        "attention/filmstrip",
+        "attention/heads/layer_01",
+        "attention_layers_steps/entropy/raw",
+    }
 
     # TensorBoard: every scalar at every step (drift from the second pass on), every image at every step
     acc = lit.read_events(loggers[0].log_dir)
@@ -77,7 +90,9 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
 
     text = EventAccumulator(str(loggers[0].log_dir), size_guidance={"tensors": 0})
     text.Reload()
-    assert [(e.step, e.tensor_proto.string_val[0].decode()) for e in text.Tensors("attention/alerts/uniform/text_summary")] == [(4, message)]
+    assert [
+        (e.step, e.tensor_proto.string_val[0].decode()) for e in text.Tensors("attention/alerts/uniform/text_summary")
+    ] == [(4, message)]
 
     # CSV: metrics.csv columns, PNGs under its log_dir
     with open(Path(loggers[3].log_dir) / "metrics.csv", newline="") as f:
@@ -88,7 +103,9 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     pngs = {p.name for p in (Path(loggers[3].log_dir) / "attention").iterdir()}
     assert {f"{t.replace('/', '__')}_step{s:07d}.png" for t in images for s in STEPS} <= pngs
     assert "attention__rollout_evolution__probe_00.gif" in pngs
-    assert (Path(loggers[3].log_dir) / "attention" / "alerts.txt").read_text() == f"4\tattention/alerts/uniform\t{message}\n"
+    assert (
+        Path(loggers[3].log_dir) / "attention" / "alerts.txt"
+    ).read_text() == f"4\tattention/alerts/uniform\t{message}\n"
 
     # MLflow: metric history per tag, stepped images and the GIFs as artifacts
     client = MlflowClient(uri)
@@ -98,8 +115,11 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
         assert sorted(m.step for m in client.get_metric_history(run_id, tag)) == expected, tag
     names = [a.path for a in client.list_artifacts(run_id, "images")]
     for tag in images:
-        stepped = sorted(int(n.split("+step+")[1].split("+")[0]) for n in names
-                         if n.startswith(f"images/{tag.replace('/', '~')}+step+") and n.endswith(".png"))
+        stepped = sorted(
+            int(n.split("+step+")[1].split("+")[0])
+            for n in names
+            if n.startswith(f"images/{tag.replace('/', '~')}+step+") and n.endswith(".png")
+        )
         assert stepped == STEPS, tag
     gifs = [a.path for a in client.list_artifacts(run_id, "attention")]
     assert "attention/attention__rollout_evolution__probe_00.gif" in gifs
@@ -113,7 +133,9 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     media = run_dir / "files" / "media"
     for tag in images:
         folder, _, name = tag.rpartition("/")
-        files = [p for p in (media / "images" / folder).iterdir() if re.fullmatch(rf"{name}_\d+_[0-9a-f]+\.png", p.name)]
+        files = [
+            p for p in (media / "images" / folder).iterdir() if re.fullmatch(rf"{name}_\d+_[0-9a-f]+\.png", p.name)
+        ]
         assert len(files) == len(STEPS), (tag, files)
     assert len(list((media / "videos").glob("attention/rollout_evolution/probe_0*.gif"))) == 2
     # ... and every scalar at its trainer/global_step, read back from the run file
@@ -124,7 +146,11 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
         assert [step for step, _ in logged] == expected, tag
         assert logged[-1][1] == pytest.approx(monitor.last_metrics[tag], rel=1e-6)
     # the alert as a W&B table (log_text) at its step, its message in the table file
-    tables = [(r["trainer/global_step"], r["attention/alerts/uniform/_type"]) for r in rows if "attention/alerts/uniform/_type" in r]
+    tables = [
+        (r["trainer/global_step"], r["attention/alerts/uniform/_type"])
+        for r in rows
+        if "attention/alerts/uniform/_type" in r
+    ]
     assert tables == [(4, "table-file")]
     (table_file,) = (media / "table" / "attention" / "alerts").glob("uniform_*.table.json")
     assert json.loads(table_file.read_text())["data"] == [[4, message]]
@@ -133,16 +159,29 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
 
 
 def test_custom_scalars_layout_one_chart_per_metric_and_method_one_line_per_layer(tmp_path):
-    monitor = AttentionMonitor(_probes(), masks=torch.ones(2, lit.IMG, lit.IMG, dtype=torch.bool), tile_size=16,
-                               faithfulness=True, faithfulness_steps=2, on_error="raise")
+    monitor = AttentionMonitor(
+        _probes(),
+        masks=torch.ones(2, lit.IMG, lit.IMG, dtype=torch.bool),
+        tile_size=16,
+        faithfulness=True,
+        faithfulness_steps=2,
+        on_error="raise",
+    )
     trainer = lit.trainer(tmp_path, [monitor])
     trainer.fit(lit.LitViT(depth=3), *lit.loaders())
     acc = lit.read_events(trainer.logger.log_dir)
     layout = _layout(acc)
     charts = {c.title: (cat.title, list(c.multiline.tag)) for cat in layout.category for c in cat.chart}
     sections = {section for section, _ in charts.values()}
-    assert {"attention_entropy", "attention_drift_baseline", "attention_drift_previous", "attention_artifacts",
-            "attention_distance", "attention_pointing_game", "attention_faithfulness"} <= sections
+    assert {
+        "attention_entropy",
+        "attention_drift_baseline",
+        "attention_drift_previous",
+        "attention_artifacts",
+        "attention_distance",
+        "attention_pointing_game",
+        "attention_faithfulness",
+    } <= sections
     # every scalar lands in exactly one chart, and each chart's lines are the layers (or methods)
     scalars = acc.Tags()["scalars"]
     for tag in scalars:
@@ -152,13 +191,16 @@ def test_custom_scalars_layout_one_chart_per_metric_and_method_one_line_per_laye
     lines = lambda chart: sorted(t for t in scalars if re.search(charts[chart][1][0], t))  # noqa: E731
     assert lines("attention_entropy/rollout") == [f"attention_entropy/rollout/layer_{l:02d}" for l in range(3)]
     assert lines("attention_faithfulness/most_first_auc") == [
-        f"attention_faithfulness/most_first_auc/{m}" for m in ("random", "raw", "rollout")]  # chance on the same chart
+        f"attention_faithfulness/most_first_auc/{m}" for m in ("random", "raw", "rollout")
+    ]  # chance on the same chart
 
 
 def test_two_named_monitors_share_a_trainer_and_both_resume(tmp_path):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make = lambda: [AttentionMonitor(_probes(), name="teacher", tile_size=16, module="teacher"),  # noqa: E731
-                    AttentionMonitor(_probes(), name="student", tile_size=16, module="model", methods=("raw",))]
+    make = lambda: [  # noqa: E731
+        AttentionMonitor(_probes(), name="teacher", tile_size=16, module="teacher"),
+        AttentionMonitor(_probes(), name="student", tile_size=16, module="model", methods=("raw",)),
+    ]
     first = make()
     trainer = lit.trainer(tmp_path, [*first, ckpt], enable_checkpointing=True)
     trainer.fit(TeacherStudent(), *lit.loaders())
@@ -169,10 +211,14 @@ def test_two_named_monitors_share_a_trainer_and_both_resume(tmp_path):
             expected = STEPS[1:] if "_drift_" in tag else STEPS
             assert [s.step for s in acc.Scalars(tag)] == expected, tag
         assert [e.step for e in acc.Images(f"attention_{name}/raw")] == STEPS
-    assert "attention_teacher/rollout" in acc.Tags()["images"] and "attention_student/rollout" not in acc.Tags()["images"]
+    assert (
+        "attention_teacher/rollout" in acc.Tags()["images"] and "attention_student/rollout" not in acc.Tags()["images"]
+    )
     # neither overwrote the other: one event per step per tag, the values of each monitor's own model
-    assert first[0].last_metrics["attention_teacher_entropy/raw/layer_00"] != first[1].last_metrics[
-        "attention_student_entropy/raw/layer_00"]
+    assert (
+        first[0].last_metrics["attention_teacher_entropy/raw/layer_00"]
+        != first[1].last_metrics["attention_student_entropy/raw/layer_00"]
+    )
     sections = {cat.title for cat in _layout(acc).category}
     assert {"attention_teacher_entropy", "attention_student_entropy"} <= sections  # both in one merged layout
 

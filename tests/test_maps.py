@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import MODELS, input_for, make_vit
 
 from lightning_attn import attention_maps, record_attention, token_layout
 from lightning_attn.capture import find_attention_modules
 
-from conftest import MODELS, input_for, make_vit
 import reference
 
 

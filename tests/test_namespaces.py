@@ -17,8 +17,16 @@ PL = pytest.importorskip("pytorch_lightning")
 class LitPL(PL.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=lit.IMG, patch_size=8,
-                                       depth=2, embed_dim=48, num_heads=3, num_classes=3)
+        self.model = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=lit.IMG,
+            patch_size=8,
+            depth=2,
+            embed_dim=48,
+            num_heads=3,
+            num_classes=3,
+        )
 
     def training_step(self, batch, _):
         return torch.nn.functional.cross_entropy(self.model(batch[0]), batch[1])
@@ -32,9 +40,18 @@ class LitPL(PL.LightningModule):
 
 def _trainer(tmp_path, callbacks, **kwargs):
     loggers = [PL.loggers.TensorBoardLogger(tmp_path, name="tb"), PL.loggers.CSVLogger(tmp_path, name="csv")]
-    options = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=2, accelerator="cpu", devices=1,
-                   enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
-                   default_root_dir=tmp_path, logger=loggers)
+    options = dict(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        logger=loggers,
+    )
     return PL.Trainer(callbacks=callbacks, **{**options, **kwargs})
 
 
@@ -56,11 +73,13 @@ def test_pytorch_lightning_resume_and_missing_validation_data(tmp_path):
     ckpt = PL.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG), tile_size=16)
     _trainer(tmp_path, [first, ckpt]).fit(LitPL(), *lit.loaders())
-    second = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(0)),
-                              tile_size=16)
+    second = AttentionMonitor(
+        torch.randn(2, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(0)), tile_size=16
+    )
     second_probes_same = AttentionMonitor(first.probes.clone(), tile_size=16)
-    _trainer(tmp_path, [second_probes_same, PL.callbacks.ModelCheckpoint(dirpath=tmp_path / "c2")],
-             max_epochs=3).fit(LitPL(), *lit.loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    _trainer(tmp_path, [second_probes_same, PL.callbacks.ModelCheckpoint(dirpath=tmp_path / "c2")], max_epochs=3).fit(
+        LitPL(), *lit.loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
     assert [s for s, _ in second_probes_same.runner.history] == [0, 4, 8, 12]
     del second
     with pytest.raises(ValueError, match="has none"):  # pytorch_lightning's own exception class is recognised

@@ -54,7 +54,7 @@ def test_raw_maps_are_the_fused_query_rows(s):
     for a in atts:
         fused = fuse_heads(a, s["fusion"])
         row = query_row(fused, layout)
-        source = fused[:, 0] if query == "cls" else fused[:, s["prefix"]:].mean(1)
-        torch.testing.assert_close(row, source[:, s["prefix"]:])
+        source = fused[:, 0] if query == "cls" else fused[:, s["prefix"] :].mean(1)
+        torch.testing.assert_close(row, source[:, s["prefix"] :])
         e = normalized_entropy(row.reshape(s["batch"], s["gh"], s["gw"]))
         assert torch.isfinite(e).all() and (e >= 0).all() and (e <= 1).all()

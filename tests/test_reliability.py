@@ -63,21 +63,36 @@ def test_resume_restores_probes_and_baseline_and_continues_the_steps(tmp_path):
 
 def test_state_dict_round_trip_and_tolerant_load(tmp_path):
     monitor = AttentionMonitor(3)
-    assert monitor.state_dict() == {"baseline_done": False, "last_step": None, "runner": None,
-                                    "alerts": {"alerts": [], "active": [], "start": 0}}
+    assert monitor.state_dict() == {
+        "baseline_done": False,
+        "last_step": None,
+        "runner": None,
+        "alerts": {"alerts": [], "active": [], "start": 0},
+    }
     monitor.load_state_dict({})  # a checkpoint from an older version: defaults
     assert not monitor._baseline_done
     # format 1 kept the runner's fields at the top level: they are taken as they are
     maps = {"raw": torch.rand(2, 2, 4, 4)}
     old = AttentionMonitor(torch.randn(2, 3, lit.IMG, lit.IMG))
-    old.load_state_dict({"baseline_done": True, "last_step": 8, "baseline_maps": maps, "previous_maps": maps,
-                         "history": [(0, maps["raw"][:, -1]), (8, maps["raw"][:, -1])], "scalar_history": []})
+    old.load_state_dict(
+        {
+            "baseline_done": True,
+            "last_step": 8,
+            "baseline_maps": maps,
+            "previous_maps": maps,
+            "history": [(0, maps["raw"][:, -1]), (8, maps["raw"][:, -1])],
+            "scalar_history": [],
+        }
+    )
     old.setup(lit.trainer(tmp_path, [old]), lit.LitViT(), "fit")
     assert [s for s, _ in old.runner.history] == [0, 8] and torch.equal(old.runner.baseline["raw"], maps["raw"])
     assert AttentionMonitor(3).state_key == monitor.state_key != AttentionMonitor(3, every_n_epochs=2).state_key
     # unnamed: the key of earlier versions (their checkpoints resume); a name makes it distinct
     assert monitor.state_key == "AttentionMonitor{'methods': ('raw', 'rollout'), 'every_n_epochs': 1}"
-    assert AttentionMonitor(3, name="student").state_key not in (monitor.state_key, AttentionMonitor(3, name="t").state_key)
+    assert AttentionMonitor(3, name="student").state_key not in (
+        monitor.state_key,
+        AttentionMonitor(3, name="t").state_key,
+    )
 
 
 def test_bf16_true_parameters(tmp_path):
@@ -134,8 +149,14 @@ def test_every_method_and_faithfulness_under_bf16(tmp_path, precision):
     masks = torch.zeros(2, lit.IMG, lit.IMG, dtype=torch.bool)
     masks[:, 8:24, 8:24] = True
     monitor = AttentionMonitor(
-        torch.randn(2, 3, lit.IMG, lit.IMG), labels=[0, 1], masks=masks, faithfulness=True, faithfulness_steps=3,
-        methods=("raw", "rollout", "grad_rollout", "relevance"), tile_size=16, on_error="raise",
+        torch.randn(2, 3, lit.IMG, lit.IMG),
+        labels=[0, 1],
+        masks=masks,
+        faithfulness=True,
+        faithfulness_steps=3,
+        methods=("raw", "rollout", "grad_rollout", "relevance"),
+        tile_size=16,
+        on_error="raise",
     )
     lit.trainer(tmp_path, [monitor], max_epochs=1, precision=precision).fit(lit.LitViT(), *lit.loaders())
     values = monitor.last_metrics
@@ -180,8 +201,9 @@ def test_model_parallel_strategy_with_sharded_parameters(tmp_path):
     script = tmp_path / "fit.py"
     script.write_text(_MODEL_PARALLEL_FIT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (log_dir,) = {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}
     acc = lit.read_events(log_dir)

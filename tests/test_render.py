@@ -205,16 +205,18 @@ def test_make_grid_shape_and_tile_positions(col, row, padding):
     )
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
     assert grid.shape[:2] == grid_shape(rows, cols, th, tw, col, row, padding)
-    assert grid.shape[:2] == (LABEL_SIZE * col + rows * th + (rows + 1) * padding,
-                              LABEL_SIZE * row + cols * tw + (cols + 1) * padding)
+    assert grid.shape[:2] == (
+        LABEL_SIZE * col + rows * th + (rows + 1) * padding,
+        LABEL_SIZE * row + cols * tw + (cols + 1) * padding,
+    )
     top, left = LABEL_SIZE * col, LABEL_SIZE * row
     expected = np.round(tiles.permute(0, 1, 3, 4, 2).numpy() * 255).astype(np.uint8)
     for r in range(rows):
         for c in range(cols):
             y, x = top + padding + r * (th + padding), left + padding + c * (tw + padding)
-            np.testing.assert_array_equal(grid[y:y + th, x:x + tw], expected[r, c])
+            np.testing.assert_array_equal(grid[y : y + th, x : x + tw], expected[r, c])
     if padding:  # the padding between tiles is white
-        assert (grid[top + padding + th: top + 2 * padding + th, left + padding:] == 255).all()
+        assert (grid[top + padding + th : top + 2 * padding + th, left + padding :] == 255).all()
 
 
 def test_make_grid_draws_column_labels_centred():
@@ -226,7 +228,7 @@ def test_make_grid_draws_column_labels_centred():
     assert (make_grid(tiles, col_labels=["", "", ""], padding=2)[:LABEL_SIZE] == 255).all()
     for c in range(3):
         x0 = 2 + c * 42
-        ink = np.argwhere(header[:, x0:x0 + 40].min(axis=-1) < 128)
+        ink = np.argwhere(header[:, x0 : x0 + 40].min(axis=-1) < 128)
         assert len(ink) > 10, f"no text over column {c}"
         assert abs(ink[:, 1].mean() - 20) < 4 and abs(ink[:, 0].mean() - LABEL_SIZE / 2) < 5
     other = make_grid(tiles, col_labels=["image", "L10", "mean"], padding=2)
@@ -239,7 +241,7 @@ def test_make_grid_draws_row_labels_vertically():
     np.testing.assert_array_equal(grid[:, LABEL_SIZE:], make_grid(tiles, padding=2))
     for r in range(2):
         y0 = 2 + r * 62
-        ink = np.argwhere(grid[y0:y0 + 60, :LABEL_SIZE].min(axis=-1) < 128)
+        ink = np.argwhere(grid[y0 : y0 + 60, :LABEL_SIZE].min(axis=-1) < 128)
         assert len(ink) > 10
         height, width = np.ptp(ink, axis=0) + 1
         assert height > width  # text runs along the row, bottom to top
@@ -337,4 +339,3 @@ def test_filmstrip_bad_arguments():
         filmstrip(torch.rand(1, 3, 8, 8), torch.rand(2, 2, 2), ["a", "b"], tile_size=8)
     with pytest.raises(ValueError, match=r"`maps` must be \(T, gh, gw\)"):
         filmstrip(torch.rand(3, 8, 8), torch.rand(1, 2, 2, 2), ["a", "b"], tile_size=8)
-

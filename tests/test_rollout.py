@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import input_for, make_vit
 
 from lightning_attn import attention_rollout, discard_weakest, fuse_heads, record_attention, residual_transition
 from lightning_attn.rollout import grad_rollout, relevance_propagation
 
-from conftest import input_for, make_vit
 import reference
 
 
@@ -87,8 +87,9 @@ def _random_gradients(b=3, h=4, n=9, layers=4, seed=1):
 def test_grad_rollout_equals_float64_reference_on_random_inputs(discard_ratio):
     atts, grads = _random_attention(), _random_gradients()
     got = grad_rollout(atts, grads, discard_ratio)
-    expected = reference.grad_rollout([a.double().numpy() for a in atts], [g.double().numpy() for g in grads],
-                                      discard_ratio)
+    expected = reference.grad_rollout(
+        [a.double().numpy() for a in atts], [g.double().numpy() for g in grads], discard_ratio
+    )
     assert got.dtype == torch.float32 and got.shape == (3, 4, 9, 9)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.sum(-1), torch.ones(3, 4, 9))

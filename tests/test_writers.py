@@ -142,11 +142,12 @@ def test_save_gif_bad_arguments(tmp_path, frames, kwargs, match):
     assert not (tmp_path / "a.gif").exists()
 
 
-
 def test_tensorboard_jpeg_images_and_gif_animations_read_back(tmp_path):
     from lightning_attn.writers import encode_image
 
-    writer = TensorBoardWriter(SummaryWriter(str(tmp_path)), image_format="jpeg", quality=90, directory=tmp_path / "gifs")
+    writer = TensorBoardWriter(
+        SummaryWriter(str(tmp_path)), image_format="jpeg", quality=90, directory=tmp_path / "gifs"
+    )
     y, x = np.mgrid[0:40, 0:60]
     pixels = np.stack([x * 4, y * 6, 255 - x * 4], axis=-1).astype(np.uint8)  # smooth, like a heatmap
     writer.add_image("attention/raw", pixels, step=5)
@@ -177,7 +178,10 @@ def test_writer_set_writes_the_whole_pass_to_healthy_writers_then_raises_the_fir
     both.add_image("attention/rollout", image(), step=1)  # the rest of the pass still reaches every writer
     with pytest.raises(RuntimeError, match="Broken.add_image failed: OSError: disk full"):
         both.flush()  # the end of the pass reports the first failure
-    assert {p.name for p in (tmp_path / "b").iterdir()} == {"attention__raw_step0000001.png", "attention__rollout_step0000001.png"}
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {
+        "attention__raw_step0000001.png",
+        "attention__rollout_step0000001.png",
+    }
     both.flush()  # reported once
 
 
@@ -213,7 +217,12 @@ def test_writers_are_picked_by_what_each_logger_can_do(tmp_path):
     summary = SummaryWriter(str(tmp_path / "tb"))
     mlflow_like = _LookAlike(_MlflowClientLike())
     mlflow_like.run_id = "r1"
-    loggers = [_LookAlike(summary, str(tmp_path / "tb")), _WandbLike(), mlflow_like, _LookAlike(None, str(tmp_path / "csv"))]
+    loggers = [
+        _LookAlike(summary, str(tmp_path / "tb")),
+        _WandbLike(),
+        mlflow_like,
+        _LookAlike(None, str(tmp_path / "csv")),
+    ]
     chosen = writers_for(loggers, tmp_path).writers
     assert [type(w) for w in chosen] == [TensorBoardWriter, WandbWriter, MLflowWriter, PNGWriter]
     assert chosen[3].directory == tmp_path / "csv" / "attention"
@@ -239,7 +248,10 @@ def test_the_package_imports_without_wandb_or_mlflow():
     import subprocess
     import sys
 
-    code = "import sys, lightning_attn.writers, lightning_attn; print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    code = (
+        "import sys, lightning_attn.writers, lightning_attn; "
+        "print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

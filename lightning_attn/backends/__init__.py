@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+
 from torch import nn
 
 from ..layout import TokenLayout
@@ -108,9 +109,7 @@ def unsupported_message(model: nn.Module) -> str:
         if len(reasons) == 3:
             break
     if not reasons:
-        layers = sorted({
-            why for m in model.modules() for b in _loaded() for why in [b.unsupported_layer(m)] if why
-        })
+        layers = sorted({why for m in model.modules() for b in _loaded() for why in [b.unsupported_layer(m)] if why})
         reasons = [f"its attention layers are {', '.join(layers)}: not token self-attention"] if layers else []
     detail = f" ({'; '.join(reasons)})" if reasons else ""
     return (

@@ -16,7 +16,8 @@ Everything past the backend (maps, rollout, diagnostics, render, the callback) s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ def to_pair(value: object) -> tuple[int, int]:
     """``8`` -> (8, 8); ``(8, 16)`` -> (8, 16)."""
     if isinstance(value, int):
         return value, value
-    a, b = value  # type: ignore[misc]
+    a, b = cast("tuple[Any, Any]", value)  # a pair, or the unpacking raises as before
     return int(a), int(b)
 
 

@@ -12,7 +12,8 @@ from them are exactly the kernel's.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +201,9 @@ class TimmBackend(Backend):
         distilled = getattr(model, "dist_token", None) is not None
         self._check_query(query, has_cls)
         if query == "cls_dist" and not distilled:
-            raise ValueError(f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token")
+            raise ValueError(
+                f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token"
+            )
         if query == "auto":
             if not has_cls or getattr(model, "global_pool", "token") != "token":
                 query = "mean"  # eva02, beit and *_gap_* pool patches: the class token does not feed the head

@@ -10,7 +10,8 @@ differentiate with respect to).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,12 +178,14 @@ class TorchvisionBackend(Backend):
 
         size = self.model.image_size
         # the ImageNet weights' own recipe: resize the short side to size * 256 / 224, centre crop
-        return transforms.Compose([
-            transforms.Resize(round(size * 256 / 224)),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        return transforms.Compose(
+            [
+                transforms.Resize(round(size * 256 / 224)),
+                transforms.CenterCrop(size),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     @property
     def has_class_logits(self) -> bool:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +51,15 @@ _ORIGINAL: dict[int, str | None] = {}
 _registered = False
 
 
-def _dispatch(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-              *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def _dispatch(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     handler = _HANDLERS.get(id(module))
     if handler is None:  # a layer nobody records, whose config was switched for a sibling: its own kernel
         handler = _original_kernel(module, _ORIGINAL.get(id(module.config), "sdpa"))
@@ -153,8 +161,9 @@ class TransformersBackend(Backend):
     def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
         _switch(module, undo)
 
-        def eager_in_graph(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                           *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        def eager_in_graph(
+            mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *args: Any, **kwargs: Any
+        ) -> tuple[Tensor, Tensor]:
             # the eager computation itself, so the weights handed over are the ones the output depends on
             heads = query.shape[1]
             if key.shape[1] != heads:
@@ -163,7 +172,9 @@ class TransformersBackend(Backend):
             scores = torch.matmul(query, key.transpose(2, 3)) * _scaling(query, kwargs)
             if mask is not None:
                 if mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(~mask, float("-inf"))
+                    mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(
+                        ~mask, float("-inf")
+                    )
                 scores = scores + mask[..., : key.shape[-2]]
             weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
             emit(mod, weights)
@@ -181,8 +192,9 @@ class TransformersBackend(Backend):
     def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
         kernel = _switch(module, undo)
 
-        def stream_then_kernel(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                               *args: Any, **kwargs: Any) -> Any:
+        def stream_then_kernel(
+            mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *args: Any, **kwargs: Any
+        ) -> Any:
             n_q, n_k = query.shape[-2], key.shape[-2]
             causal = bool(kwargs.get("is_causal", False))
             bias = lambda h0, h1: additive_bias(  # noqa: E731
@@ -210,7 +222,9 @@ class TransformersBackend(Backend):
             return False
         config = module.config
         if getattr(config, "vision_config", None) is not None:
-            return getattr(config.vision_config, "model_type", None) in FAMILIES and hasattr(module, "get_image_features")
+            return getattr(config.vision_config, "model_type", None) in FAMILIES and hasattr(
+                module, "get_image_features"
+            )
         return getattr(config, "model_type", None) in FAMILIES and _embeddings(module) is not None
 
     @classmethod
@@ -240,7 +254,9 @@ class TransformersBackend(Backend):
     def _prefix(self) -> tuple[int, int, int]:
         """(class tokens, distillation tokens, registers) in the order the embeddings concatenate them."""
         emb = self._embeddings
-        has_cls = isinstance(getattr(emb, "cls_token", None), Tensor) or isinstance(getattr(emb, "class_embedding", None), Tensor)
+        has_cls = isinstance(getattr(emb, "cls_token", None), Tensor) or isinstance(
+            getattr(emb, "class_embedding", None), Tensor
+        )
         has_dist = isinstance(getattr(emb, "distillation_token", None), Tensor)
         registers = getattr(emb, "register_tokens", None)
         return int(has_cls), int(has_dist), registers.shape[1] if isinstance(registers, Tensor) else 0
@@ -305,9 +321,7 @@ class TransformersBackend(Backend):
 
         mean, std = self.display_stats()
         size = to_pair(self.config.image_size)
-        return transforms.Compose(
-            [transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std)]
-        )
+        return transforms.Compose([transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
 
     def forward(self, images: Tensor) -> Any:
         kwargs: dict[str, Any] = {}

@@ -7,8 +7,9 @@ has ``accepts(logger)`` and ``for_logger(logger, directory)``, plus one line in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .background import BackgroundWriter, in_background
 from .base import Animation, AttentionWriter, ChartLayout, check_image

@@ -26,10 +26,10 @@ def check_image(image: Any) -> None:
     Example::
 
         >>> check_image(np.zeros((2, 3, 3), np.uint8))
-        >>> check_image(np.zeros((3, 2, 3), np.float32))
+        >>> check_image(np.zeros((3, 2, 3), np.float32))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `image` must be an (H, W, 3) uint8 numpy array (see render.make_grid), got ((3, 2, 3), dtype('float32'))
+        ValueError: `image` must be an (H, W, 3) uint8 numpy array (see render.make_grid), got ((3, 2, 3), ...)
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         shape = (image.shape, image.dtype) if isinstance(image, np.ndarray) else type(image).__name__

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -18,6 +19,7 @@ from ..animation import GifStream, gif_stream
 from .base import Animation, LoggerWriter, check_frames, check_image
 
 __all__ = ["PNGWriter", "gif_bytes", "save_gif"]
+
 
 def file_name(tag: str) -> str:
     """A tag as a file name: ``/`` becomes ``__``.
@@ -63,7 +65,7 @@ class PNGWriter(LoggerWriter):
         self.logger = logger
 
     @classmethod
-    def for_logger(cls, logger: Any, directory: Path) -> "PNGWriter":
+    def for_logger(cls, logger: Any, directory: Path) -> PNGWriter:
         """Files under the logger's own ``log_dir`` (else ``save_dir``, else ``directory``), in ``attention/``."""
         root = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or directory
         return cls(Path(root) / "attention", logger=logger)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class MLflowWriter(LoggerWriter):
         return callable(getattr(client, "log_image", None)) and callable(getattr(client, "log_artifact", None))
 
     @classmethod
-    def for_logger(cls, logger: Any, directory: Path) -> "MLflowWriter":
+    def for_logger(cls, logger: Any, directory: Path) -> MLflowWriter:
         """The writer for ``logger`` (``directory`` is not used: everything goes to the run's artifact store)."""
         return cls(logger)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,7 @@ IMAGE_FORMATS = ("png", "jpeg")
 
 # One merged layout per SummaryWriter: TensorBoard shows only the last layout written to a run, so monitors
 # sharing a logger each add their charts to it and the whole is written again.
-_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]] = weakref.WeakKeyDictionary()
 
 
 def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
@@ -96,10 +97,12 @@ class TensorBoardWriter(LoggerWriter):
     def accepts(logger: Any) -> bool:
         """True for any logger whose ``experiment`` is a SummaryWriter-like object (torch's or tensorboardX's)."""
         experiment = getattr(logger, "experiment", None)
-        return all(callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars"))
+        return all(
+            callable(getattr(experiment, name, None)) for name in ("add_image", "add_scalar", "add_custom_scalars")
+        )
 
     @classmethod
-    def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> "TensorBoardWriter":
+    def for_logger(cls, logger: Any, directory: Path, image_format: str = "jpeg") -> TensorBoardWriter:
         """The writer for ``logger``; GIF files go under its ``log_dir`` (else ``directory``), in ``attention/``."""
         root = getattr(logger, "log_dir", None) or directory
         return cls(logger.experiment, logger=logger, image_format=image_format, directory=Path(root) / "attention")
@@ -116,7 +119,8 @@ class TensorBoardWriter(LoggerWriter):
         if self.image_format == "png" or not hasattr(self.experiment, "_get_file_writer"):
             self.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
             return
-        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), *image.shape[:2], step)
+        height, width = image.shape[:2]
+        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), height, width, step)
 
     def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         for tag, value in metrics.items():
@@ -151,4 +155,3 @@ class TensorBoardWriter(LoggerWriter):
 
     def flush(self) -> None:
         self.experiment.flush()
-

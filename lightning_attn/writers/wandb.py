@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class WandbWriter(LoggerWriter):
         return {"key", "images", "step"} <= set(params)
 
     @classmethod
-    def for_logger(cls, logger: Any, directory: Path) -> "WandbWriter":
+    def for_logger(cls, logger: Any, directory: Path) -> WandbWriter:
         """The writer for ``logger``; its GIFs are staged under ``directory/attention_gifs``."""
         return cls(logger, Path(getattr(logger, "save_dir", None) or directory) / "attention_gifs")
 
