@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs each way (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="the example's --threads (default: %(default)s)")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{date.today()}; examples/train_vit.py --threads {args.threads}{' --fast' if args.fast else ''}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{date.today()}; examples/train_vit.py --threads {args.threads}{' --fast' if args.fast else ''}\n"
+    )
     with_monitor, without, digests = [], [], set()
     for _ in range(args.repeats):
         for monitor, times in ((True, with_monitor), (False, without)):
@@ -58,8 +60,10 @@ def main() -> None:
     print("| example run | with AttentionMonitor (s) | --no-monitor (s) | ratio | same final weights |")
     print("|---|---|---|---|---|")
     runs = ", ".join(f"{x:.0f}" for x in with_monitor), ", ".join(f"{x:.0f}" for x in without)
-    print(f"| median of {args.repeats} ({runs[0]} / {runs[1]}) | {a:.1f} | {b:.1f} | {a / b:.2f} | "
-          f"{'yes' if len(digests) == 1 else 'NO: ' + ', '.join(sorted(digests))} |")
+    print(
+        f"| median of {args.repeats} ({runs[0]} / {runs[1]}) | {a:.1f} | {b:.1f} | {a / b:.2f} | "
+        f"{'yes' if len(digests) == 1 else 'NO: ' + ', '.join(sorted(digests))} |"
+    )
 
 
 if __name__ == "__main__":

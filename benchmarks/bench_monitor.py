@@ -283,9 +283,16 @@ def bench_render(passes: int, probes: torch.Tensor, label: str) -> list[tuple[st
     t = render_and_write(model, probes, passes)
     t_pass = statistics.median(_time(lambda: attention_maps(model, x), 3))
     return [
-        (f"draw + hand to the writer thread, one pass at the defaults / probe pass (8 {label} probes)",
-         t["render"] + t["handoff"], t_pass),
-        (f"draw + write on the loop (no writer thread) / probe pass (8 {label} probes)", t["render"] + t["write"], t_pass),
+        (
+            f"draw + hand to the writer thread, one pass at the defaults / probe pass (8 {label} probes)",
+            t["render"] + t["handoff"],
+            t_pass,
+        ),
+        (
+            f"draw + write on the loop (no writer thread) / probe pass (8 {label} probes)",
+            t["render"] + t["write"],
+            t_pass,
+        ),
     ], t
 
 
@@ -375,8 +382,9 @@ def bench_scaling(repeats: int, rows: list[tuple[str, int, int]], draw: bool) ->
         copied = CopiedRollout(_vit(**spec))
         t_copied = statistics.median(_time(lambda: copied(x), reps))
         extra, _ = _memory_extra(spec, count, size, repeats=1)
-        row = dict(label=f"{label}, {count} probes, {size}x{size}", ours=t_ours, plain=t_plain, copied=t_copied,
-                   extra=extra)
+        row = dict(
+            label=f"{label}, {count} probes, {size}x{size}", ours=t_ours, plain=t_plain, copied=t_copied, extra=extra
+        )
         if draw:
             row.update(render_and_write(model, x, passes=2))
         out.append(row)
@@ -423,16 +431,25 @@ def bench_device(device: torch.device, repeats: int) -> None:
         t_ours, t_plain = _alternate(ours, _synced(plain, device), repeats)
         copied = CopiedRollout(_vit().to(device))
         t_copied, t_ours2 = _alternate(_synced(lambda: copied(x), device), ours, repeats)
-        print(f"| probe pass ({probes} probes, raw + rollout) / plain fused forward | {t_ours:.4f} | {t_plain:.4f} | "
-              f"{t_ours / t_plain:.2f} |")
-        print(f"| copied approach's probe pass / ours ({probes} probes) | {t_copied:.4f} | {t_ours2:.4f} | "
-              f"{t_copied / t_ours2:.2f} |")
+        print(
+            f"| probe pass ({probes} probes, raw + rollout) / plain fused forward | {t_ours:.4f} | {t_plain:.4f} | "
+            f"{t_ours / t_plain:.2f} |"
+        )
+        print(
+            f"| copied approach's probe pass / ours ({probes} probes) | {t_copied:.4f} | {t_ours2:.4f} | "
+            f"{t_copied / t_ours2:.2f} |"
+        )
     if device.type != "cuda":
         return
-    print("\n| 16 probes, 224² | extra peak allocated by the probe pass (MiB) | plain forward peak (MiB) |\n|---|---|---|")
-    for label, spec in (("depth 6, heads 6", dict(depth=6)), ("depth 12, heads 6", dict(depth=12)),
-                        ("depth 24, heads 6", dict(depth=24)), ("depth 12, heads 12 (dim 768)",
-                                                              dict(num_heads=12, embed_dim=768))):
+    print(
+        "\n| 16 probes, 224² | extra peak allocated by the probe pass (MiB) | plain forward peak (MiB) |\n|---|---|---|"
+    )
+    for label, spec in (
+        ("depth 6, heads 6", dict(depth=6)),
+        ("depth 12, heads 6", dict(depth=12)),
+        ("depth 24, heads 6", dict(depth=24)),
+        ("depth 12, heads 12 (dim 768)", dict(num_heads=12, embed_dim=768)),
+    ):
         model = _vit(**spec).to(device)
         x = _images(16).to(device)
         attention_maps(model, x)  # warm-up: kernels and workspaces
@@ -451,8 +468,9 @@ def bench_device(device: torch.device, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default=None,
-                        help="also measure on this device (e.g. cuda); default: cuda when there is one")
+    parser.add_argument(
+        "--device", default=None, help="also measure on this device (e.g. cuda); default: cuda when there is one"
+    )
     parser.add_argument("--device-only", action="store_true", help="only the --device rows")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -462,8 +480,10 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if args.device_only:
         warnings.filterwarnings("ignore")
-        print(f"device: {device}, {torch.cuda.get_device_name() if device == 'cuda' else platform.machine()}, "
-              f"torch {torch.__version__}, timm {timm.__version__}, {date.today()}")
+        print(
+            f"device: {device}, {torch.cuda.get_device_name() if device == 'cuda' else platform.machine()}, "
+            f"torch {torch.__version__}, timm {timm.__version__}, {date.today()}"
+        )
         bench_device(torch.device(device or "cpu"), 3 if args.quick else 7)
         return
     repeats = 3 if args.quick else 7
@@ -482,14 +502,22 @@ def main() -> None:
     for label, a, b in bench_training(max(1, repeats // 3), 12) + rows + render_noise + render_shapes:
         print(f"| {label} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     print(f"\nmax |copied - ours| over the final rollout maps: {error:.1e}")
-    print("\n| one pass at the defaults (8 probes, vit_small, tile 96, JPEG) | noise probes | shape probes |\n|---|---|---|")
-    for key, what in (("render", "drawing the grids, pictures and GIF frames (s, on the loop)"),
-                      ("handoff", "handing the pass to the writer thread (s, on the loop)"),
-                      ("thread", "writing it on the writer thread (s, off the loop)"),
-                      ("write", "writing it on the loop instead (s)"),
-                      ("gifs", "end of fit: the GIFs of a run of that many passes (s)")):
+    print(
+        "\n| one pass at the defaults (8 probes, vit_small, tile 96, JPEG) | noise probes | shape probes |"
+        "\n|---|---|---|"
+    )
+    for key, what in (
+        ("render", "drawing the grids, pictures and GIF frames (s, on the loop)"),
+        ("handoff", "handing the pass to the writer thread (s, on the loop)"),
+        ("thread", "writing it on the writer thread (s, off the loop)"),
+        ("write", "writing it on the loop instead (s)"),
+        ("gifs", "end of fit: the GIFs of a run of that many passes (s)"),
+    ):
         print(f"| {what} | {t_noise[key]:.3f} | {t_shapes[key]:.3f} |")
-    print(f"| TensorBoard event-file growth per pass (MiB) | {t_noise['bytes'] / 2**20:.2f} | {t_shapes['bytes'] / 2**20:.2f} |")
+    print(
+        f"| TensorBoard event-file growth per pass (MiB) | {t_noise['bytes'] / 2**20:.2f} | "
+        f"{t_shapes['bytes'] / 2**20:.2f} |"
+    )
     print()
 
     print(
@@ -504,14 +532,23 @@ def main() -> None:
         scaling = [("ViT-S/16", 1, 224), ("ViT-S/16", 16, 224), ("ViT-S/16", 16, 384), ("ViT-B/16", 8, 224)]
     else:
         scaling = [("ViT-S/16", b, 224) for b in (1, 4, 16, 64, 256)] + [
-            ("ViT-S/16", 16, 384), ("ViT-B/16", 8, 224), ("ViT-L/16", 8, 224)]
-    print("\n| scaling (random weights) | probe pass (s) | plain forward (s) | ratio | copied approach (s) | copied / ours "
-          "| extra peak memory (MiB) | draw + hand-off, on the loop (s) | writer thread (s) | event file per pass (MiB) |")
+            ("ViT-S/16", 16, 384),
+            ("ViT-B/16", 8, 224),
+            ("ViT-L/16", 8, 224),
+        ]
+    print(
+        "\n| scaling (random weights) | probe pass (s) | plain forward (s) | ratio | copied approach (s) "
+        "| copied / ours "
+        "| extra peak memory (MiB) | draw + hand-off, on the loop (s) | writer thread (s) | event file per pass (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in bench_scaling(max(2, repeats // 2), scaling, draw=True):
-        print(f"| {r['label']} | {r['ours']:.3f} | {r['plain']:.3f} | {r['ours'] / r['plain']:.2f} | {r['copied']:.3f} | "
-              f"{r['copied'] / r['ours']:.2f} | {r['extra']:.1f} | {r['render'] + r['handoff']:.2f} | {r['thread']:.2f} | "
-              f"{r['bytes'] / 2**20:.1f} |")
+        print(
+            f"| {r['label']} | {r['ours']:.3f} | {r['plain']:.3f} | {r['ours'] / r['plain']:.2f} | {r['copied']:.3f} | "
+            f"{r['copied'] / r['ours']:.2f} | {r['extra']:.1f} | {r['render'] + r['handoff']:.2f} | "
+            f"{r['thread']:.2f} | "
+            f"{r['bytes'] / 2**20:.1f} |"
+        )
     if device is not None:
         bench_device(torch.device(device), repeats)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -92,7 +92,9 @@ class GifStream:
     def append(self, frame: np.ndarray) -> None:
         """Quantise and compress one (H, W, 3) uint8 frame, of the same size as the others."""
         if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            got = f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            got = (
+                f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            )
             raise ValueError(f"a GIF frame must be an (H, W, 3) uint8 array, got {got}")
         if self.size is None:
             self.size = (frame.shape[0], frame.shape[1])
@@ -113,12 +115,18 @@ class GifStream:
         height, width = self.size
         delay = max(1, round(duration_ms / 10))  # GIF delays are in hundredths of a second
         # header; logical screen without a global table (8-bit colour resolution); loop forever (NETSCAPE2.0)
-        parts = [b"GIF89a", struct.pack("<HHBBB", width, height, 0x70, 0, 0),
-                 b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + struct.pack("<H", 0) + b"\x00"]
+        parts = [
+            b"GIF89a",
+            struct.pack("<HHBBB", width, height, 0x70, 0, 0),
+            b"\x21\xff\x0bNETSCAPE2.0\x03\x01" + struct.pack("<H", 0) + b"\x00",
+        ]
         for frame in self._frames:
             # graphic control: disposal 1 (leave in place), the delay; then the image with its local colour table
             parts.append(b"\x21\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00")
-            parts.append(b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0x80 | (0x40 if frame.interlaced else 0) | frame.bits))
+            parts.append(
+                b"\x2c"
+                + struct.pack("<HHHHB", 0, 0, width, height, 0x80 | (0x40 if frame.interlaced else 0) | frame.bits)
+            )
             parts += [frame.palette, frame.data]
         parts.append(b"\x3b")
         return b"".join(parts)

@@ -230,12 +230,30 @@ class AttentionMonitor(Callback):
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
-        self.options = ProbeOptions(
-            methods=methods, target=target, layers=layers, aggregates=aggregates, matrix_layers=matrix_layers,
-            head_fusion=head_fusion, discard_ratio=discard_ratio, query=query, tile_size=tile_size, cmap=cmap,
-            alpha=alpha, log_entropy=log_entropy, head_layers=head_layers, diagnostics=diagnostics,
-            artifact_threshold=artifact_threshold, faithfulness=faithfulness, faithfulness_steps=faithfulness_steps,
-            filmstrip_length=filmstrip_length, mean=mean, std=std, class_names=class_names,
+        # ProbeOptions takes any sequences and keeps them as tuples (__post_init__): more than its field types say
+        make_options: Callable[..., ProbeOptions] = ProbeOptions
+        self.options = make_options(
+            methods=methods,
+            target=target,
+            layers=layers,
+            aggregates=aggregates,
+            matrix_layers=matrix_layers,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            query=query,
+            tile_size=tile_size,
+            cmap=cmap,
+            alpha=alpha,
+            log_entropy=log_entropy,
+            head_layers=head_layers,
+            diagnostics=diagnostics,
+            artifact_threshold=artifact_threshold,
+            faithfulness=faithfulness,
+            faithfulness_steps=faithfulness_steps,
+            filmstrip_length=filmstrip_length,
+            mean=mean,
+            std=std,
+            class_names=class_names,
             memory_budget=memory_budget,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
@@ -658,10 +676,14 @@ class AttentionMonitor(Callback):
         except Exception as err:
             if self.on_error == "raise" and when != "exception":
                 raise
-            self._warn_once(type(err).__name__, f"AttentionMonitor could not write a pass ({when}): {type(err).__name__}: {err}")
+            self._warn_once(
+                type(err).__name__, f"AttentionMonitor could not write a pass ({when}): {type(err).__name__}: {err}"
+            )
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # a checkpoint never claims a pass whose pictures are not stored yet
         self._drain("checkpoint")
 

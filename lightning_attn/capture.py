@@ -204,8 +204,9 @@ def stream_attention(
     bad = [type(m).__name__ for m in modules if not supports_head_streaming(m)]
     if bad or not modules:
         raise ValueError(f"streaming needs layers that stream heads, got {bad or 'none'}; use record_attention")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget < 0):
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+    ):
         raise ValueError(f"`memory_budget` must be None or an int >= 0 (bytes), got {memory_budget!r}")
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

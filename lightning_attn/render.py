@@ -7,7 +7,7 @@ device -> host copy, one per grid. matplotlib is used only to read a colormap's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, lru_cache
 
 import matplotlib
 import numpy as np

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .animation import GifStream
 from .backends import Backend, backend_for
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
 from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
-from .animation import GifStream
 from .render import filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
 from .report import layer_series, scalar_report, tag_prefix
 
@@ -368,7 +368,9 @@ class ProbeRunner:
         tags = [f"{self.prefix}/{o.film_method}_evolution/probe_{i:02d}" for i in range(count)]
         for step, frame_maps in new:
             # every probe's frame of this pass in one overlay: the filmstrip of each, one tile at a time
-            tiles = overlay(display[:count], frame_maps[:count, None].to(display.device), o.tile_size * 2, o.cmap, o.alpha)
+            tiles = overlay(
+                display[:count], frame_maps[:count, None].to(display.device), o.tile_size * 2, o.cmap, o.alpha
+            )
             for i, tag in enumerate(tags):
                 self._gifs.setdefault(tag, GifStream()).append(make_grid(tiles[i : i + 1], ["image", f"step {step}"]))
         self._gif_frames = len(self.history)

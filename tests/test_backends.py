@@ -223,8 +223,9 @@ def test_torchvision_masks_follow_multihead_attention_conventions(budget):
     padding[1, -2:] = True
     heads = {}
     with torch.no_grad():
-        _, expected = layer(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=True,
-                            average_attn_weights=False)
+        _, expected = layer(
+            x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=True, average_attn_weights=False
+        )
         with record_head_attention(layer, [layer], lambda i, h, n, a: heads.__setitem__(h, a), budget):
             layer(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False)
         with record_attention(layer) as rec:

@@ -374,16 +374,24 @@ def test_thread_safe_writers_write_off_the_loop_and_everything_is_stored_before_
 
     class Check(pl.Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            seen_at_checkpoint.append((trainer.global_step, sorted({s for t, s in slow.images if t == "attention/raw"})))
+            seen_at_checkpoint.append(
+                (trainer.global_step, sorted({s for t, s in slow.images if t == "attention/raw"}))
+            )
 
-    trainer = lit.trainer(tmp_path, [monitor, Check(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")],
-                          max_epochs=2, enable_checkpointing=True)
+    trainer = lit.trainer(
+        tmp_path,
+        [monitor, Check(), pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
     trainer.fit(lit.LitViT(), *lit.loaders())
     assert slow.threads == {"lightning-attn-writer"}
     # every pass up to the checkpoint's step was stored when the checkpoint was written
     assert seen_at_checkpoint == [(4, [0, 4]), (8, [0, 4, 8])]
-    assert [t for t, s in slow.images if "evolution" in t] == ["attention/rollout_evolution/probe_00",
-                                                                "attention/rollout_evolution/probe_01"]
+    assert [t for t, s in slow.images if "evolution" in t] == [
+        "attention/rollout_evolution/probe_00",
+        "attention/rollout_evolution/probe_01",
+    ]
     assert monitor._writer.writers[0]._thread is None, "the writer thread stops at teardown"
 
 

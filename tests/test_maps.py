@@ -215,8 +215,9 @@ def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
     x = input_for(key)
     n = token_layout(model, tuple(x.shape[-2:])).num_tokens
     two_heads = 2 * 4 * x.shape[0] * n * n * 2
-    kw = dict(head_fusion=head_fusion, discard_ratio=0.5, head_layers=(0, 2), attention_distance=True,
-              keep_matrices=(1,))
+    kw = dict(
+        head_fusion=head_fusion, discard_ratio=0.5, head_layers=(0, 2), attention_distance=True, keep_matrices=(1,)
+    )
     score = lambda output: output.flatten(1).sum(-1)  # noqa: E731 (some tiny models have no class head)
     recorded = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout"), target=score, **kw)
     for budget in (None, two_heads, 0):

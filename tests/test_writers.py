@@ -297,7 +297,8 @@ def test_background_writer_writes_in_order_on_its_thread_and_drains():
         writer.flush()
     writer.drain()
     assert [c[:2] for c in inner.calls] == [
-        call for step in range(3)
+        call
+        for step in range(3)
         for call in (("add_image", ("attention/raw", step)), ("add_scalar", ("a", 1.0 + step, step)), ("flush", None))
     ]
     assert {c[2] for c in inner.calls} == {"lightning-attn-writer"}

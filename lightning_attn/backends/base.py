@@ -25,8 +25,16 @@ from torch import Tensor, nn
 from ..layout import TokenLayout
 
 __all__ = [
-    "Backend", "DEFAULT_MEMORY_BUDGET", "EmitAttention", "EmitHeads", "Undo", "capture_budget", "heads_per_chunk",
-    "stream_softmax", "IMAGENET_MEAN", "IMAGENET_STD",
+    "Backend",
+    "DEFAULT_MEMORY_BUDGET",
+    "EmitAttention",
+    "EmitHeads",
+    "Undo",
+    "capture_budget",
+    "heads_per_chunk",
+    "stream_softmax",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
 
 #: Hands over one call's softmax weights (B, heads, N, N) of ``module``; the tensor the layer used (in the graph).
@@ -112,8 +120,15 @@ def stream_softmax(
     return weights if fits else None
 
 
-def additive_bias(mask: Tensor | None, heads: slice, n_query: int, n_key: int, is_causal: bool, like: Tensor,
-                  true_means_keep: bool = True) -> Tensor | None:
+def additive_bias(
+    mask: Tensor | None,
+    heads: slice,
+    n_query: int,
+    n_key: int,
+    is_causal: bool,
+    like: Tensor,
+    true_means_keep: bool = True,
+) -> Tensor | None:
     """The additive float32 bias of the heads in ``heads`` from an attention mask as attention kernels take it,
     broadcastable to (B, h, N, N), or None.
 

@@ -132,8 +132,16 @@ class TimmBackend(Backend):
         module.fused_attn = True  # the layer must call the kernel whose arguments are taken
         undo.append(lambda: setattr(module, "fused_attn", flag))
 
-        def kernel(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                   is_causal: bool = False, scale: float | None = None, **rest: Any) -> Tensor:
+        def kernel(
+            q: Tensor,
+            k: Tensor,
+            v: Tensor,
+            attn_mask: Tensor | None = None,
+            dropout_p: float = 0.0,
+            is_causal: bool = False,
+            scale: float | None = None,
+            **rest: Any,
+        ) -> Tensor:
             n_q, n_k = q.shape[-2], k.shape[-2]
             bias = lambda h0, h1: additive_bias(attn_mask, slice(h0, h1), n_q, n_k, is_causal, q)  # noqa: E731
             scaling = q.shape[-1] ** -0.5 if scale is None else scale
@@ -145,8 +153,9 @@ class TimmBackend(Backend):
                     v = v.repeat_interleave(weights.shape[1] // v.shape[1], dim=1)
                 return weights @ v
             extra = {} if scale is None else {"scale": scale}
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                  is_causal=is_causal, **extra, **rest)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **extra, **rest
+            )
 
         mode = _TakeAttentionCall(kernel)
         active: list[bool] = []
@@ -163,7 +172,12 @@ class TimmBackend(Backend):
         undo.append(module.register_forward_pre_hook(enter).remove)
         # always_call: the mode is popped even when the layer raises
         undo.append(module.register_forward_hook(leave, always_call=True).remove)
-        undo.append(lambda: [leave() for _ in list(active)])
+
+        def leave_all() -> None:
+            while active:
+                leave()
+
+        undo.append(leave_all)
 
     # ------------------------------------------------------------------ models
 

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from ..layout import TokenLayout
 from .base import (
-    IMAGENET_MEAN, IMAGENET_STD, Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backend,
+    EmitAttention,
+    EmitHeads,
+    Undo,
+    additive_bias,
+    stream_softmax,
 )
 
 __all__ = ["TorchvisionBackend"]
@@ -63,8 +70,9 @@ def _projections(module: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
     return out
 
 
-def _bias(module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, n_q: int, n_k: int,
-          like: Tensor) -> Callable[[int, int], Tensor | None]:
+def _bias(
+    module: nn.MultiheadAttention, args: tuple, kwargs: dict, batch: int, n_q: int, n_k: int, like: Tensor
+) -> Callable[[int, int], Tensor | None]:
     attn_mask = _argument("attn_mask", args, kwargs)
     padding = _argument("key_padding_mask", args, kwargs)
     causal = bool(_argument("is_causal", args, kwargs, False)) and attn_mask is None

@@ -197,11 +197,13 @@ class TransformersBackend(Backend):
         ) -> Any:
             n_q, n_k = query.shape[-2], key.shape[-2]
             causal = bool(kwargs.get("is_causal", False))
-            bias = lambda h0, h1: additive_bias(  # noqa: E731
-                None if mask is None else mask[..., :n_k], slice(h0, h1), n_q, n_k, causal, query
+
+            def bias(h0: int, h1: int) -> Tensor | None:
+                return additive_bias(None if mask is None else mask[..., :n_k], slice(h0, h1), n_q, n_k, causal, query)
+
+            weights = stream_softmax(
+                query, key, _scaling(query, kwargs), bias, lambda h0, heads, a: emit(mod, h0, heads, a), budget
             )
-            weights = stream_softmax(query, key, _scaling(query, kwargs), bias,
-                                     lambda h0, heads, a: emit(mod, h0, heads, a), budget)
             dropout = float(kwargs.get("dropout", 0.0) or 0.0) if mod.training else 0.0
             if weights is not None and dropout == 0.0 and value.dtype == torch.float32 and not torch.is_grad_enabled():
                 # every head's float32 weights exist already: the eager computation from them (sdpa's math path)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -13,7 +14,7 @@ __all__ = ["Animation", "AttentionWriter", "ChartLayout", "LoggerWriter", "anima
 
 #: What :meth:`AttentionWriter.add_animation` takes: the frames, or a :class:`~lightning_attn.animation.GifStream`
 #: that already holds them encoded (the callback's, built pass by pass).
-Animation = Union[Sequence[np.ndarray], GifStream]
+Animation = Sequence[np.ndarray] | GifStream
 
 #: ``{section: {chart: [tag regex, ...]}}``: which scalar tags one chart draws as lines (see
 #: :func:`lightning_attn.report.scalar_layout`).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,8 @@ def save_gif(frames: Animation, path: str | os.PathLike[str], duration_ms: int =
     colours come back close, not exact. Every frame is kept, repeated ones included.
 
     Args:
-        frames: images of one size (or a :class:`~lightning_attn.animation.GifStream` holding them), e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step.
+        frames: images of one size, e.g. :func:`~lightning_attn.render.filmstrip` rows or grids at each step, or
+            a :class:`~lightning_attn.animation.GifStream` holding them.
         path: file to write.
         duration_ms: how long each frame shows, in milliseconds.
 
