@@ -7,9 +7,10 @@ One pass at the defaults in the steady state of a long run: vit_small_patch16_22
 ``pretrained=False``), the example's 8 shape probes at 224 px, grids of raw, rollout, aggregates, the per-head
 grid of the last layer and a full filmstrip (baseline + 8 recent passes), plus the layers x steps pictures after
 20 passes. Each configuration writes the same pass through :class:`lightning_attn.writers.TensorBoardWriter`
-into its own event file, several times; the table gives the event-file growth per pass and the median time of
-rendering and writing one pass. The side-by-side picture shows the same probe rows of the rollout grid at
-each configuration, decoded as TensorBoard's browser would.
+into its own event file, several times, on the calling thread; the table gives the event-file growth per pass and
+the median time of writing one pass (encoding and event records, the callback's writer-thread work). The
+side-by-side picture shows the same probe rows of the rollout grid at each configuration, decoded as TensorBoard's
+browser would.
 """
 
 from __future__ import annotations
@@ -24,69 +25,55 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lightning_attn import AttentionMonitor  # noqa: E402
+from lightning_attn import ProbeOptions, ProbeRunner, Probes  # noqa: E402
 from lightning_attn.render import _font  # noqa: E402
 from lightning_attn.writers import TensorBoardWriter  # noqa: E402
 
-from bench_monitor import _images, _Lit, _shape_probes, _vit  # noqa: E402
+from bench_monitor import _shape_probes, _vit, _write_pass  # noqa: E402
 
 CONFIGS = [(tile, fmt, q) for tile in (56, 64, 96, 112) for fmt, q in (("png", 0), ("jpeg", 90), ("jpeg", 75))]
 
 
-def _monitor_at_steady_state(tmp: str, tile: int) -> tuple[AttentionMonitor, object, object, dict]:
-    monitor = AttentionMonitor(_shape_probes(), tile_size=tile, mean=(0.5,) * 3, std=(0.5,) * 3)
-    trainer = pl.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[monitor],
-        enable_model_summary=False,
-        limit_val_batches=1,
-        default_root_dir=tmp,
-    )
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_images(1), torch.zeros(1).long()))
-    trainer.validate(_Lit(_vit()), loader)  # sets the monitor up and runs one pass
-    probes = monitor._probes
-    maps, _ = monitor._compute(trainer, probes)
-    metrics = dict(monitor.last_metrics)
-    # a full filmstrip (baseline + filmstrip_length passes) and 20 passes of scalar history, as late in a run
-    final = monitor._history[0][1]
-    monitor._history = [(100 * i, final.roll(i, dims=-1)) for i in range(1 + monitor.filmstrip_length)]
+def _pass_at_steady_state(tile: int):
+    """One pass of the example's 8 shape probes, drawn as late in a run: a full filmstrip (baseline + 8 recent
+    passes) and 20 passes in the layers x steps pictures."""
+    runner = ProbeRunner(_vit(), Probes(_shape_probes()), ProbeOptions(tile_size=tile, mean=(0.5,) * 3, std=(0.5,) * 3))
+    first = runner.run(0, render=False)
+    final = runner.history[0][1]
+    runner.history = [(100 * i, final.roll(i, dims=-1)) for i in range(runner.options.filmstrip_length)]
     rng = np.random.default_rng(0)
-    monitor._scalar_history = [
-        (100 * i, {k: v * (1 + 0.1 * rng.random()) for k, v in metrics.items()}) for i in range(19)
+    runner.scalar_history = [
+        (100 * i, {k: v * (1 + 0.1 * rng.random()) for k, v in first.scalars.items()}) for i in range(19)
     ]
-    return monitor, maps, probes, metrics
+    return runner.run(2000)  # the 20th pass, the 9th of the filmstrip
 
 
 def measure(repeats: int) -> tuple[list[tuple[int, str, int, int, float]], dict[tuple[int, str, int], np.ndarray]]:
     rows, crops = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for tile in sorted({t for t, _, _ in CONFIGS}):
-            monitor, maps, probes, metrics = _monitor_at_steady_state(tmp, tile)
-            history = list(monitor._scalar_history)
+            result = _pass_at_steady_state(tile)
             for _, fmt, quality in [c for c in CONFIGS if c[0] == tile]:
                 folder = Path(tmp, f"{tile}_{fmt}_{quality}")
                 experiment = SummaryWriter(str(folder))
-                monitor._writer = TensorBoardWriter(experiment, image_format=fmt, quality=quality or 90)
+                writer = TensorBoardWriter(experiment, image_format=fmt, quality=quality or 90)
                 experiment.flush()
                 events = next(folder.glob("events.out.tfevents.*"))
-                monitor._scalar_history = list(history)
-                monitor._write(maps, probes, metrics, 1000)  # warm-up: first-call costs are not per pass
+                _write_pass(writer, result)  # warm-up: first-call costs (and the chart layout) are not per pass
                 experiment.flush()
                 before, times = events.stat().st_size, []
                 for _ in range(repeats):
-                    monitor._scalar_history = list(history)
                     start = time.perf_counter()
-                    monitor._write(maps, probes, metrics, 2000)
+                    _write_pass(writer, result)
+                    experiment.flush()
                     times.append(time.perf_counter() - start)
-                experiment.close()  # flushes what the background thread still holds
+                experiment.close()
                 growth = (events.stat().st_size - before) // repeats
                 rows.append((tile, fmt, quality, growth, statistics.median(times)))
                 # what TensorBoard will show: the stored bytes of the rollout grid, decoded
@@ -134,7 +121,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     rows, crops = measure(args.repeats)
-    print("| tile (px) | encoding | bytes per pass | MiB per pass | ≤ 2 MB (2,000,000 bytes) | render + write (s) |")
+    print("| tile (px) | encoding | bytes per pass | MiB per pass | ≤ 2 MB (2,000,000 bytes) | write (s) |")
     print("|---|---|---|---|---|---|")
     for tile, fmt, quality, growth, seconds in rows:
         name = "PNG" if fmt == "png" else f"JPEG q{quality}"
