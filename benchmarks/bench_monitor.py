@@ -317,7 +317,7 @@ def _peak_rss_child(spec: dict) -> None:
         with torch.no_grad():
             model(x)
     else:
-        attention_maps(model, x)
+        attention_maps(model, x, memory_budget=spec.get("budget"))
     print(json.dumps({"extra_kib": _rss_kib("VmHWM") - base}))
 
 
@@ -332,17 +332,21 @@ def _peak_extra(spec: dict) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
 
 
-def _memory_extra(model: dict, probes: int, size: int = 224, repeats: int = 3) -> tuple[float, float]:
+def _memory_extra(
+    model: dict, probes: int, size: int = 224, repeats: int = 3, budget: int | None = None
+) -> tuple[float, float]:
     plain = statistics.median(
         _peak_extra(dict(model=model, probes=probes, size=size, what="plain")) for _ in range(repeats)
     )
     ours = statistics.median(
-        _peak_extra(dict(model=model, probes=probes, size=size, what="maps")) for _ in range(repeats)
+        _peak_extra(dict(model=model, probes=probes, size=size, what="maps", budget=budget)) for _ in range(repeats)
     )
     return ours - plain, plain
 
 
 def bench_memory(repeats: int) -> list[tuple[str, float, float, float]]:
+    """Extra peak memory at the default budget (the whole softmax at once; on a CPU every layer's rollout step
+    kept) and at ``memory_budget=0`` (one head at a time, nothing kept)."""
     rows = []
     configs = [
         ("depth 6, heads 6", dict(name=MODEL, depth=6)),
@@ -351,9 +355,11 @@ def bench_memory(repeats: int) -> list[tuple[str, float, float, float]]:
         ("depth 12, heads 12 (dim 768)", dict(name=MODEL, num_heads=12, embed_dim=768)),
     ]
     b, n = 16, 197
-    for label, model in configs:
-        extra, plain = _memory_extra(model, b, repeats=repeats)
-        rows.append((label, extra, plain, 16 * b * n * n / 2**20))
+    for budget in (None, 0):
+        for label, model in configs:
+            extra, plain = _memory_extra(model, b, repeats=repeats, budget=budget)
+            name = f"{label}, memory_budget={'default' if budget is None else budget}"
+            rows.append((name, extra, plain, 16 * b * n * n / 2**20))
     return rows
 
 
@@ -472,12 +478,21 @@ def main() -> None:
         "--device", default=None, help="also measure on this device (e.g. cuda); default: cuda when there is one"
     )
     parser.add_argument("--device-only", action="store_true", help="only the --device rows")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _peak_rss_child(json.loads(args.child))
         return
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if args.memory_only:
+        print(
+            "| vit_small, 16 probes, 224 | extra peak memory of the probe pass (MiB) | plain forward peak (MiB) "
+            "| 16·B·N² (MiB) |\n|---|---|---|---|"
+        )
+        for label, extra, plain, bound in bench_memory(3 if args.quick else 7):
+            print(f"| {label} | {extra:.1f} | {plain:.1f} | {bound:.1f} |")
+        return
     if args.device_only:
         warnings.filterwarnings("ignore")
         print(

@@ -11,6 +11,7 @@ then serves all requested methods.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -487,6 +488,25 @@ def attention_maps(
     heads = _check_layer_indices("head_layers", head_layers, len(modules))
 
     device, dtype = _model_device_dtype(backend.model)
+    per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens)
+    if images.shape[0] > per_pass:
+        # On a CPU, a few probes at a time: past a few MiB per layer the attention math leaves the caches, and even
+        # a plain forward of 64 probes took 1.2x the time of four forwards of 16 (benchmarks/bench_monitor.py)
+        options: dict[str, Any] = dict(
+            methods=methods,
+            head_fusion=head_fusion,
+            discard_ratio=discard_ratio,
+            keep_matrices=keep,
+            layout=layout,
+            head_layers=heads,
+            attention_distance=attention_distance,
+            memory_budget=memory_budget,
+        )
+        parts = [
+            attention_maps(model, images[i : i + per_pass], target=_target_slice(target, i, i + per_pass), **options)
+            for i in range(0, images.shape[0], per_pass)
+        ]
+        return _concatenate(parts)
     images = images.to(device=device, dtype=dtype if dtype is not None else images.dtype)
     # On a CPU the rollout rows come cheaper from every layer's step kept to the end, when they fit in the budget;
     # on a GPU the per-layer product costs next to nothing and the memory stays flat in the depth.
@@ -551,6 +571,67 @@ def attention_maps(
         output=output,
         layout=layout,
     )
+
+
+#: On a CPU, the probes of one forward hold at most this many float32 attention weights per layer (heads x N x N
+#: each): 16 probes of ViT-S/16 at 224 (6 heads, 197 tokens), where the probe pass measured 1.04-1.09x a plain
+#: forward of the same probes, against 1.19x at 64 probes and 1.31x at 256 (benchmarks/bench_monitor.py).
+CPU_ATTENTION_ENTRIES = 16 * 6 * 197 * 197
+
+
+def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int) -> int:
+    """How many probes go through the model at once: all of them on an accelerator; on a CPU as many as keep a
+    layer's attention within :data:`CPU_ATTENTION_ENTRIES`."""
+    if device.type != "cpu":
+        return 2**31
+    config = getattr(layer, "config", None)
+    heads = getattr(layer, "num_heads", None) or getattr(layer, "num_attention_heads", None)
+    heads = heads or getattr(config, "num_attention_heads", None) or 6
+    return max(1, CPU_ATTENTION_ENTRIES // (int(heads) * num_tokens * num_tokens))
+
+
+def _target_slice(target: Target, start: int, stop: int) -> Target:
+    """The part of a per-image target that belongs to probes ``start:stop`` (an int, None or a callable as is)."""
+    if isinstance(target, Tensor) and target.dim() == 1:
+        return target[start:stop]
+    return target
+
+
+def _cat(parts: list[Any]) -> Any:
+    """Outputs of the same model on consecutive probe batches, joined along the batch: tensors, tuples, lists and
+    mappings (a Hugging Face ``ModelOutput``) of them; anything else is taken from the first."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts, dim=0) if first.dim() > 0 else first
+    if isinstance(first, (tuple, list)) and not hasattr(first, "keys"):
+        return type(first)(_cat(list(items)) for items in zip(*parts))
+    if hasattr(first, "keys"):
+        joined = copy.copy(first)
+        for key in list(first.keys()):
+            joined[key] = _cat([part[key] for part in parts])
+        return joined
+    return first
+
+
+def _concatenate(parts: list[AttentionMaps]) -> AttentionMaps:
+    """The maps of consecutive probe batches as one :class:`AttentionMaps`."""
+    joined = copy.copy(parts[0])
+    for name in (
+        "raw",
+        "rollout",
+        "grad_rollout",
+        "relevance",
+        "target",
+        "prefix_attention",
+        "attention_distance",
+        "logits",
+        "output",
+    ):
+        values = [getattr(part, name) for part in parts]
+        setattr(joined, name, None if values[0] is None else _cat(values))
+    joined.matrices = {k: _cat([part.matrices[k] for part in parts]) for k in parts[0].matrices}
+    joined.head_maps = {k: _cat([part.head_maps[k] for part in parts]) for k in parts[0].head_maps}
+    return joined
 
 
 def check_explainable(backend: Backend, target: Target) -> None:

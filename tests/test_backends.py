@@ -252,3 +252,22 @@ def test_timm_families_that_cannot_work_fail_with_what_is_supported(name, kwargs
     message = str(err.value)
     assert "Supported: timm VisionTransformer" in message and "transformers ViT" in message
     assert "torchvision VisionTransformer" in message and "layout=" not in message
+
+
+@pytest.mark.parametrize("key", ["vit_cls", "clip"])
+def test_hf_outputs_of_cpu_batches_are_joined(key, monkeypatch):
+    import lightning_attn.maps as maps_module
+
+    model = families.make_hf(key)
+    x = families.images(3)
+    whole = attention_maps(model, x)
+    monkeypatch.setattr(maps_module, "CPU_ATTENTION_ENTRIES", 1)  # one probe per batch
+    split = attention_maps(model, x)
+    torch.testing.assert_close(split.rollout, whole.rollout, atol=1e-6, rtol=1e-5)
+    if isinstance(whole.output, torch.Tensor):
+        torch.testing.assert_close(split.output, whole.output, atol=1e-5, rtol=1e-5)
+    else:  # a ModelOutput: every field joined along the batch
+        assert type(split.output) is type(whole.output) and list(split.output.keys()) == list(whole.output.keys())
+        for k in whole.output.keys():
+            if isinstance(whole.output[k], torch.Tensor):
+                torch.testing.assert_close(split.output[k], whole.output[k], atol=1e-5, rtol=1e-5)

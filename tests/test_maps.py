@@ -228,3 +228,49 @@ def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
             torch.testing.assert_close(got.head_maps[index], recorded.head_maps[index], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got.matrices[1], recorded.matrices[1], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got.logits, recorded.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["vit", "deit_distilled"])
+def test_probes_split_into_cpu_batches_give_the_same_maps(key, monkeypatch):
+    """On a CPU the probes go through in batches that keep a layer's attention small; the joined maps, outputs,
+    targets and per-layer extras equal one batch's."""
+    import lightning_attn.maps as maps_module
+
+    model = make_vit(key)
+    x = input_for(key, batch=5)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    kw = dict(
+        methods=("raw", "rollout", "grad_rollout", "relevance"),
+        head_layers=(0, 2),
+        keep_matrices=(1,),
+        attention_distance=True,
+        target=labels,
+    )
+    whole = attention_maps(model, x, **kw)
+    n = token_layout(model, tuple(x.shape[-2:])).num_tokens
+    monkeypatch.setattr(maps_module, "CPU_ATTENTION_ENTRIES", 2 * 3 * n * n)  # two probes per batch (3 heads)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda images: calls.append(len(images)) or forward(images))
+    split = attention_maps(model, x, **kw)
+    assert calls == [2, 2, 1]  # one forward per batch (the gradient pass also gives raw and rollout)
+    for name in (
+        "raw",
+        "rollout",
+        "grad_rollout",
+        "relevance",
+        "prefix_attention",
+        "attention_distance",
+        "logits",
+        "output",
+    ):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), atol=1e-6, rtol=1e-5)
+    assert torch.equal(split.target, labels)
+    for index in (0, 2):
+        torch.testing.assert_close(split.head_maps[index], whole.head_maps[index], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(split.matrices[1], whole.matrices[1], atol=1e-6, rtol=1e-5)
+    # a callable target scores each batch's own output: class 1's logit explains what class index 1 does
+    by_callable = attention_maps(model, x, methods=("relevance",), target=lambda output: output[:, 1])
+    by_index = attention_maps(model, x, methods=("relevance",), target=1)
+    torch.testing.assert_close(by_callable.relevance, by_index.relevance, atol=1e-6, rtol=1e-5)
+    assert by_callable.target is None and by_index.target.tolist() == [1] * 5
