@@ -29,7 +29,6 @@ from .rollout import (
     check_discard_ratio,
     check_head_fusion,
     discard_weakest,
-    fuse_heads,
     grad_rollout,
     relevance_propagation,
     residual_transition,
@@ -209,19 +208,10 @@ class _Reducer:
         return mean_attention_distance(attention, self.layout.grid_size, self.layout.num_prefix_tokens, patch)
 
     def __call__(self, index: int, attention: Tensor) -> None:
-        """Consume one layer's whole (B, heads, N, N) attention."""
+        """Consume one layer's whole (B, heads, N, N) attention: one chunk holding every head."""
         # float32 math even when the forward runs under bf16 autocast (the hook fires inside it)
         with torch.autocast(device_type=attention.device.type, enabled=False):
-            self._consume(index, attention)
-
-    def _consume(self, index: int, attention: Tensor) -> None:
-        self._check_tokens(index, attention.shape[-1])
-        attention = attention.detach()
-        if index in self.head_layers:
-            self.head_maps[index] = head_query_rows(attention, self.layout)
-        if self.distance:
-            self.distances.append(self._distance(attention))
-        self._finish(index, fuse_heads(attention, self.head_fusion))
+            self.chunk(index, 0, attention.shape[1], attention.detach().float())
 
     def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
         """Consume a chunk of heads' (B, h, N, N) float32 attention; the layer is complete after its last head."""

@@ -31,7 +31,7 @@ __all__ = [
     "EmitHeads",
     "Undo",
     "capture_budget",
-    "heads_per_chunk",
+    "output_from_weights",
     "stream_softmax",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -75,12 +75,6 @@ def capture_budget(memory_budget: int | None, device: torch.device) -> int:
     return max(0, budget)
 
 
-def heads_per_chunk(batch: int, heads: int, n_query: int, n_key: int, budget: int) -> int:
-    """How many heads' float32 (B, N, N) logits and weights fit in ``budget`` bytes together (at least 1)."""
-    per_head = 2 * 4 * batch * n_query * n_key
-    return max(1, min(heads, budget // per_head))
-
-
 def stream_softmax(
     query: Tensor,
     key: Tensor,
@@ -93,15 +87,18 @@ def stream_softmax(
 
     ``query``/``key`` are (B, heads, N, D) exactly as the layer feeds them to its attention kernel; ``bias(h0, h1)``
     gives heads h0..h1-1's additive bias (broadcastable to (B, h1 - h0, N, N)) or None. Each chunk holds as many
-    heads as :func:`heads_per_chunk` lets ``budget`` take, and ``emit(first_head, num_heads, weights)`` receives it
-    as (B, h, N, N); only one chunk exists at a time, so with a small budget memory does not grow with the heads.
-    Returns the whole (B, heads, N, N) weights when they fit in ``budget`` (one chunk held every head; the caller
-    may reuse them), else None. Autocast is switched off: under bf16 it would turn these matmuls back into bf16.
+    heads as ``budget`` takes (their float32 logits and weights together, at least one head), and
+    ``emit(first_head, num_heads, weights)`` receives it as (B, h, N, N); only one chunk exists at a time, so with
+    a small budget memory does not grow with the heads. Returns the whole (B, heads, N, N) weights when they fit
+    in ``budget`` (one chunk held every head; the caller may reuse them, see :func:`output_from_weights`), else
+    None. Autocast is switched off: under bf16 it would turn these matmuls back into bf16.
     """
     heads = query.shape[1]
     if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    step = heads_per_chunk(query.shape[0], heads, query.shape[2], key.shape[2], budget)
+    per_head = 2 * 4 * query.shape[0] * query.shape[2] * key.shape[2]  # float32 logits and weights of one head
+    fits = per_head * heads <= budget
+    step = heads if fits else max(1, budget // per_head)
     weights = None
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         q, k = query.float(), key.float()
@@ -116,8 +113,18 @@ def stream_softmax(
             weights = logits.softmax(dim=-1)
             del logits
             emit(h0, heads, weights)
-    fits = 2 * 4 * query.shape[0] * heads * query.shape[2] * key.shape[2] <= budget
     return weights if fits else None
+
+
+def output_from_weights(weights: Tensor | None, value: Tensor, dropout_p: float) -> Tensor | None:
+    """``weights @ value``, (B, heads, N, D), when :func:`stream_softmax` returned every head's float32 weights for
+    a float32, dropout-free call outside autograd: the kernel's math path, without q k^T and the softmax a second
+    time. None otherwise: the layer's own kernel gives the output."""
+    if weights is None or dropout_p != 0.0 or value.dtype != torch.float32 or torch.is_grad_enabled():
+        return None
+    if value.shape[1] != weights.shape[1]:  # grouped-query attention
+        value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)
+    return weights @ value
 
 
 def additive_bias(

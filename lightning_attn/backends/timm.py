@@ -15,13 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
-from .base import Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax, to_pair
+from .base import (
+    Backend,
+    EmitAttention,
+    EmitHeads,
+    Undo,
+    additive_bias,
+    output_from_weights,
+    stream_softmax,
+    to_pair,
+)
 
 __all__ = ["TimmBackend"]
 
@@ -146,12 +154,9 @@ class TimmBackend(Backend):
             bias = lambda h0, h1: additive_bias(attn_mask, slice(h0, h1), n_q, n_k, is_causal, q)  # noqa: E731
             scaling = q.shape[-1] ** -0.5 if scale is None else scale
             weights = stream_softmax(q, k, scaling, bias, lambda h0, heads, a: emit(module, h0, heads, a), budget)
-            if weights is not None and dropout_p == 0.0 and v.dtype == torch.float32 and not torch.is_grad_enabled():
-                # every head's float32 weights exist already: weights @ v is the kernel's math path, without
-                # computing q k^T and the softmax a second time
-                if v.shape[1] != weights.shape[1]:
-                    v = v.repeat_interleave(weights.shape[1] // v.shape[1], dim=1)
-                return weights @ v
+            out = output_from_weights(weights, v, dropout_p)
+            if out is not None:
+                return out
             extra = {} if scale is None else {"scale": scale}
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **extra, **rest

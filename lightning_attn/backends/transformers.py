@@ -23,7 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import TokenLayout
-from .base import Backend, EmitAttention, EmitHeads, Undo, additive_bias, stream_softmax, to_pair
+from .base import (
+    Backend,
+    EmitAttention,
+    EmitHeads,
+    Undo,
+    additive_bias,
+    output_from_weights,
+    stream_softmax,
+    to_pair,
+)
 
 __all__ = ["TransformersBackend"]
 
@@ -205,11 +214,9 @@ class TransformersBackend(Backend):
                 query, key, _scaling(query, kwargs), bias, lambda h0, heads, a: emit(mod, h0, heads, a), budget
             )
             dropout = float(kwargs.get("dropout", 0.0) or 0.0) if mod.training else 0.0
-            if weights is not None and dropout == 0.0 and value.dtype == torch.float32 and not torch.is_grad_enabled():
-                # every head's float32 weights exist already: the eager computation from them (sdpa's math path)
-                if value.shape[1] != weights.shape[1]:
-                    value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)
-                return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+            out = output_from_weights(weights, value, dropout)
+            if out is not None:  # the eager computation from the weights, in the layout kernels return
+                return out.transpose(1, 2).contiguous(), None
             # the model's own kernel with exactly its arguments: outputs bitwise those of a plain forward
             return kernel(mod, query, key, value, mask, *args, **kwargs)
 
