@@ -325,10 +325,10 @@ def make_grid(
     step_x, step_y = tw + padding, th + padding
     for c, label in enumerate(col_labels or ()):
         x0 = left + padding + c * step_x
-        pixels[:top, x0 : x0 + tw] = _label(str(label), tw, top, False)
+        _stamp(pixels, (x0, 0, x0 + tw, top), str(label))
     for r, label in enumerate(row_labels or ()):
         y0 = top + padding + r * step_y
-        pixels[y0 : y0 + th, :left] = _label(str(label), th, left, True)
+        _stamp(pixels, (0, y0, left, y0 + th), str(label), vertical=True)
     return pixels
 
 
