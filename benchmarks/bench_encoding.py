@@ -35,7 +35,7 @@ from lightning_attn import ProbeOptions, ProbeRunner, Probes  # noqa: E402
 from lightning_attn.render import _font  # noqa: E402
 from lightning_attn.writers import TensorBoardWriter  # noqa: E402
 
-from bench_monitor import _shape_probes, _vit, _write_pass  # noqa: E402
+from bench_monitor import _shape_probes, _vit  # noqa: E402
 
 CONFIGS = [(tile, fmt, q) for tile in (56, 64, 96, 112) for fmt, q in (("png", 0), ("jpeg", 90), ("jpeg", 75))]
 
@@ -65,12 +65,12 @@ def measure(repeats: int) -> tuple[list[tuple[int, str, int, int, float]], dict[
                 writer = TensorBoardWriter(experiment, image_format=fmt, quality=quality or 90)
                 experiment.flush()
                 events = next(folder.glob("events.out.tfevents.*"))
-                _write_pass(writer, result)  # warm-up: first-call costs (and the chart layout) are not per pass
+                result.write(writer)  # warm-up: first-call costs (and the chart layout) are not per pass
                 experiment.flush()
                 before, times = events.stat().st_size, []
                 for _ in range(repeats):
                     start = time.perf_counter()
-                    _write_pass(writer, result)
+                    result.write(writer)
                     experiment.flush()
                     times.append(time.perf_counter() - start)
                 experiment.close()

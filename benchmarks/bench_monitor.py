@@ -204,20 +204,6 @@ def _shape_probes(n: int = 8) -> torch.Tensor:
     return make_probes(n, 224, seed=0, mean=(0.5,) * 3, std=(0.5,) * 3)[0]
 
 
-def _write_pass(writer, result) -> None:
-    """What AttentionMonitor writes for one pass (its `_write`): grids, pictures, chart layout, scalars, flush."""
-    from lightning_attn.report import scalar_layout
-
-    for panel in result.panels:
-        if panel.rows:
-            writer.add_grid(panel.tag, panel.image, result.step, panel.rows)
-        else:
-            writer.add_image(panel.tag, panel.image, result.step)
-    writer.add_layout(scalar_layout(result.scalars))
-    writer.add_scalars(result.scalars, result.step)
-    writer.flush()
-
-
 def _event_bytes(directory: str) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("events.out.tfevents.*"))
 
@@ -255,12 +241,12 @@ def render_and_write(model: torch.nn.Module, probes: torch.Tensor, passes: int) 
             rows["render"].append(time.perf_counter() - start - spent["compute"])
             before = _event_bytes(sync_dir)
             start = time.perf_counter()
-            _write_pass(sync, result)
+            result.write(sync)
             sync_events.flush()
             rows["write"].append(time.perf_counter() - start)
             rows["bytes"].append(_event_bytes(sync_dir) - before)
             start = time.perf_counter()
-            _write_pass(background, result)
+            result.write(background)
             rows["handoff"].append(time.perf_counter() - start)
             start = time.perf_counter()
             background.drain()  # measured apart: in a run the thread does this while training goes on

@@ -24,7 +24,7 @@ from .layout import TokenLayout
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
-from .report import scalar_layout, tag_prefix
+from .report import tag_prefix
 from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, in_background, writers_for
 
@@ -633,19 +633,8 @@ class AttentionMonitor(Callback):
         return fired
 
     def _write(self, result: ProbePass, alerts: Sequence[Alert] = ()) -> None:
-        writer = self._writer
-        assert writer is not None
-        for panel in result.panels:
-            if panel.rows:
-                writer.add_grid(panel.tag, panel.image, result.step, panel.rows)
-            else:
-                writer.add_image(panel.tag, panel.image, result.step)
-        if result.scalars:
-            writer.add_layout(scalar_layout(result.scalars))  # writers add only charts they have not drawn yet
-            writer.add_scalars(result.scalars, result.step)
-        for alert in alerts:
-            writer.add_text(f"{tag_prefix(self.name)}/alerts/{alert.rule}", alert.message, result.step)
-        writer.flush()
+        assert self._writer is not None
+        result.write(self._writer, [(f"{tag_prefix(self.name)}/alerts/{a.rule}", a.message) for a in alerts])
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +27,11 @@ from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
-from .render import filmstrip, layer_step_image, make_grid, matrix_tiles, overlay, to_display
-from .report import layer_series, scalar_report, tag_prefix
+from .render import layer_step_image, make_grid, matrix_tiles, overlay, to_display
+from .report import layer_series, scalar_layout, scalar_report, tag_prefix
+
+if TYPE_CHECKING:
+    from .writers import AttentionWriter
 
 __all__ = ["FORMAT_VERSION", "Panel", "ProbePass", "ProbeRunner", "redraw", "resolve_layers", "row_labels"]
 
@@ -57,6 +60,21 @@ class ProbePass:
     scalars: dict[str, float]
     panels: list[Panel]
     curves: dict[str, PerturbationCurves] = field(default_factory=dict)
+
+    def write(self, writer: AttentionWriter, texts: Sequence[tuple[str, str]] = ()) -> None:
+        """Hand the pass to ``writer``: the panels (grids with their rows), the chart layout and scalars,
+        ``texts`` (``(tag, message)`` pairs, e.g. alerts), then a flush (the end of the pass)."""
+        for panel in self.panels:
+            if panel.rows:
+                writer.add_grid(panel.tag, panel.image, self.step, panel.rows)
+            else:
+                writer.add_image(panel.tag, panel.image, self.step)
+        if self.scalars:
+            writer.add_layout(scalar_layout(self.scalars))  # writers add only charts they have not drawn yet
+            writer.add_scalars(self.scalars, self.step)
+        for tag, text in texts:
+            writer.add_text(tag, text, self.step)
+        writer.flush()
 
 
 def resolve_layers(requested: Sequence[int] | None, num_layers: int, name: str) -> list[int]:
@@ -366,15 +384,10 @@ class ProbeRunner:
             return
         o = self.options
         display = self.display()
-        count = min(len(display), MAX_ANIMATED)
-        tags = [f"{self.prefix}/{o.film_method}_evolution/probe_{i:02d}" for i in range(count)]
-        for step, frame_maps in new:
-            # every probe's frame of this pass in one overlay: the filmstrip of each, one tile at a time
-            tiles = overlay(
-                display[:count], frame_maps[:count, None].to(display.device), o.tile_size * 2, o.cmap, o.alpha
-            )
-            for i, tag in enumerate(tags):
-                self._gifs.setdefault(tag, GifStream()).append(make_grid(tiles[i : i + 1], ["image", f"step {step}"]))
+        tags = _animation_tags(len(display), self.prefix, o.film_method)
+        for step, frame_maps in new:  # encoded pass by pass: only one pass's frames exist as pixels at a time
+            for tag, frame in zip(tags, _frames(display, step, frame_maps, o.tile_size, o.cmap, o.alpha)):
+                self._gifs.setdefault(tag, GifStream()).append(frame)
         self._gif_frames = len(self.history)
 
     # ------------------------------------------------------------------ state
@@ -434,6 +447,18 @@ class ProbeRunner:
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
 
 
+def _animation_tags(count: int, prefix: str, method: str) -> list[str]:
+    """The tag of each animated probe (the first :data:`MAX_ANIMATED`)."""
+    return [f"{prefix}/{method}_evolution/probe_{i:02d}" for i in range(min(count, MAX_ANIMATED))]
+
+
+def _frames(display: Tensor, step: int, maps: Tensor, tile_size: int, cmap: str, alpha: float) -> list[np.ndarray]:
+    """Each animated probe's frame of one pass: its one-frame filmstrip, every probe in one overlay."""
+    count = min(len(display), MAX_ANIMATED)
+    tiles = overlay(display[:count], maps[:count, None].to(display.device), tile_size * 2, cmap, alpha)
+    return [make_grid(tiles[i : i + 1], ["image", f"step {step}"]) for i in range(count)]
+
+
 def _animations(
     display: Tensor,
     history: Sequence[tuple[int, Tensor]],
@@ -443,14 +468,10 @@ def _animations(
     cmap: str,
     alpha: float,
 ) -> dict[str, list[np.ndarray]]:
-    steps = [f"step {s}" for s, _ in history]
-    maps = torch.stack([m.to(display.device) for _, m in history], dim=1)  # (B, T, gh, gw)
-    out = {}
-    for i in range(min(maps.shape[0], MAX_ANIMATED)):
-        out[f"{prefix}/{method}_evolution/probe_{i:02d}"] = [
-            filmstrip(display[i], maps[i, t : t + 1], steps[t : t + 1], tile_size * 2, cmap, alpha)
-            for t in range(maps.shape[1])
-        ]
+    out: dict[str, list[np.ndarray]] = {tag: [] for tag in _animation_tags(len(display), prefix, method)}
+    for step, maps in history:
+        for frames, frame in zip(out.values(), _frames(display, step, maps, tile_size, cmap, alpha)):
+            frames.append(frame)
     return out
 
 
