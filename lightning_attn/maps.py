@@ -33,6 +33,7 @@ from .rollout import (
     relevance_propagation,
     residual_transition,
 )
+from .windows import WindowReducer, window_gradient_rows
 
 __all__ = [
     "AGGREGATIONS",
@@ -82,7 +83,8 @@ class AttentionMaps:
             distillation, registers); None without ``"raw"``.
         head_maps: per-head query rows (B, heads, gh, gw) of the layers named in ``head_layers``, by layer index.
         attention_distance: (B, L, heads) mean attention distance in pixels
-            (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``.
+            (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``; NaN
+            for heads a layer does not have (Swin's later stages have more heads than its first).
     """
 
     raw: Tensor | None
@@ -351,6 +353,25 @@ def _query_rows(matrices: Tensor, layout: TokenLayout) -> Tensor:
     return rows.reshape(b, num_layers, *layout.grid_size)
 
 
+def _stack_heads(per_layer: list[Tensor]) -> Tensor:
+    """Per-layer (B, heads) values as (B, L, heads); NaN pads the layers with fewer heads (Swin's heads grow by
+    stage)."""
+    most = max(v.shape[-1] for v in per_layer)
+    padded = [torch.nn.functional.pad(v, (0, most - v.shape[-1]), value=float("nan")) for v in per_layer]
+    return torch.stack(padded, dim=1)
+
+
+def _gradient_rows(
+    method: str, attentions: list[Tensor], gradients: list[Tensor], layout: TokenLayout, discard_ratio: float
+) -> Tensor:
+    """(B, L, gh, gw) query rows of ``"grad_rollout"`` or ``"relevance"``."""
+    if layout.windows is not None:
+        return window_gradient_rows(method, attentions, gradients, layout, discard_ratio)
+    if method == "grad_rollout":
+        return _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
+    return _query_rows(relevance_propagation(attentions, gradients), layout)
+
+
 def _check_calls(calls: int, num_modules: int) -> None:
     if calls != num_modules:
         raise RuntimeError(
@@ -478,7 +499,9 @@ def attention_maps(
     heads = _check_layer_indices("head_layers", head_layers, len(modules))
 
     device, dtype = _model_device_dtype(backend.model)
-    per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens)
+    # a windowed block's query attends the w tokens of its window, not every token
+    keys = max(g.window[0] * g.window[1] for g in layout.windows) if layout.windows else layout.num_tokens
+    per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens, keys)
     if images.shape[0] > per_pass:
         # On a CPU, a few probes at a time: past a few MiB per layer the attention math leaves the caches, and even
         # a plain forward of 64 probes took 1.2x the time of four forwards of 16 (benchmarks/bench_monitor.py)
@@ -503,7 +526,11 @@ def attention_maps(
     budget = capture_budget(memory_budget, device)
     n = layout.num_tokens
     keep_steps = device.type == "cpu" and len(modules) * images.shape[0] * n * n * 4 <= budget
-    reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps)
+    reducer: _Reducer | WindowReducer
+    if layout.windows is not None:  # windowed, hierarchical (Swin): the backend's WindowGrids say what each block saw
+        reducer = WindowReducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
+    else:
+        reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps)
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -514,10 +541,8 @@ def attention_maps(
             # the same reducer as the streaming path, fed the stored matrices: identical raw/rollout maps
             for index, attention in enumerate(attentions):
                 reducer(index, attention)
-            if "grad_rollout" in methods:
-                gradient_maps["grad_rollout"] = _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
-            if "relevance" in methods:
-                gradient_maps["relevance"] = _query_rows(relevance_propagation(attentions, gradients), layout)
+            for method in (m for m in GRADIENT_METHODS if m in methods):
+                gradient_maps[method] = _gradient_rows(method, attentions, gradients, layout, discard_ratio)
         del attentions, gradients
     else:
         layers = [m for _, m in modules]
@@ -554,7 +579,7 @@ def attention_maps(
         matrices=reducer.matrices,
         prefix_attention=torch.stack(reducer.prefix, dim=1) if reducer.prefix else None,
         head_maps=reducer.head_maps,
-        attention_distance=torch.stack(reducer.distances, dim=1) if reducer.distances else None,
+        attention_distance=_stack_heads(reducer.distances) if reducer.distances else None,
         grad_rollout=gradient_maps.get("grad_rollout"),
         relevance=gradient_maps.get("relevance"),
         target=chosen,
@@ -569,7 +594,7 @@ def attention_maps(
 CPU_ATTENTION_ENTRIES = 16 * 6 * 197 * 197
 
 
-def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int) -> int:
+def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int, num_keys: int | None = None) -> int:
     """How many probes go through the model at once: all of them on an accelerator; on a CPU as many as keep a
     layer's attention within :data:`CPU_ATTENTION_ENTRIES`."""
     if device.type != "cpu":
@@ -577,7 +602,7 @@ def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int) ->
     config = getattr(layer, "config", None)
     heads = getattr(layer, "num_heads", None) or getattr(layer, "num_attention_heads", None)
     heads = heads or getattr(config, "num_attention_heads", None) or 6
-    return max(1, CPU_ATTENTION_ENTRIES // (int(heads) * num_tokens * num_tokens))
+    return max(1, CPU_ATTENTION_ENTRIES // (int(heads) * num_tokens * (num_keys or num_tokens)))
 
 
 def _target_slice(target: Target, start: int, stop: int) -> Target:

@@ -31,6 +31,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "timm": ("TimmBackend", "timm"),
     "transformers": ("TransformersBackend", "transformers"),
     "torchvision": ("TorchvisionBackend", "torchvision"),
+    "timm_swin": ("TimmSwinBackend", "timm"),
 }
 
 

@@ -58,8 +58,6 @@ UNSUPPORTED_MODELS = {
     "MaxxVit": "MaxViT uses block and grid window attention, not global token self-attention",
     "MaxxVitCfg": "MaxViT uses block and grid window attention",
     "Twins": "Twins uses locally grouped and sub-sampled attention, not global token self-attention",
-    "SwinTransformer": "Swin uses window attention (per local window, no global token)",
-    "SwinTransformerV2": "Swin uses window attention (per local window, no global token)",
     "Xcit": "XCiT attends over channels, not tokens",
     "Cait": "CaiT mixes heads after the softmax and adds class attention",
     "VisionTransformerRelPos": "relative-position ViTs hide the position bias from the softmax hooks",
