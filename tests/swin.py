@@ -153,14 +153,15 @@ def timm_blocks(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[Bloc
     return found, logits
 
 
-def _rows(steps: list[np.ndarray]) -> np.ndarray:
-    """(L, N): the mean over rows of S_l S_{l-1} ... S_0 for each l, as a row vector pushed through the steps."""
-    n = steps[0].shape[0]
+def _rows(steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """(L, N): the mean over rows of S_l S_{l-1} ... S_0 for each l, S = P A Q given as (P, A, Q), as a row
+    vector pushed through the steps."""
+    n = steps[0][0].shape[0]
     out = []
     for l in range(len(steps)):
         v = np.full(n, 1.0 / n)
-        for step in steps[l::-1]:
-            v = v @ step
+        for p, a, q in steps[l::-1]:
+            v = ((v @ p) @ a) @ q
         out.append(v)
     return np.stack(out)
 
@@ -169,6 +170,10 @@ def _lifted(block: Block, fine: tuple[int, int], s: int) -> tuple[np.ndarray, np
     windows = block.index.shape[0]
     p, q = cover(fine, (block.h, block.w))
     return block.weights.numpy()[s * windows : (s + 1) * windows], p, q
+
+
+def _normalised(m: np.ndarray) -> np.ndarray:
+    return m / m.sum(axis=1, keepdims=True)
 
 
 def reference_maps(blocks: list[Block], fine: tuple[int, int], batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,10 +186,9 @@ def reference_maps(blocks: list[Block], fine: tuple[int, int], batch: int) -> tu
             weights, p, q = _lifted(block, fine, s)
             n = block.h * block.w  # each head's padding dropped and rows renormalised, then the heads' mean
             a = np.mean([stage_matrix(weights[:, h], block.index, n) for h in range(weights.shape[1])], axis=0)
-            lifted.append(p @ a @ q)
-            step = a + np.eye(n)
-            steps.append(p @ (step / step.sum(axis=1, keepdims=True)) @ q)
-        raw.append(np.stack([m.mean(axis=0) for m in lifted]))
+            lifted.append((p, a, q))
+            steps.append((p, _normalised(a + np.eye(n)), q))
+        raw.append(np.stack([_rows([step])[0] for step in lifted]))
         roll.append(_rows(steps))
     return np.stack(raw), np.stack(roll)
 
@@ -202,29 +206,124 @@ def reference_gradient_maps(
             g = grad[s * windows : (s + 1) * windows]
             n = block.h * block.w
             weighted = stage_matrix((a * g).mean(axis=1), block.index, n, renormalise=False).clip(min=0)
-            step = weighted + np.eye(n)
-            grad_steps.append(p @ (step / step.sum(axis=1, keepdims=True)) @ q)
+            grad_steps.append((p, _normalised(weighted + np.eye(n)), q))
             bar = stage_matrix((a * g).clip(min=0).mean(axis=1), block.index, n, renormalise=False)
-            rel_steps.append(p @ (np.eye(n) + bar) @ q)
+            rel_steps.append((p, np.eye(n) + bar, q))
         gr.append(_rows(grad_steps))
         rel.append(_rows(rel_steps))
     return np.stack(gr), np.stack(rel)
 
 
-def timm_gradients(model: torch.nn.Module, images: torch.Tensor, targets: list[int]) -> list[np.ndarray]:
+def make_torchvision(kind: str = "swin", seed: int = 0, num_classes: int = 5) -> torch.nn.Module:
+    from torchvision.models import swin_transformer as tv
+
+    torch.manual_seed(seed)
+    extra = dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2) if kind == "swinv2" else {}
+    model = tv.SwinTransformer([4, 4], 16, [2, 2], [1, 2], [4, 4], num_classes=num_classes, **extra)
+    return sharpen(model.eval())
+
+
+def _shift_mask(hp: int, wp: int, window: tuple[int, int], shift: tuple[int, int], index_shape) -> torch.Tensor:
+    """(windows, w, w) the -100 mask between positions of different regions of the padded, rolled grid."""
+    (wh, ww), (sh, sw) = window, shift
+
+    def region(i: int, n: int, w: int, s: int) -> int:
+        return 0 if i < n - w else (1 if i < n - s else 2)
+
+    labels = []
+    for r in range(hp // wh):
+        for c in range(wp // ww):
+            labels.append(
+                [3 * region(r * wh + i // ww, hp, wh, sh) + region(c * ww + i % ww, wp, ww, sw) for i in range(wh * ww)]
+            )
+    lab = torch.tensor(labels, dtype=torch.float64)
+    assert lab.shape == index_shape
+    return torch.where(lab[:, :, None] == lab[:, None, :], 0.0, -100.0).double()
+
+
+def torchvision_window_softmax(attn: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """torchvision's shifted window attention written out by hand in float64 from the stage grid it is given:
+    (window index, (B * windows, heads, w, w) weights)."""
+    b, h, w, c = x.shape
+    window = tuple(attn.window_size)
+    hp, wp = math.ceil(h / window[0]) * window[0], math.ceil(w / window[1]) * window[1]
+    shift = tuple(0 if win >= p else s for win, p, s in zip(window, (hp, wp), attn.shift_size))
+    index = window_index(h, w, window, shift, roll_first=False)
+    flat = torch.cat([x.double().reshape(b, h * w, c), torch.zeros(b, 1, c, dtype=torch.float64)], dim=1)
+    tokens = flat[:, torch.from_numpy(np.where(index >= 0, index, h * w))]  # (B, windows, w, C), padding zeros
+    tokens = tokens.reshape(-1, index.shape[1], c)
+    heads = attn.num_heads
+    bias = attn.qkv.bias.double().clone()
+    v2 = hasattr(attn, "logit_scale")
+    if v2:
+        bias[c : 2 * c] = 0  # V2 has no key bias
+    qkv = F.linear(tokens, attn.qkv.weight.double(), bias).reshape(tokens.shape[0], -1, 3, heads, c // heads)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    if v2:
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logits = logits * attn.logit_scale.double().clamp(max=math.log(100.0)).exp()
+    else:
+        logits = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
+    logits = logits + attn.get_relative_position_bias().double()
+    if any(shift):
+        logits = _add_mask(logits, _shift_mask(hp, wp, window, shift, index.shape))
+    return index, _softmax(logits)
+
+
+def torchvision_blocks(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[Block], torch.Tensor]:
+    """Every block's stage grid, window index and float64 weights recomputed by hand, and the float64 logits."""
+    m = copy.deepcopy(model).double().eval()
+    found: list[Block] = []
+
+    def hook(mod, args):
+        index, weights = torchvision_window_softmax(mod, args[0])
+        found.append(Block(args[0].shape[1], args[0].shape[2], index, weights))
+
+    handles = [
+        mod.register_forward_pre_hook(hook)
+        for mod in m.modules()
+        if type(mod).__name__.startswith("ShiftedWindowAttention")
+    ]
+    with torch.no_grad():
+        logits = m(images.double())
+    for handle in handles:
+        handle.remove()
+    return found, logits
+
+
+class _Softmaxes(torch.overrides.TorchFunctionMode):
+    """Keeps every F.softmax result of a forward (torchvision's Swin calls it once per block, nowhere else)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.softmax:
+            self.seen.append(out)
+        return out
+
+
+def gradients(model: torch.nn.Module, images: torch.Tensor, targets: list[int], stack: str) -> list[np.ndarray]:
     """d(logit of each image's target)/d(each block's window weights) of a float64 copy, one `autograd.grad` per
-    image, through hooks of its own on `attn_drop`."""
+    image, recorded by hooks of its own (timm: on `attn_drop`; torchvision: every F.softmax of the forward)."""
     m = copy.deepcopy(model).double().eval()
     recorded: list[torch.Tensor] = []
     handles = []
     for module in m.modules():
-        if type(module).__name__ == "WindowAttention":
+        if stack == "timm" and type(module).__name__ == "WindowAttention":
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
             handles.append(module.attn_drop.register_forward_hook(lambda mod, inp, out: recorded.append(inp[0])))
     x = images.double().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = m(x)
+        if stack == "torchvision":
+            with _Softmaxes() as mode:
+                logits = m(x)
+            recorded = mode.seen
+        else:
+            logits = m(x)
     for handle in handles:
         handle.remove()
     grads = [np.zeros(a.shape) for a in recorded]

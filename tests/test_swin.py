@@ -18,21 +18,30 @@ def _images(img: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
 
 
+BUILD = {"timm": swin.make_timm, "torchvision": lambda kind, img: swin.make_torchvision(kind)}
+BLOCKS = {"timm": swin.timm_blocks, "torchvision": swin.torchvision_blocks}
+
+
 # 72: an 18x18 grid and a 9x9 second stage, padded to whole windows
-@pytest.mark.parametrize("kind, img", [("swin", 64), ("swin", 72), ("swinv2", 72)])
-def test_timm_maps_equal_float64_reference(kind, img):
-    model = swin.make_timm(kind, img=img)
+@pytest.mark.parametrize(
+    "stack, kind, img",
+    [("timm", "swin", 64), ("timm", "swin", 72), ("timm", "swinv2", 72), ("torchvision", "swin", 72)]
+    + [("torchvision", "swinv2", 64)],
+)
+def test_maps_equal_float64_reference(stack, kind, img):
+    model = BUILD[stack](kind, img=img)
     x = _images(img)
     maps = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout", "relevance"))
-    blocks, logits = swin.timm_blocks(model, x)
+    blocks, logits = BLOCKS[stack](model, x)
     assert [(b.h, b.w) for b in blocks] == [(img // 4,) * 2] * 2 + [(img // 8,) * 2] * 2
+    assert any((b.index < 0).any() for b in blocks) == (img == 72)
     fine = maps.grid_size
     raw, roll = swin.reference_maps(blocks, fine, x.shape[0])
     np.testing.assert_allclose(maps.raw.flatten(2).double().numpy(), raw, atol=2e-6)
     np.testing.assert_allclose(maps.rollout.flatten(2).double().numpy(), roll, atol=2e-6)
     targets = logits.argmax(-1).tolist()
     assert maps.target.tolist() == targets
-    grads = swin.timm_gradients(model, x, targets)
+    grads = swin.gradients(model, x, targets, stack)
     gr, rel = swin.reference_gradient_maps(blocks, grads, fine, x.shape[0])
     np.testing.assert_allclose(maps.grad_rollout.flatten(2).double().numpy(), gr, atol=1e-5)
     np.testing.assert_allclose(maps.relevance.flatten(2).double().numpy(), rel, atol=1e-5, rtol=1e-4)
@@ -53,8 +62,9 @@ def test_timm_layout_describes_each_block():
         token_layout(swin.make_timm("swin"), (64, 64), query="cls")
 
 
-def test_first_block_is_local():
-    model = swin.make_timm("swin")
+@pytest.mark.parametrize("stack", ["timm", "torchvision"])
+def test_first_block_is_local(stack):
+    model = BUILD[stack]("swin", img=64)
     x = _images(64, batch=1)
     changed = x.clone()
     changed[:, :, 16:32, 32:48] = torch.randn(1, 3, 16, 16)  # first-stage window (1, 2): tokens 4..7 x 8..11
@@ -66,13 +76,14 @@ def test_first_block_is_local():
     assert moved[inside].any() and not moved[~inside].any()
 
 
-def test_flags_hooks_and_training_unchanged():
-    model = swin.make_timm("swin")
+@pytest.mark.parametrize("stack", ["timm", "torchvision"])
+def test_flags_hooks_and_training_unchanged(stack):
+    model = BUILD[stack]("swin", img=64)
     flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     x, y = _images(64, batch=4), torch.tensor([0, 1, 2, 3])
 
     def train(monitored: bool) -> list[torch.Tensor]:
-        m = swin.make_timm("swin")
+        m = BUILD[stack]("swin", img=64)
         m.train()
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         for _ in range(2):
@@ -87,10 +98,15 @@ def test_flags_hooks_and_training_unchanged():
 
     for plain, watched in zip(train(False), train(True)):
         assert torch.equal(plain, watched)
+    with pytest.raises(RuntimeError, match="boom"):  # the forward raises inside the recording
+        model.head.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        attention_maps(model, x, methods=("raw", "relevance"))
+    model.head._forward_hooks.clear()
     attention_maps(model, x, methods=("raw", "relevance"))
     assert flags == [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    assert backend_for(model).name == "timm_swin"
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert backend_for(model).name == f"{stack}_swin"
 
 
 ALL = ("raw", "rollout", "grad_rollout", "relevance")
@@ -102,7 +118,10 @@ class LitSwin(lit.LitViT):
         self.model = STACKS[stack](lit.IMG).train()
 
 
-STACKS = {"timm": lambda img: swin.make_timm("swin", img=img, num_classes=3)}
+STACKS = {
+    "timm": lambda img: swin.make_timm("swin", img=img, num_classes=3),
+    "torchvision": lambda img: swin.make_torchvision("swinv2", num_classes=3),
+}
 
 
 @pytest.mark.parametrize("stack", sorted(STACKS))

@@ -32,6 +32,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "transformers": ("TransformersBackend", "transformers"),
     "torchvision": ("TorchvisionBackend", "torchvision"),
     "timm_swin": ("TimmSwinBackend", "timm"),
+    "torchvision_swin": ("TorchvisionSwinBackend", "torchvision"),
 }
 
 

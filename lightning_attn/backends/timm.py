@@ -17,7 +17,6 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
 from .base import (
@@ -28,6 +27,7 @@ from .base import (
     additive_bias,
     output_from_weights,
     stream_softmax,
+    take_calls,
     to_pair,
 )
 
@@ -73,20 +73,6 @@ STREAMABLE = {
     ("timm.models.eva", "EvaAttention"),
     ("timm.models.beit", "Attention"),
 }
-
-
-class _TakeAttentionCall(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls to ``handler``; every other torch function runs as usual.
-    Pushed only while one attention layer runs (inside the handler the mode is off, so the real kernel runs)."""
-
-    def __init__(self, handler: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.handler = handler
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is F.scaled_dot_product_attention:
-            return self.handler(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 def _is_timm(module: nn.Module) -> bool:
@@ -160,27 +146,7 @@ class TimmBackend(Backend):
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **extra, **rest
             )
 
-        mode = _TakeAttentionCall(kernel)
-        active: list[bool] = []
-
-        def enter(*_: Any) -> None:
-            mode.__enter__()
-            active.append(True)
-
-        def leave(*_: Any) -> None:
-            if active:
-                active.pop()
-                mode.__exit__(None, None, None)
-
-        undo.append(module.register_forward_pre_hook(enter).remove)
-        # always_call: the mode is popped even when the layer raises
-        undo.append(module.register_forward_hook(leave, always_call=True).remove)
-
-        def leave_all() -> None:
-            while active:
-                leave()
-
-        undo.append(leave_all)
+        take_calls(module, F.scaled_dot_product_attention, kernel, undo)
 
     # ------------------------------------------------------------------ models
 
