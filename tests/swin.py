@@ -307,7 +307,8 @@ class _Softmaxes(torch.overrides.TorchFunctionMode):
 
 def gradients(model: torch.nn.Module, images: torch.Tensor, targets: list[int], stack: str) -> list[np.ndarray]:
     """d(logit of each image's target)/d(each block's window weights) of a float64 copy, one `autograd.grad` per
-    image, recorded by hooks of its own (timm: on `attn_drop`; torchvision: every F.softmax of the forward)."""
+    image, recorded by hooks of its own (timm: on `attn_drop`; torchvision and Hugging Face, eager: every
+    F.softmax of the forward, one per block)."""
     m = copy.deepcopy(model).double().eval()
     recorded: list[torch.Tensor] = []
     handles = []
@@ -316,11 +317,13 @@ def gradients(model: torch.nn.Module, images: torch.Tensor, targets: list[int], 
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
             handles.append(module.attn_drop.register_forward_hook(lambda mod, inp, out: recorded.append(inp[0])))
+    if stack == "hf":
+        m.set_attn_implementation("eager")
     x = images.double().clone().requires_grad_(True)
     with torch.enable_grad():
-        if stack == "torchvision":
+        if stack != "timm":
             with _Softmaxes() as mode:
-                logits = m(x)
+                logits = m(x) if stack == "torchvision" else m(pixel_values=x).logits
             recorded = mode.seen
         else:
             logits = m(x)
@@ -333,3 +336,68 @@ def gradients(model: torch.nn.Module, images: torch.Tensor, targets: list[int], 
             windows = g.shape[0] // images.shape[0]
             grads[l][s * windows : (s + 1) * windows] = g[s * windows : (s + 1) * windows].numpy()
     return grads
+
+
+def make_hf(kind: str = "swin", img: int = 64, seed: int = 0, num_labels: int = 5) -> torch.nn.Module:
+    import transformers
+
+    name = {"swin": "Swin", "swinv2": "Swinv2"}[kind]
+    sizes = dict(image_size=img, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4)
+    config = getattr(transformers, f"{name}Config")(**sizes, num_labels=num_labels)
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForImageClassification")(config)
+    with torch.no_grad():
+        for module in model.modules():
+            for proj in ("q_proj", "k_proj", "query", "key"):
+                if isinstance(getattr(module, proj, None), torch.nn.Linear):
+                    getattr(module, proj).weight.mul_(4.0)
+    return model.eval()
+
+
+def hf_window_softmax(attn: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Hugging Face SwinAttention's or Swinv2SelfAttention's softmax by hand in float64 from its window inputs."""
+    x = x.double()
+    b_, n, c = x.shape
+    v2 = hasattr(attn, "logit_scale")
+    heads = attn.num_attention_heads
+    q_proj, k_proj = (attn.query, attn.key) if v2 else (attn.q_proj, attn.k_proj)
+    q = F.linear(x, q_proj.weight.double(), q_proj.bias.double()).reshape(b_, n, heads, -1).transpose(1, 2)
+    k = F.linear(x, k_proj.weight.double(), None if k_proj.bias is None else k_proj.bias.double())
+    k = k.reshape(b_, n, heads, -1).transpose(1, 2)
+    if v2:
+        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        logits = logits * attn.logit_scale.double().clamp(max=math.log(100.0)).exp()
+        table = attn.continuous_position_bias_mlp.double()(attn.relative_coords_table.double()).reshape(-1, heads)
+        rel = table[attn.relative_position_index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1)
+        logits = logits + 16 * torch.sigmoid(rel)[None]
+    else:
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + attn.relative_position_bias().double()
+    return _softmax(_add_mask(logits, mask))
+
+
+def hf_blocks(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[Block], torch.Tensor]:
+    """Every block's stage grid, window index and float64 weights recomputed by hand, and the float64 logits."""
+    m = copy.deepcopy(model).double().eval()
+    found: list[Block] = []
+    handles = []
+    for block in (mod for mod in m.modules() if type(mod).__name__ in ("SwinLayer", "Swinv2Layer")):
+        attn = block.attention if hasattr(block.attention, "q_proj") else block.attention.self
+        seen = {}
+
+        def grid(mod, args, kwargs, seen=seen):
+            seen["hw"] = args[1] if len(args) > 1 else kwargs["input_dimensions"]
+
+        def window(mod, args, kwargs, block=block, seen=seen):
+            h, w = seen["hw"]
+            shift = (int(block.shift_size),) * 2
+            index = window_index(h, w, (int(block.window_size),) * 2, shift, roll_first=False)
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            found.append(Block(h, w, index, hf_window_softmax(mod, args[0], mask)))
+
+        handles.append(block.register_forward_pre_hook(grid, with_kwargs=True))
+        handles.append(attn.register_forward_pre_hook(window, with_kwargs=True))
+    with torch.no_grad():
+        logits = m(pixel_values=images.double()).logits
+    for handle in handles:
+        handle.remove()
+    return found, logits

@@ -18,20 +18,21 @@ def _images(img: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
 
 
-BUILD = {"timm": swin.make_timm, "torchvision": lambda kind, img: swin.make_torchvision(kind)}
-BLOCKS = {"timm": swin.timm_blocks, "torchvision": swin.torchvision_blocks}
+BUILD = {"timm": swin.make_timm, "torchvision": lambda kind, img: swin.make_torchvision(kind), "hf": swin.make_hf}
+BLOCKS = {"timm": swin.timm_blocks, "torchvision": swin.torchvision_blocks, "hf": swin.hf_blocks}
 
 
 # 72: an 18x18 grid and a 9x9 second stage, padded to whole windows
 @pytest.mark.parametrize(
     "stack, kind, img",
     [("timm", "swin", 64), ("timm", "swin", 72), ("timm", "swinv2", 72), ("torchvision", "swin", 72)]
-    + [("torchvision", "swinv2", 64)],
+    + [("torchvision", "swinv2", 64), ("hf", "swin", 72), ("hf", "swinv2", 64)],
 )
 def test_maps_equal_float64_reference(stack, kind, img):
     model = BUILD[stack](kind, img=img)
     x = _images(img)
     maps = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout", "relevance"))
+    plain = attention_maps(model, x)  # no gradient: Hugging Face Swin streams its heads from the kernel's q and k
     blocks, logits = BLOCKS[stack](model, x)
     assert [(b.h, b.w) for b in blocks] == [(img // 4,) * 2] * 2 + [(img // 8,) * 2] * 2
     assert any((b.index < 0).any() for b in blocks) == (img == 72)
@@ -39,6 +40,8 @@ def test_maps_equal_float64_reference(stack, kind, img):
     raw, roll = swin.reference_maps(blocks, fine, x.shape[0])
     np.testing.assert_allclose(maps.raw.flatten(2).double().numpy(), raw, atol=2e-6)
     np.testing.assert_allclose(maps.rollout.flatten(2).double().numpy(), roll, atol=2e-6)
+    np.testing.assert_allclose(plain.raw.flatten(2).double().numpy(), raw, atol=2e-6)
+    np.testing.assert_allclose(plain.rollout.flatten(2).double().numpy(), roll, atol=2e-6)
     targets = logits.argmax(-1).tolist()
     assert maps.target.tolist() == targets
     grads = swin.gradients(model, x, targets, stack)
@@ -62,7 +65,7 @@ def test_timm_layout_describes_each_block():
         token_layout(swin.make_timm("swin"), (64, 64), query="cls")
 
 
-@pytest.mark.parametrize("stack", ["timm", "torchvision"])
+@pytest.mark.parametrize("stack", ["timm", "torchvision", "hf"])
 def test_first_block_is_local(stack):
     model = BUILD[stack]("swin", img=64)
     x = _images(64, batch=1)
@@ -76,10 +79,20 @@ def test_first_block_is_local(stack):
     assert moved[inside].any() and not moved[~inside].any()
 
 
-@pytest.mark.parametrize("stack", ["timm", "torchvision"])
+def _flags(model: torch.nn.Module) -> list:
+    return [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] + [
+        m.config._attn_implementation_internal for m in model.modules() if hasattr(m, "config")
+    ]
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("stack", ["timm", "torchvision", "hf"])
 def test_flags_hooks_and_training_unchanged(stack):
     model = BUILD[stack]("swin", img=64)
-    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    flags = _flags(model)
     x, y = _images(64, batch=4), torch.tensor([0, 1, 2, 3])
 
     def train(monitored: bool) -> list[torch.Tensor]:
@@ -89,7 +102,7 @@ def test_flags_hooks_and_training_unchanged(stack):
         for _ in range(2):
             if monitored:
                 attention_maps(m, x[:2], methods=("raw", "rollout", "grad_rollout"), attention_distance=True)
-            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss = torch.nn.functional.cross_entropy(_logits(m(x)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -98,15 +111,17 @@ def test_flags_hooks_and_training_unchanged(stack):
 
     for plain, watched in zip(train(False), train(True)):
         assert torch.equal(plain, watched)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     with pytest.raises(RuntimeError, match="boom"):  # the forward raises inside the recording
-        model.head.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+        head.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
         attention_maps(model, x, methods=("raw", "relevance"))
-    model.head._forward_hooks.clear()
+    head._forward_hooks.clear()
     attention_maps(model, x, methods=("raw", "relevance"))
-    assert flags == [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    attention_maps(model, x)
+    assert flags == _flags(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not torch.overrides._get_current_function_mode_stack()
-    assert backend_for(model).name == f"{stack}_swin"
+    assert backend_for(model).name == f"{stack.replace('hf', 'transformers')}_swin"
 
 
 ALL = ("raw", "rollout", "grad_rollout", "relevance")
@@ -115,12 +130,17 @@ ALL = ("raw", "rollout", "grad_rollout", "relevance")
 class LitSwin(lit.LitViT):
     def __init__(self, stack: str):
         super().__init__()
+        self.stack = stack
         self.model = STACKS[stack](lit.IMG).train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model(x) if self.stack != "hf" else self.model(pixel_values=x))
 
 
 STACKS = {
     "timm": lambda img: swin.make_timm("swin", img=img, num_classes=3),
     "torchvision": lambda img: swin.make_torchvision("swinv2", num_classes=3),
+    "hf": lambda img: swin.make_hf("swin", img=img, num_labels=3),
 }
 
 
