@@ -22,7 +22,7 @@ from .diagnostics import (
     register_share,
 )
 from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
-from .layout import TokenLayout, query_row
+from .layout import TokenLayout, WindowGrid, query_row
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
 from .options import ProbeOptions
@@ -71,6 +71,7 @@ __all__ = [
     "TensorBoardWriter",
     "TokenLayout",
     "WandbWriter",
+    "WindowGrid",
     "WriterSet",
     "artifact_mask",
     "artifact_tokens",

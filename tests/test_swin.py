@@ -177,3 +177,15 @@ def test_fit_logs_grids_and_curves(tmp_path, stack):
     assert "attention_drift_baseline/rollout/mean" in tags["scalars"]
     assert all(v == v for v in monitor.last_metrics.values())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_docs_picture_script_draws_every_block():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from swin_windows import picture
+
+    image = picture(tile=24)
+    # a header strip, 2 probe rows; image + 4 raw maps + rollout + 4 matrices = 10 columns of 24-pixel tiles
+    assert image.dtype == np.uint8 and image.shape[2] == 3 and image.shape[1] > 10 * 24
