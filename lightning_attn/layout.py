@@ -11,7 +11,7 @@ row is the mean over patch-token rows (``"mean"``). Reading a model's layout is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -98,7 +98,7 @@ class TokenLayout:
     query: str
     patch_size: tuple[int, int] | None = None
     num_registers: int = 0
-    windows: tuple[WindowGrid, ...] | None = None
+    windows: tuple[WindowGrid, ...] | None = field(default=None, repr=False)  # a long tuple: not in the repr
 
     def __post_init__(self) -> None:
         if self.query not in QUERIES[1:]:

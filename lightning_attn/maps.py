@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import windows
 from .backends import Backend, backend_for
 from .backends.base import capture_budget
 from .capture import record_attention, stream_attention, supports_head_streaming
@@ -33,7 +34,6 @@ from .rollout import (
     relevance_propagation,
     residual_transition,
 )
-from .windows import WindowReducer, window_gradient_rows
 
 __all__ = [
     "AGGREGATIONS",
@@ -161,8 +161,8 @@ class _ModeGuard:
             module.training = True
 
 
-class _Reducer:
-    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+class _Collected:
+    """What a reducer keeps of a pass, whatever the grid: per-layer rows, distances, matrices and head maps."""
 
     def __init__(
         self,
@@ -173,12 +173,8 @@ class _Reducer:
         keep_matrices: Iterable[int],
         head_layers: Iterable[int] = (),
         distance: bool = False,
-        keep_steps: bool = False,
     ) -> None:
         self.layout = layout
-        # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
-        # (B, N, N) @ (B, N, N) product per layer
-        self.keep_steps = keep_steps
         self._steps: list[Tensor] = []
         self.methods = methods
         self.head_fusion = head_fusion
@@ -192,6 +188,32 @@ class _Reducer:
         self.distances: list[Tensor] = []
         self.matrices: dict[int, Tensor] = {}
         self.head_maps: dict[int, Tensor] = {}
+
+    def stack(self, rows: list[Tensor]) -> Tensor | None:
+        if not rows:
+            return None
+        b = rows[0].shape[0]
+        return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+
+class _Reducer(_Collected):
+    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        methods: Sequence[str],
+        head_fusion: str,
+        discard_ratio: float,
+        keep_matrices: Iterable[int],
+        head_layers: Iterable[int] = (),
+        distance: bool = False,
+        keep_steps: bool = False,
+    ) -> None:
+        super().__init__(layout, methods, head_fusion, discard_ratio, keep_matrices, head_layers, distance)
+        # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
+        # (B, N, N) @ (B, N, N) product per layer
+        self.keep_steps = keep_steps
         self._product: Tensor | None = None
         self._fused: Tensor | None = None
         self._head_rows: list[Tensor] = []
@@ -273,11 +295,65 @@ class _Reducer:
         self.rollout = [pending[:, l, p:] for l in range(pending.shape[1])]
         return self.rollout
 
-    def stack(self, rows: list[Tensor]) -> Tensor | None:
-        if not rows:
-            return None
-        b = rows[0].shape[0]
-        return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+class _WindowReducer(_Collected):
+    """The reduction of a windowed model (Swin): each block's (B * windows, heads, w, w) weights as its hook fires,
+    read as the whole-image matrix on the finest patch grid without building it (:mod:`lightning_attn.windows`);
+    the fused windows of every block are kept (O(B N w) each) for the rollout rows at the end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert self.layout.windows is not None, "a windowed layout"
+        self.windows = self.layout.windows
+        self._chunks: list[Tensor] = []
+
+    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
+        """Consume a chunk of heads' (B * windows, h, w, w) weights; the block is complete after its last head."""
+        self._chunks = [] if first == 0 else self._chunks
+        self._chunks.append(attention)
+        if first + attention.shape[1] == heads:
+            whole, self._chunks = torch.cat(self._chunks, dim=1), []
+            self(index, whole)
+
+    def __call__(self, index: int, attention: Tensor) -> None:
+        """Consume block ``index``'s (B * windows, heads, w, w) weights."""
+        if index >= len(self.windows):
+            raise ValueError(
+                f"attention layer {index} ran but the layout describes {len(self.windows)} windowed blocks: pass "
+                "a layout read from this model"
+            )
+        grid, fine = self.windows[index], self.layout.grid_size
+        windows.check_grid(grid, fine)
+        with torch.no_grad(), torch.autocast(device_type=attention.device.type, enabled=False):
+            blocks = windows.place_windows(attention.detach(), grid)  # (B, windows, heads, w, w)
+            b, heads = blocks.shape[0], blocks.shape[2]
+            first = windows.mean_query(b, fine, blocks.device)
+            if self.distance:
+                self.distances.append(windows.window_distance(blocks, grid, self.layout.patch_size or (1, 1)))
+            if index in self.head_layers:
+                per_head = blocks.transpose(1, 2).flatten(0, 1)  # heads folded into the batch
+                rows = windows.rows_times(first.repeat_interleave(heads, dim=0), per_head, grid, fine)
+                self.head_maps[index] = rows.reshape(b, heads, *fine)
+            if self.head_fusion == "mean":
+                fused = blocks.mean(dim=2)
+            else:
+                fused = blocks.amax(dim=2) if self.head_fusion == "max" else blocks.amin(dim=2)
+            if index in self.keep:
+                self.matrices[index] = windows.whole_image(fused, grid, fine)
+            if "raw" in self.methods:
+                self.raw.append(windows.rows_times(first, fused, grid, fine)[:, 0])
+                self.prefix.append(fused.new_zeros(b, 0))
+            if "rollout" in self.methods:
+                self._steps.append(residual_transition(windows.discard_in_windows(fused, self.discard_ratio)))
+
+    def rollout_rows(self) -> list[Tensor]:
+        """The rollout's query row after every block, (B, N) each."""
+        if self._steps:
+            first = windows.mean_query(self._steps[0].shape[0], self.layout.grid_size, self._steps[0].device)
+            chained = windows.chain_rows(self._steps, self.layout, first)
+            self.rollout = [chained[:, l].flatten(1) for l in range(chained.shape[1])]
+            self._steps = []
+        return self.rollout
 
 
 def _check_layer_indices(name: str, layers: Iterable[int], num_layers: int) -> list[int]:
@@ -366,7 +442,7 @@ def _gradient_rows(
 ) -> Tensor:
     """(B, L, gh, gw) query rows of ``"grad_rollout"`` or ``"relevance"``."""
     if layout.windows is not None:
-        return window_gradient_rows(method, attentions, gradients, layout, discard_ratio)
+        return windows.window_gradient_rows(method, attentions, gradients, layout, discard_ratio)
     if method == "grad_rollout":
         return _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
     return _query_rows(relevance_propagation(attentions, gradients), layout)
@@ -526,9 +602,9 @@ def attention_maps(
     budget = capture_budget(memory_budget, device)
     n = layout.num_tokens
     keep_steps = device.type == "cpu" and len(modules) * images.shape[0] * n * n * 4 <= budget
-    reducer: _Reducer | WindowReducer
+    reducer: _Reducer | _WindowReducer
     if layout.windows is not None:  # windowed, hierarchical (Swin): the backend's WindowGrids say what each block saw
-        reducer = WindowReducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
+        reducer = _WindowReducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
     else:
         reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps)
     gradient_maps: dict[str, Tensor] = {}

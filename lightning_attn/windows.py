@@ -33,12 +33,15 @@ import torch
 from torch import Tensor
 
 from .layout import TokenLayout, WindowGrid
-from .rollout import check_discard_ratio, check_head_fusion, residual_transition
+from .rollout import check_discard_ratio, residual_transition
 
 __all__ = [
-    "WindowReducer",
+    "chain_rows",
+    "discard_in_windows",
+    "mean_query",
     "place_windows",
     "rows_times",
+    "check_grid",
     "whole_image",
     "window_distance",
     "window_gradient_rows",
@@ -62,7 +65,13 @@ def _cover(fine: tuple[int, int], stride: int, device: torch.device) -> tuple[Te
     return owner, counts.float()
 
 
-def _check_grid(grid: WindowGrid, fine: tuple[int, int]) -> None:
+def check_grid(grid: WindowGrid, fine: tuple[int, int]) -> None:
+    """Raise a ``ValueError`` when ``grid``'s stage grid is not the ``fine`` patch grid seen at its stride.
+
+    Example::
+
+        >>> check_grid(WindowGrid((5, 5), (2, 2), stride=2), (9, 10))  # ceil(9 / 2) = 5, ceil(10 / 2) = 5: fits
+    """
     expected = (math.ceil(fine[0] / grid.stride), math.ceil(fine[1] / grid.stride))
     if tuple(grid.grid) != expected:
         raise ValueError(
@@ -134,8 +143,14 @@ def rows_times(rows: Tensor, blocks: Tensor, grid: WindowGrid, fine: tuple[int, 
     return stage[..., owner] / counts[owner]
 
 
-def _mean_query(batch: int, fine: tuple[int, int], device: torch.device) -> Tensor:
-    """``query="mean"``: the mean over every patch's row, (B, 1, N)."""
+def mean_query(batch: int, fine: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
+    """``query="mean"`` as a row vector: the mean over every patch's row, (B, 1, N).
+
+    Example::
+
+        >>> mean_query(2, (2, 2)).tolist()
+        [[[0.25, 0.25, 0.25, 0.25]], [[0.25, 0.25, 0.25, 0.25]]]
+    """
     n = fine[0] * fine[1]
     return torch.full((batch, 1, n), 1.0 / n, device=device)
 
@@ -181,8 +196,14 @@ def window_distance(blocks: Tensor, grid: WindowGrid, patch_size: tuple[int, int
     return per_query.sum(dim=(1, 3)) / valid.sum().clamp_min(1)
 
 
-def _discard(fused: Tensor, discard_ratio: float) -> Tensor:
-    """Zero the ``floor(entries * discard_ratio)`` smallest in-window entries of each image: (B, windows, w, w)."""
+def discard_in_windows(fused: Tensor, discard_ratio: float) -> Tensor:
+    """Zero the ``floor(entries * discard_ratio)`` smallest in-window entries of each image: (B, windows, w, w).
+
+    Example::
+
+        >>> discard_in_windows(torch.tensor([[[[0.25, 0.75], [0.5, 0.125]]]]), 0.5).tolist()
+        [[[[0.0, 0.75], [0.5, 0.0]]]]
+    """
     check_discard_ratio(discard_ratio)
     b = fused.shape[0]
     flat = fused.reshape(b, -1)
@@ -193,8 +214,18 @@ def _discard(fused: Tensor, discard_ratio: float) -> Tensor:
     return flat.scatter(-1, weakest, 0.0).reshape(fused.shape)
 
 
-def _chain(steps: Sequence[Tensor], layout: TokenLayout, first: Tensor) -> Tensor:
-    """Rows ``first S_l S_{l-1} ... S_0`` for every layer l, right to left as row vectors: (B, L, gh, gw)."""
+def chain_rows(steps: Sequence[Tensor], layout: TokenLayout, first: Tensor) -> Tensor:
+    """Rows ``first S_l S_{l-1} ... S_0`` for every block l, each ``S`` a block's (B, windows, w, w) step read on
+    the patch grid (``P S Q``), multiplied right to left as row vectors: (B, L, gh, gw).
+
+    Example::
+
+        >>> g = WindowGrid((2, 2), (2, 2))
+        >>> layout = TokenLayout(0, (2, 2), "mean", windows=(g, g))
+        >>> steps = [torch.eye(4)[None, None], torch.full((1, 1, 4, 4), 0.25)]
+        >>> chain_rows(steps, layout, mean_query(1, (2, 2))).sum((-2, -1)).tolist()
+        [[1.0, 1.0]]
+    """
     assert layout.windows is not None
     fine = layout.grid_size
     pending: Tensor | None = None  # (B, k, N): the rows of layers l .. L-1, multiplied down to layer l
@@ -232,103 +263,9 @@ def window_gradient_rows(
         product = attention.float() * gradient.float()
         if method == "grad_rollout":
             weighted = place_windows(product.mean(dim=1), grid, renormalise=False).clamp_min(0.0)
-            steps.append(residual_transition(_discard(weighted, discard_ratio)))
+            steps.append(residual_transition(discard_in_windows(weighted, discard_ratio)))
         else:
             weighted = place_windows(product.clamp_min(0.0).mean(dim=1), grid, renormalise=False)
             steps.append(weighted + torch.eye(weighted.shape[-1], device=weighted.device))
     batch = steps[0].shape[0]
-    return _chain(steps, layout, _mean_query(batch, layout.grid_size, steps[0].device))
-
-
-class WindowReducer:
-    """The per-layer reduction of :func:`lightning_attn.attention_maps` for windowed models: consumes each block's
-    window weights as its hook fires and keeps the fused windows (O(B N w) per layer) for the rollout.
-
-    Same attributes as the ViT reducer: ``raw``, ``prefix`` (empty: no prefix tokens), ``rollout``,
-    ``distances``, ``matrices``, ``head_maps``.
-    """
-
-    def __init__(
-        self,
-        layout: TokenLayout,
-        methods: Sequence[str],
-        head_fusion: str,
-        discard_ratio: float,
-        keep_matrices: Sequence[int] = (),
-        head_layers: Sequence[int] = (),
-        distance: bool = False,
-    ) -> None:
-        if layout.windows is None:
-            raise ValueError("WindowReducer needs a layout with `windows`")
-        check_head_fusion(head_fusion)
-        check_discard_ratio(discard_ratio)
-        self.layout = layout
-        self.windows = layout.windows
-        self.methods = methods
-        self.head_fusion = head_fusion
-        self.discard_ratio = discard_ratio
-        self.keep = set(keep_matrices)
-        self.head_layers = set(head_layers)
-        self.distance = distance
-        self.raw: list[Tensor] = []
-        self.prefix: list[Tensor] = []
-        self.rollout: list[Tensor] = []
-        self.distances: list[Tensor] = []
-        self.matrices: dict[int, Tensor] = {}
-        self.head_maps: dict[int, Tensor] = {}
-        self._steps: list[Tensor] = []
-        self._chunks: list[Tensor] = []
-
-    def __call__(self, index: int, attention: Tensor) -> None:
-        """Consume block ``index``'s (B * windows, heads, w, w) weights."""
-        if index >= len(self.windows):
-            raise ValueError(
-                f"attention layer {index} ran but the layout describes {len(self.windows)} windowed blocks: pass "
-                "a layout read from this model"
-            )
-        grid, fine = self.windows[index], self.layout.grid_size
-        _check_grid(grid, fine)
-        with torch.no_grad(), torch.autocast(device_type=attention.device.type, enabled=False):
-            blocks = place_windows(attention.detach(), grid)  # (B, windows, heads, w, w)
-            b, heads = blocks.shape[0], blocks.shape[2]
-            first = _mean_query(b, fine, blocks.device)
-            if self.distance:
-                patch = self.layout.patch_size or (1, 1)
-                self.distances.append(window_distance(blocks, grid, patch))
-            if index in self.head_layers:
-                per_head = blocks.transpose(1, 2).flatten(0, 1)  # heads folded into the batch
-                rows = rows_times(first.repeat_interleave(heads, dim=0), per_head, grid, fine)
-                self.head_maps[index] = rows.reshape(b, heads, *fine)
-            if self.head_fusion == "mean":
-                fused = blocks.mean(dim=2)
-            else:
-                fused = blocks.amax(dim=2) if self.head_fusion == "max" else blocks.amin(dim=2)
-            if index in self.keep:
-                self.matrices[index] = whole_image(fused, grid, fine)
-            if "raw" in self.methods:
-                self.raw.append(rows_times(first, fused, grid, fine)[:, 0])
-                self.prefix.append(fused.new_zeros(b, 0))
-            if "rollout" in self.methods:
-                self._steps.append(residual_transition(_discard(fused, self.discard_ratio)))
-
-    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
-        """Consume a chunk of heads' (B * windows, h, w, w) weights; the block is complete after its last head."""
-        self._chunks = [] if first == 0 else self._chunks
-        self._chunks.append(attention)
-        if first + attention.shape[1] == heads:
-            whole, self._chunks = torch.cat(self._chunks, dim=1), []
-            self(index, whole)
-
-    def rollout_rows(self) -> list[Tensor]:
-        """The rollout's query row after every block, (B, N) each."""
-        if self._steps:
-            first = _mean_query(self._steps[0].shape[0], self.layout.grid_size, self._steps[0].device)
-            chained = _chain(self._steps, self.layout, first)
-            self.rollout = [chained[:, l].flatten(1) for l in range(chained.shape[1])]
-            self._steps = []
-        return self.rollout
-
-    def stack(self, rows: list[Tensor]) -> Tensor | None:
-        if not rows:
-            return None
-        return torch.stack(rows, dim=1).reshape(rows[0].shape[0], len(rows), *self.layout.grid_size)
+    return chain_rows(steps, layout, mean_query(batch, layout.grid_size, steps[0].device))

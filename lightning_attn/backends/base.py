@@ -35,6 +35,7 @@ __all__ = [
     "output_from_weights",
     "stream_softmax",
     "take_calls",
+    "take_softmax",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -201,6 +202,20 @@ def take_calls(module: nn.Module, func: Callable[..., Any], handler: Callable[..
             leave()
 
     undo.append(leave_all)
+
+
+def take_softmax(module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
+    """Hand every ``F.softmax`` result computed while ``module`` runs to ``emit``, for layers that compute their
+    softmax once by hand (torchvision's and Hugging Face Swin V2's window attention): the tensor handed over is the
+    one the layer goes on to use, in the autograd graph."""
+    import torch.nn.functional as F
+
+    def softmax(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        weights = F.softmax(input, *args, **kwargs)
+        emit(module, weights)
+        return weights
+
+    take_calls(module, F.softmax, softmax, undo)
 
 
 class Backend(ABC):

@@ -104,9 +104,10 @@ class TimmBackend(Backend):
 
     @classmethod
     def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
-        flag = module.fused_attn
-        module.fused_attn = False
-        undo.append(lambda: setattr(module, "fused_attn", flag))
+        if hasattr(module, "fused_attn"):  # layers without it (Swin V2) always compute the softmax themselves
+            flag = module.fused_attn
+            module.fused_attn = False
+            undo.append(lambda: setattr(module, "fused_attn", flag))
 
         # the input of attn_drop is the softmax matrix itself (dropout is a no-op in eval anyway)
         def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..layout import TokenLayout, WindowGrid
-from .base import EmitAttention, Undo, to_pair
+from .base import to_pair
 from .timm import TimmBackend
 
 __all__ = ["TimmSwinBackend"]
@@ -29,8 +29,8 @@ _MODELS = {
 
 
 class TimmSwinBackend(TimmBackend):
-    """timm ``SwinTransformer`` and ``SwinTransformerV2``; the rest (input checks, preprocessing, class logits) as
-    for timm ViTs."""
+    """timm ``SwinTransformer`` and ``SwinTransformerV2``; recording (``fused_attn`` off where the layer has it, the
+    input of ``attn_drop``), input checks, preprocessing and class logits as for timm ViTs."""
 
     name = "timm_swin"
     supported = "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*)"
@@ -42,18 +42,6 @@ class TimmSwinBackend(TimmBackend):
     @classmethod
     def unsupported_layer(cls, module: nn.Module) -> str | None:
         return None
-
-    @classmethod
-    def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
-        if hasattr(module, "fused_attn"):  # Swin V1 only; V2 always computes the softmax itself
-            flag = module.fused_attn
-            module.fused_attn = False
-            undo.append(lambda: setattr(module, "fused_attn", flag))
-
-        def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            emit(module, inputs[0])
-
-        undo.append(module.attn_drop.register_forward_hook(hook).remove)
 
     @classmethod
     def can_stream_heads(cls, module: nn.Module) -> bool:

@@ -14,11 +14,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import TokenLayout, WindowGrid
-from .base import IMAGENET_MEAN, IMAGENET_STD, EmitAttention, Undo, take_calls, to_pair
+from .base import IMAGENET_MEAN, IMAGENET_STD, EmitAttention, Undo, take_softmax, to_pair
 from .torchvision import TorchvisionBackend
 
 __all__ = ["TorchvisionSwinBackend"]
@@ -36,12 +35,7 @@ class TorchvisionSwinBackend(TorchvisionBackend):
 
     @classmethod
     def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
-        def softmax(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            weights = F.softmax(input, *args, **kwargs)
-            emit(module, weights)
-            return weights
-
-        take_calls(module, F.softmax, softmax, undo)
+        take_softmax(module, emit, undo)
 
     @classmethod
     def can_stream_heads(cls, module: nn.Module) -> bool:

@@ -13,13 +13,11 @@ to the grid when the grid is no larger than a window, at every forward); the lay
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ..layout import TokenLayout, WindowGrid
-from .base import IMAGENET_MEAN, IMAGENET_STD, EmitAttention, EmitHeads, Undo, take_calls, to_pair
+from .base import IMAGENET_MEAN, IMAGENET_STD, EmitAttention, EmitHeads, Undo, take_softmax, to_pair
 from .transformers import TransformersBackend, _is_pretrained_model
 
 __all__ = ["TransformersSwinBackend"]
@@ -49,13 +47,7 @@ class TransformersSwinBackend(TransformersBackend):
         if not _computes_softmax(module):
             super().attach_recording(module, emit, undo)
             return
-
-        def softmax(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            weights = F.softmax(input, *args, **kwargs)
-            emit(module, weights)
-            return weights
-
-        take_calls(module, F.softmax, softmax, undo)
+        take_softmax(module, emit, undo)
 
     @classmethod
     def can_stream_heads(cls, module: nn.Module) -> bool:
