@@ -87,7 +87,7 @@ def _images(n: int) -> torch.Tensor:
 
 
 def _child(spec: dict) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec.get("threads", 2))
     model = _model(spec["family"])
     backend = backend_for(model)
     x = _images(spec["probes"])
@@ -114,17 +114,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--probes", type=int, default=16)
     parser.add_argument("--only", default="", help="only the families whose name contains this (e.g. swin)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a shared, busy machine)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
     import transformers
 
     print(
-        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (2 threads), "
+        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({args.threads} threads), "
         f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n"
     )
     print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
@@ -141,7 +143,8 @@ def main() -> None:
         ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
         memory = {
             what: statistics.median(
-                _peak(dict(family=family, probes=args.probes, what=what)) for _ in range(1 if args.quick else 3)
+                _peak(dict(family=family, probes=args.probes, what=what, threads=args.threads))
+                for _ in range(1 if args.quick else 3)
             )
             for what in ("plain", "maps")
         }
