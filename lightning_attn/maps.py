@@ -199,18 +199,8 @@ class _Collected:
 class _Reducer(_Collected):
     """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
 
-    def __init__(
-        self,
-        layout: TokenLayout,
-        methods: Sequence[str],
-        head_fusion: str,
-        discard_ratio: float,
-        keep_matrices: Iterable[int],
-        head_layers: Iterable[int] = (),
-        distance: bool = False,
-        keep_steps: bool = False,
-    ) -> None:
-        super().__init__(layout, methods, head_fusion, discard_ratio, keep_matrices, head_layers, distance)
+    def __init__(self, *args: Any, keep_steps: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
         # (B, N, N) @ (B, N, N) product per layer
         self.keep_steps = keep_steps
@@ -606,7 +596,9 @@ def attention_maps(
     if layout.windows is not None:  # windowed, hierarchical (Swin): the backend's WindowGrids say what each block saw
         reducer = _WindowReducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
     else:
-        reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps)
+        reducer = _Reducer(
+            layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps=keep_steps
+        )
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
