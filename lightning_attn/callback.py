@@ -553,9 +553,18 @@ class AttentionMonitor(Callback):
         path = getattr(trainer, "ckpt_path", None)
         if path and trainer.global_step == 0:
             if path not in self._ckpt_steps:
-                from .loading import load_checkpoint_state
+                from .loading import UntrustedCheckpointError, load_checkpoint_state
 
-                self._ckpt_steps[path] = int(load_checkpoint_state(path).get("global_step", 0))
+                try:  # weights only: reading the step must not run what a checkpoint holds
+                    self._ckpt_steps[path] = int(load_checkpoint_state(path).get("global_step", 0))
+                except UntrustedCheckpointError as err:
+                    self._warn_once(
+                        "ckpt-step",
+                        f"AttentionMonitor logs this validation at step {trainer.global_step}, not the step of "
+                        f"{err.path}: it reads the step with torch.load(weights_only=True), which refuses the "
+                        f"{err.what} the file holds",
+                    )
+                    self._ckpt_steps[path] = trainer.global_step
             return self._ckpt_steps[path], False
         return trainer.global_step, False
 

@@ -58,6 +58,16 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--module", help="attribute path of the ViT inside the LightningModule when it holds several")
     parser.add_argument("--pretrained", action="store_true", help="load hub weights for a timm: model")
+    _trust_argument(parser)
+
+
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints that hold more than tensors and plain values: a pickle, which can run code; "
+        "only for files from a source you trust (default: refused)",
+    )
 
 
 def _map_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
+    _trust_argument(replay)
     for command in (render, compare, replay):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
         command.add_argument(
@@ -129,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
-    root = load_model(spec, model_class=args.model_class, pretrained=args.pretrained)
+    root = load_model(
+        spec, model_class=args.model_class, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint
+    )
     if args.module:
         try:
             root = root.get_submodule(args.module)
@@ -314,8 +327,8 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
-    callbacks = load_checkpoint_state(checkpoint).get("callbacks") or {}
+def _states_in(checkpoint: Path, trust_checkpoint: bool) -> list[tuple[str, dict[str, Any]]]:
+    callbacks = load_checkpoint_state(checkpoint, trust_checkpoint=trust_checkpoint).get("callbacks") or {}
     return [
         (key, state["runner"])
         for key, state in callbacks.items()
@@ -323,7 +336,7 @@ def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
+def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
     """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state."""
     if path.is_dir():
         checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -334,7 +347,7 @@ def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]
     else:
         raise UsageError(f"{str(path)!r} does not exist: pass a run's log folder or a .ckpt file")
     for checkpoint in checkpoints:
-        states = _states_in(checkpoint)
+        states = _states_in(checkpoint, trust_checkpoint)
         if states:
             return checkpoint, states
     names = ", ".join(c.name for c in checkpoints[:3])
@@ -342,7 +355,7 @@ def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]
 
 
 def replay(args: argparse.Namespace) -> int:
-    checkpoint, states = _monitor_states(Path(args.logdir))
+    checkpoint, states = _monitor_states(Path(args.logdir), args.trust_checkpoint)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     pictures = []

@@ -253,3 +253,61 @@ def test_render_a_hugging_face_folder_and_a_timm_name(run_dir, tmp_path):
         == 0
     )
     assert (tmp_path / "b" / "attention__rollout_000.png").is_file()
+
+
+class _Payload:
+    """Unpickled, it creates a file: what a hostile checkpoint would do with a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("command", ["render", "compare", "replay", "replay-folder"])
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(run_dir, tmp_path, capsys, command):
+    marker = tmp_path / "ran"
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)
+    state["hyper_parameters"] = {"lr": 0.1, "evil": _Payload(marker)}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    evil = folder / "evil.ckpt"
+    torch.save(state, evil)
+    images, out = str(run_dir / "images"), str(tmp_path / "out")
+    args = {
+        "render": ["render", str(evil), "--model-class", "lit.LitViT", images, "-o", out],
+        "compare": [
+            "compare",
+            "timm:vit_tiny_patch16_224",
+            str(evil),
+            "--model-class",
+            "lit.LitViT",
+            images,
+            "-o",
+            out,
+        ],
+        "replay": ["replay", str(evil), "-o", out],
+        "replay-folder": ["replay", str(folder), "-o", out],
+    }[command]
+    sys.path.insert(0, str(TESTS))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint ran code"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "evil.ckpt" in err and "`io.open`" in err
+    assert "--trust-checkpoint" in err
+
+
+def test_trust_checkpoint_loads_a_trusted_file_with_other_objects(run_dir, tmp_path, capsys):
+    import argparse
+
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)
+    state["extra"] = argparse.Namespace(seed=1)  # no code, but not plain values
+    torch.save(state, tmp_path / "trusted.ckpt")
+    args = ["replay", str(tmp_path / "trusted.ckpt"), "-o", str(tmp_path / "out")]
+    assert main(args) == 2 and "argparse.Namespace" in capsys.readouterr().err
+    assert main([*args, "--trust-checkpoint"]) == 0
+    assert (tmp_path / "out" / "index.html").is_file()
+    render = ["render", str(tmp_path / "trusted.ckpt"), "--model-class", "lit.LitViT", str(run_dir / "images")]
+    assert main([*render, "-o", str(tmp_path / "r"), "--quiet", "--trust-checkpoint", "--tile-size", "16"]) == 0
