@@ -26,7 +26,7 @@ from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .report import tag_prefix
 from .runner import ProbePass, ProbeRunner
-from .writers import AttentionWriter, WriterSet, in_background, writers_for
+from .writers import AttentionWriter, WriteError, WriterSet, in_background, writers_for
 
 __all__ = ["AttentionMonitor"]
 
@@ -154,6 +154,9 @@ class AttentionMonitor(Callback):
             (probes, heads, N, N) softmax when it fits (fastest: one matmul, reused by timm layers for their
             output), else a few heads at a time, down to one. None: 256 MiB, on a GPU at most half of its free
             memory; 0: always one head at a time (least memory).
+        write_timeout: seconds the monitor waits at most, on an exception (Ctrl-C included) and at teardown, for
+            passes still being written on a writer thread (an unreachable MLflow server); then it warns which passes
+            were not written and lets the run end.
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -227,6 +230,7 @@ class AttentionMonitor(Callback):
         alerts: bool | str = True,
         alert_thresholds: AlertThresholds | dict[str, float] | None = None,
         memory_budget: int | None = None,
+        write_timeout: float = 10.0,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -305,6 +309,9 @@ class AttentionMonitor(Callback):
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
                 f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
             )
+        if isinstance(write_timeout, bool) or not isinstance(write_timeout, (int, float)) or not write_timeout > 0:
+            raise ValueError(f"`write_timeout` must be a number of seconds > 0, got {write_timeout!r}")
+        self.write_timeout = float(write_timeout)
         self.alert_mode = check_alerts_mode(alerts)
         self._alert_book = AlertBook(rules_for(AlertThresholds.from_any(alert_thresholds), tag_prefix(name)))
         #: Why the monitor stopped training (``alerts="stop"``); None while it has not.
@@ -330,7 +337,7 @@ class AttentionMonitor(Callback):
         self._runner: ProbeRunner | None = None
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's runner state, until the runner exists
         self._user_writers = None if writers is None else list(writers)
-        self._writer: AttentionWriter | None = self._own_writer()
+        self._writer: WriterSet | None = self._own_writer()
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -442,7 +449,7 @@ class AttentionMonitor(Callback):
             ProbeRunner.check_model(self._vit, self.options, self.layout)
         self._setup_writers(trainer)
 
-    def _own_writer(self) -> AttentionWriter | None:
+    def _own_writer(self) -> WriterSet | None:
         """The user's `writer=` as one writer, or None: the trainer's loggers then get one each at setup."""
         return None if self._user_writers is None else WriterSet(in_background(self._user_writers))
 
@@ -592,8 +599,6 @@ class AttentionMonitor(Callback):
                         convert_input=plugin.convert_input,
                     )
                 fired = self._check_alerts(trainer, result)
-                if trainer.is_global_zero:
-                    self._write(result, fired)
                 self.last_metrics = result.scalars
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
@@ -606,6 +611,8 @@ class AttentionMonitor(Callback):
                 )
                 self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
                 return
+            if trainer.is_global_zero:
+                self._write(result, fired)
         self._stop_on(trainer, fired)
         self._last_step = step
         self._logged = (id(trainer), step)
@@ -642,8 +649,21 @@ class AttentionMonitor(Callback):
         return fired
 
     def _write(self, result: ProbePass, alerts: Sequence[Alert] = ()) -> None:
+        """Hand the pass to the writers; a failure (this pass's, or an earlier one's on a writer thread) follows
+        ``on_error`` and names the pass it belongs to: the pass itself ran and is in the history."""
         assert self._writer is not None
-        result.write(self._writer, [(f"{tag_prefix(self.name)}/alerts/{a.rule}", a.message) for a in alerts])
+        try:
+            result.write(self._writer, [(f"{tag_prefix(self.name)}/alerts/{a.rule}", a.message) for a in alerts])
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            cause = err.__cause__ if isinstance(err, WriteError) and err.__cause__ is not None else err
+            step = err.step if isinstance(err, WriteError) and err.step is not None else result.step
+            self._warn_once(
+                f"write {type(cause).__name__}",
+                f"AttentionMonitor could not write the pass at step {step}: {err}. Training goes on; this warning is "
+                "shown once per kind of error (pass on_error='raise' to stop on it instead).",
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -660,22 +680,23 @@ class AttentionMonitor(Callback):
             if self.on_error == "raise":
                 raise
             self._warn_once(
-                type(err).__name__,
-                f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}",
+                f"fit end {type(err).__name__}", f"AttentionMonitor could not write everything at the end of fit: {err}"
             )
 
     def _drain(self, when: str) -> None:
-        """Wait for the passes still being written on the writer thread (their errors follow ``on_error``)."""
+        """Wait for the passes still being written on the writer thread (their errors follow ``on_error``). On an
+        exception and at teardown the wait is bounded (``write_timeout``) and the thread stops: Lightning skips
+        ``teardown`` when a run fails, so ``on_exception`` is the failed run's only way out."""
         writer = self._writer
         if writer is None:
             return
         try:
-            writer.drain() if when != "teardown" else writer.close()
+            writer.drain() if when == "checkpoint" else writer.close(timeout=self.write_timeout)
         except Exception as err:
             if self.on_error == "raise" and when != "exception":
                 raise
             self._warn_once(
-                type(err).__name__, f"AttentionMonitor could not write a pass ({when}): {type(err).__name__}: {err}"
+                f"{when} {type(err).__name__}", f"AttentionMonitor could not write everything ({when}): {err}"
             )
 
     @override
