@@ -125,6 +125,9 @@ def _checked(
     """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
     model and the options are checked against each other."""
     backend = backend_for(model, layout)
+    # the query against the model's tokens (`cls` on a GAP ViT, `cls_dist` without a distillation token): at setup,
+    # not at every pass
+    backend.layout(backend.input_size() or (224, 224), options.query)
     num_layers = len(backend.attention_layers())
     indices = tuple(
         resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers")
