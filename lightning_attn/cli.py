@@ -180,8 +180,8 @@ def _batches(args: argparse.Namespace, model: nn.Module) -> tuple[list[Path], li
         chunk = paths[start : start + args.batch_size]
         try:
             batches.append(load_images(chunk, transform))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read an image among {[str(p) for p in chunk]}: {err}") from None
+        except (OSError, ValueError) as err:  # names the file
+            raise UsageError(str(err)) from None
     return paths, batches
 
 

@@ -3,6 +3,8 @@ message naming the problem and the fix, before any training step: not at every p
 
 from __future__ import annotations
 
+import re
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -69,3 +71,55 @@ def test_settings_that_can_never_work_fail_at_setup(tmp_path, model, kwargs, mat
     with pytest.raises(ValueError, match=match):
         trainer.fit(_Holder(MODELS[model]()), *lit.loaders())
     assert trainer.global_step == 0
+
+
+def _bad_image(tmp_path, kind: str):
+    from PIL import Image
+
+    path = tmp_path / f"{kind}.png"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("a caption, not an image")
+    elif kind == "truncated":
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(path)
+        path.write_bytes(path.read_bytes()[:40])
+    else:  # "bomb": more pixels than PIL opens (its limit lowered, as a huge file would exceed the real one)
+        Image.new("RGB", (32, 32)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("empty", "is not an image file PIL can open"),
+        ("text", "is not an image file PIL can open"),
+        ("truncated", "is not an image file PIL can open"),
+        ("bomb", r"has more pixels than PIL opens by default .*raise `PIL\.Image\.MAX_IMAGE_PIXELS`"),
+    ],
+)
+def test_unreadable_probe_images_name_the_file_in_the_callback_and_the_command(
+    tmp_path, monkeypatch, capsys, kind, match
+):
+    from PIL import Image
+
+    from lightning_attn.cli import main
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32 // 4)  # 4x over it: DecompressionBombError
+    path = _bad_image(tmp_path, kind)
+    monitor = AttentionMonitor([path], mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match=f"{kind}.png.*{match}"):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(_Holder(_timm()), *lit.loaders())
+    assert main(["render", "timm:vit_tiny_patch16_224", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{kind}.png" in err and "Traceback" not in err
+    assert re.search(match, err)
+
+
+def test_a_transform_that_returns_no_tensor_fails_at_setup(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(tmp_path / "ok.png")
+    monitor = AttentionMonitor([tmp_path / "ok.png"], transform=lambda image: image.resize((32, 32)))
+    with pytest.raises(ValueError, match=r"`transform` returned Image, not a \(C, H, W\) tensor: end it with"):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(_Holder(_timm()), *lit.loaders())
