@@ -303,7 +303,9 @@ class AttentionMonitor(Callback):
             )
         writers = [writer] if isinstance(writer, AttentionWriter) else writer
         if writers is not None and (
-            isinstance(writers, (str, bytes)) or not writers or not all(isinstance(w, AttentionWriter) for w in writers)
+            not isinstance(writers, (list, tuple))
+            or not writers
+            or not all(isinstance(w, AttentionWriter) for w in writers)
         ):
             raise ValueError(
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
@@ -381,7 +383,15 @@ class AttentionMonitor(Callback):
                     f"`module={self.module!r}` is not a submodule of {type(pl_module).__name__}: {err}. "
                     f"ViT candidates found: {names or 'none'}"
                 ) from None
-            return getattr(found, "_orig_mod", found)
+            found = getattr(found, "_orig_mod", found)
+            inner = [n for n, _ in find_vision_transformers(found)]
+            if self.layout is None and inner and "" not in inner:  # a wrapper (lightly's backbones): name the ViT
+                paths = [f"{self.module}.{n}" for n in inner]
+                raise ValueError(
+                    f"`module={self.module!r}` is a {type(found).__name__}, which holds the ViT at {paths}: pass "
+                    f"`module={paths[0]!r}`"
+                )
+            return found
         candidates = find_vision_transformers(pl_module)
         if len(candidates) == 1:
             return candidates[0][1]
@@ -417,8 +427,8 @@ class AttentionMonitor(Callback):
             self._baseline_done, self._last_step = False, None
             self._warn_once(
                 "resume-changed",
-                f"AttentionMonitor resumed with other {' and '.join(changed)} than the checkpoint: drift and the "
-                "filmstrip start again from a new baseline at this step; the scalar curves go on.",
+                f"AttentionMonitor resumed with other settings than the checkpoint's ({'; '.join(changed)}): drift "
+                "and the filmstrip start again from a new baseline at this step; the scalar curves go on.",
             )
 
     @override

@@ -243,6 +243,13 @@ def _index(
 def render(args: argparse.Namespace) -> int:
     model = _device(_vit(args.model, args), args.device)
     options = _options(args, diagnostics=True, head_layers=(-1,))
+    classes = backend_for(model).num_classes
+    if args.target is not None and (args.target < 0 or (classes is not None and args.target >= classes)):
+        known = f"{args.model} has {classes} classes (0..{classes - 1})" if classes else "class indices are >= 0"
+        raise UsageError(
+            f"`--target {args.target}` is out of range: {known}; pass a class index, or leave it out to explain "
+            "each image's predicted class"
+        )
     paths, batches = _batches(args, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

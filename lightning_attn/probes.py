@@ -79,6 +79,12 @@ def _check_labels(labels: object, batch: int) -> Tensor:
             f"`labels` must be integer class indices, got {values.dtype} (floats would be truncated): pass "
             "`labels.long()` if they hold whole numbers"
         )
+    if values.dim() > 1:
+        # (B, 1) would read as B labels, one-hot (B, C) as B x C: say which shape, not guess
+        raise ValueError(
+            f"`labels` must be 1-D, one class index per probe, got shape {tuple(values.shape)}: pass "
+            "`labels.view(-1)` for (B, 1) labels, `labels.argmax(1)` for one-hot ones"
+        )
     values = values.long().reshape(-1)
     if values.shape[0] != batch:
         raise ValueError(f"`labels` has {values.shape[0]} entries for {batch} probes: pass one per probe")
@@ -274,9 +280,12 @@ def _read(batch: Any, batch_to_probes: BatchToProbes | None) -> tuple[Tensor, Te
     if batch_to_probes is None:
         return split_batch(batch)
     out = batch_to_probes(batch)
-    images, labels = (out, None) if isinstance(out, Tensor) else out
-    if not isinstance(images, Tensor):
-        raise ValueError(f"`batch_to_probes` must return images or (images, labels), got {type(out).__name__}")
+    if isinstance(out, Tensor):
+        out = (out, None)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"a {len(out)}-item {type(out).__name__}"
+        raise ValueError(f"`batch_to_probes` must return images (a (B, C, H, W) tensor) or (images, labels), got {got}")
+    images, labels = out
     return images, labels, None
 
 

@@ -428,7 +428,7 @@ class ProbeRunner:
         if display is not None:
             now = (self.display() * 255).round().to(torch.uint8).cpu()
             if tuple(display.shape) != tuple(now.shape) or not torch.equal(display, now):
-                found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
+                found.append(f"probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
         before = state.get("comparable")
         if before is not None:
             found += [
@@ -437,8 +437,8 @@ class ProbeRunner:
                 if k in before and before[k] != v
             ]
         history = state.get("history") or []
-        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
-            found.append("the number of probes")
+        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]) and not found:
+            found.append(f"a number of probes ({history[0][1].shape[0]} then, {len(self.probes)} now)")
         return found
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

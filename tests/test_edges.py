@@ -116,15 +116,21 @@ def _resume(tmp_path, first: AttentionMonitor, second: AttentionMonitor, **val) 
 @pytest.mark.parametrize(
     "first, second, what",
     [
-        (dict(probes=_probes(2)), dict(probes=_probes(3)), "the probes"),
-        (dict(probes=2), dict(probes=4), "the probes"),
-        (dict(probes=_probes(2)), dict(probes=_probes(2), head_fusion="max"), "`head_fusion`"),
+        (dict(probes=_probes(2)), dict(probes=_probes(3)), r"probes \(2 then, 3 now, or other images\)"),
+        (dict(probes=2), dict(probes=4), r"probes \(2 then, 4 now, or other images\)"),
+        (
+            dict(probes=_probes(2)),
+            dict(probes=_probes(2), head_fusion="max"),
+            r"`head_fusion` \('mean' then, 'max' now\)",
+        ),
     ],
 )
 def test_resume_with_other_probes_or_map_options_starts_a_new_baseline(tmp_path, first, second, what):
     a = AttentionMonitor(**first, tile_size=16)
     b = AttentionMonitor(**second, tile_size=16)
-    with pytest.warns(RuntimeWarning, match=f"resumed with other {what}.*new baseline at this step"):
+    # one reason, said once, in a sentence that reads
+    match = f"resumed with other settings than the checkpoint's \\({what}\\): drift .*new baseline at this step"
+    with pytest.warns(RuntimeWarning, match=match):
         trainer = _resume(tmp_path, a, b)
     # the new baseline is taken at the resume step (8) and every later pass logs; nothing skipped
     assert [s for s, _ in b.runner.history] == [8, 12]
@@ -378,7 +384,10 @@ def test_a_custom_vit_on_multihead_attention_works_with_layout(tmp_path):
     trainer.fit(_LitTutorial(), *lit.loaders())
     assert _raw_steps(trainer.logger.log_dir) == [0, 4]
     assert monitor.last_metrics["attention_entropy/relevance/layer_01"] >= 0
-    with pytest.raises(ValueError, match="not a supported Vision Transformer"):  # without layout: what to do
+    # without layout: what to do, `layout=` included
+    with pytest.raises(
+        ValueError, match=r"not a supported Vision Transformer.*`nn\.MultiheadAttention`.*layout=TokenLayout"
+    ):
         lit.trainer(tmp_path / "b", [AttentionMonitor(_probes())]).fit(_LitTutorial(), *lit.loaders())
 
 

@@ -123,3 +123,60 @@ def test_a_transform_that_returns_no_tensor_fails_at_setup(tmp_path):
     monitor = AttentionMonitor([tmp_path / "ok.png"], transform=lambda image: image.resize((32, 32)))
     with pytest.raises(ValueError, match=r"`transform` returned Image, not a \(C, H, W\) tensor: end it with"):
         lit.trainer(tmp_path, [monitor], max_epochs=1).fit(_Holder(_timm()), *lit.loaders())
+
+
+class _Wrapper(torch.nn.Module):
+    """A backbone that holds the ViT one level down, as lightly's `MaskedVisionTransformerTIMM` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = _timm()
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, match",
+    [
+        (
+            lambda: _Wrapper(),
+            dict(module="model"),
+            r"`module='model'` is a _Wrapper, which holds the ViT at \['model\.vit'\]: pass `module='model\.vit'`",
+        ),
+        (
+            lambda: _timm(),
+            dict(probes=2, batch_to_probes=lambda batch: "images"),
+            r"`batch_to_probes` must return images \(a \(B, C, H, W\) tensor\) or \(images, labels\), got str",
+        ),
+    ],
+)
+def test_messages_point_the_right_way_at_setup(tmp_path, model, kwargs, match):
+    monitor = AttentionMonitor(**{"probes": families.images(2), "mean": (0.5,) * 3, "std": (0.5,) * 3, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(_Holder(model()), *lit.loaders())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(writer=object()), r"`writer` must be None .* got <object object"),
+        (dict(labels=torch.tensor([[0], [1]])), r"`labels` must be 1-D.*got shape \(2, 1\): pass `labels\.view\(-1\)`"),
+    ],
+)
+def test_messages_point_the_right_way_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttentionMonitor(families.images(2), **kwargs)
+
+
+def test_a_target_beyond_the_classes_names_the_option(tmp_path, capsys):
+    from PIL import Image
+
+    from lightning_attn.cli import main
+
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(tmp_path / "ok.png")
+    args = ["render", "timm:vit_tiny_patch16_224", str(tmp_path / "ok.png"), "-o", str(tmp_path), "--target", "99999"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "`--target 99999` is out of range: timm:vit_tiny_patch16_224 has 1000 classes (0..999)" in err
+    assert "`labels`" not in err and len(err.strip().splitlines()) == 1
