@@ -344,7 +344,8 @@ def _states_in(checkpoint: Path, trust_checkpoint: bool) -> list[tuple[str, dict
 
 
 def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
-    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state."""
+    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state; in a folder,
+    unreadable or refused checkpoints are skipped with a note."""
     if path.is_dir():
         checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if not checkpoints:
@@ -353,10 +354,21 @@ def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tupl
         checkpoints = [path]
     else:
         raise UsageError(f"{str(path)!r} does not exist: pass a run's log folder or a .ckpt file")
+    skipped: list[ValueError] = []
     for checkpoint in checkpoints:
-        states = _states_in(checkpoint, trust_checkpoint)
+        try:
+            states = _states_in(checkpoint, trust_checkpoint)
+        except ValueError as err:
+            if path.is_file():
+                raise
+            skipped.append(err)  # a file cut short by a crash, or refused: an older one beside it may do
+            continue
         if states:
+            for err in skipped:
+                print(f"lightning-attn replay: note: skipped a newer checkpoint: {err}", file=sys.stderr)
             return checkpoint, states
+    if skipped and len(skipped) == len(checkpoints):
+        raise skipped[0]
     names = ", ".join(c.name for c in checkpoints[:3])
     raise UsageError(f"no AttentionMonitor state in {names}: was the monitor among the run's callbacks?")
 

@@ -311,3 +311,18 @@ def test_trust_checkpoint_loads_a_trusted_file_with_other_objects(run_dir, tmp_p
     assert (tmp_path / "out" / "index.html").is_file()
     render = ["render", str(tmp_path / "trusted.ckpt"), "--model-class", "lit.LitViT", str(run_dir / "images")]
     assert main([*render, "-o", str(tmp_path / "r"), "--quiet", "--trust-checkpoint", "--tile-size", "16"]) == 0
+
+
+def test_replay_skips_an_unreadable_newest_checkpoint_with_a_note(run_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir / "ckpt", folder)
+    cut = folder / "epoch=9-step=99.ckpt"  # newest, cut short as by a crash while it was written
+    cut.write_bytes((folder / "last.ckpt").read_bytes()[:1000])
+    os.utime(cut, (cut.stat().st_atime, cut.stat().st_mtime + 60))
+    assert main(["replay", str(folder), "-o", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "note: skipped a newer checkpoint" in captured.err and "epoch=9-step=99.ckpt" in captured.err
+    assert "epoch=9-step=99.ckpt" not in captured.out and (tmp_path / "out" / "index.html").is_file()
+    assert main(["replay", str(cut), "-o", str(tmp_path / "out")]) == 2  # the file itself, named: no fallback
