@@ -364,8 +364,8 @@ def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tupl
             skipped.append(err)  # a file cut short by a crash, or refused: an older one beside it may do
             continue
         if states:
-            for err in skipped:
-                print(f"lightning-attn replay: note: skipped a newer checkpoint: {err}", file=sys.stderr)
+            for reason in skipped:
+                print(f"lightning-attn replay: note: skipped a newer checkpoint: {reason}", file=sys.stderr)
             return checkpoint, states
     if skipped and len(skipped) == len(checkpoints):
         raise skipped[0]
