@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
@@ -588,7 +588,15 @@ class AttentionMonitor(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, record = self._step(trainer)
         if (id(trainer), step) == self._logged:
-            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged here
+            # e.g. trainer.validate() right after fit: same weights, same step, already logged here
+            if "same-step" not in self._warned:
+                self._warned.add("same-step")
+                what = getattr(trainer.state.fn, "value", "pass")
+                rank_zero_info(
+                    f"AttentionMonitor logs nothing for this {what} at step {step}: the pass of this step, with these "
+                    "weights, is already logged (at the end of fit)."
+                )
+            return
         assert self._vit is not None, "setup() must run before a probe pass"
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():

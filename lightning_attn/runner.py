@@ -360,7 +360,10 @@ class ProbeRunner:
         if not history:
             return out
         # baseline plus the most recent passes of the final-layer map, one row per probe
-        frames = self.history[:1] + self.history[1:][-options.filmstrip_length :] + list(extra_frames)
+        # a pass outside the history at a recorded step (validate from that step's checkpoint) takes its column
+        outside = {s for s, _ in extra_frames}
+        recorded = [frame for frame in self.history if frame[0] not in outside]
+        frames = recorded[:1] + recorded[1:][-options.filmstrip_length :] + list(extra_frames)
         tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
         header = ["image"] + [f"s{s}" for s, _ in frames]
         out.append(Panel(f"{p}/filmstrip", make_grid(tiles, header, rows), rows))

@@ -256,17 +256,26 @@ def test_class_names_on_the_rows(tmp_path):
 # ----------------------------------------------------------------------------- validate from a checkpoint
 
 
-def test_validate_with_ckpt_path_logs_at_the_checkpoints_step_outside_the_history(tmp_path):
+def test_validate_with_ckpt_path_logs_at_the_checkpoints_step_outside_the_history(tmp_path, caplog):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    lit.trainer(
+    fit = lit.trainer(
         tmp_path / "fit", [AttentionMonitor(_probes(), tile_size=16), ckpt], enable_checkpointing=True, max_epochs=2
-    ).fit(lit.LitViT(), *lit.loaders())
+    )
+    model = lit.LitViT()
+    fit.fit(model, *lit.loaders())
+    with caplog.at_level("INFO"):
+        fit.validate(model, lit.loaders()[1], verbose=False)  # right after fit: nothing new, and it says so
+    assert "AttentionMonitor logs nothing for this validate at step 8" in caplog.text
     monitor = AttentionMonitor(_probes(), tile_size=16)
     trainer = lit.trainer(tmp_path / "val", [monitor])
     trainer.validate(lit.LitViT(), lit.loaders()[1], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
     assert _raw_steps(trainer.logger.log_dir) == [8]  # the checkpoint's step, not 0
     # the run's history came back with the checkpoint; the validate-only pass did not add to it
     assert [s for s, _ in monitor.runner.history] == [0, 4, 8]
+    # its filmstrip column replaces the recorded step 8 (s0 s4 s8), not repeats it (s0 s4 s8 s8)
+    (during_fit,) = [e for e in lit.read_events(fit.logger.log_dir).Images("attention/filmstrip") if e.step == 8]
+    (validated,) = lit.read_events(trainer.logger.log_dir).Images("attention/filmstrip")
+    assert (validated.width, validated.height) == (during_fit.width, during_fit.height)
 
 
 # ----------------------------------------------------------------------------- batches of every shape
