@@ -18,23 +18,17 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor, nn
+# torch, Lightning and the modules built on them are imported by the commands that use them: `--help` and a bad
+# argument answer at once
+from .names import METHODS, QUERIES
 
-from .backends import backend_for, find_vision_transformers
-from .diagnostics import attention_drift
-from .layout import QUERIES
-from .loading import find_images, load_checkpoint_state, load_model
-from .maps import METHODS
-from .options import ProbeOptions
-from .probes import Probes, load_images
-from .render import make_grid, overlay
-from .runner import Panel, ProbeRunner, redraw
-from .writers.files import file_name, save_gif
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from .options import ProbeOptions
+    from .runner import Panel
 
 __all__ = ["main"]
 
@@ -140,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
+    from .backends import backend_for, find_vision_transformers
+    from .loading import load_model
+
     root = load_model(
         spec, model_class=args.model_class, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint
     )
@@ -158,6 +155,8 @@ def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
+    from .options import ProbeOptions
+
     return ProbeOptions(
         methods=tuple(args.methods),
         layers=args.layers,
@@ -171,6 +170,10 @@ def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
 
 
 def _batches(args: argparse.Namespace, model: nn.Module) -> tuple[list[Path], list[Tensor]]:
+    from .backends import backend_for
+    from .loading import find_images
+    from .probes import load_images
+
     if args.batch_size < 1:
         raise UsageError(f"`--batch-size` must be >= 1, got {args.batch_size}")
     paths = find_images(args.images)
@@ -186,6 +189,8 @@ def _batches(args: argparse.Namespace, model: nn.Module) -> tuple[list[Path], li
 
 
 def _device(model: nn.Module, device: str) -> nn.Module:
+    import torch
+
     try:
         return model.to(torch.device(device))
     except (RuntimeError, AssertionError) as err:
@@ -201,6 +206,10 @@ def _progress(items: Sequence[Any], quiet: bool, what: str) -> Any:
 
 
 def _save(panel: Panel, directory: Path, suffix: str = "") -> str:
+    from PIL import Image
+
+    from .writers.files import file_name
+
     name = file_name(panel.tag) + suffix + ".png"
     Image.fromarray(panel.image).save(directory / name)
     return name
@@ -241,6 +250,12 @@ def _index(
 
 
 def render(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends import backend_for
+    from .probes import Probes
+    from .runner import ProbeRunner
+
     model = _device(_vit(args.model, args), args.device)
     options = _options(args, diagnostics=True, head_layers=(-1,))
     classes = backend_for(model).num_classes
@@ -276,6 +291,14 @@ def render(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .diagnostics import attention_drift
+    from .probes import Probes
+    from .render import make_grid, overlay
+    from .runner import Panel, ProbeRunner
+
     model_a = _device(_vit(args.model_a, args), args.device)
     model_b = _device(_vit(args.model_b, args), args.device)
     options = _options(args, diagnostics=False, head_layers=(), aggregates=())
@@ -335,6 +358,8 @@ def compare(args: argparse.Namespace) -> int:
 
 
 def _states_in(checkpoint: Path, trust_checkpoint: bool) -> list[tuple[str, dict[str, Any]]]:
+    from .loading import load_checkpoint_state
+
     callbacks = load_checkpoint_state(checkpoint, trust_checkpoint=trust_checkpoint).get("callbacks") or {}
     return [
         (key, state["runner"])
@@ -374,6 +399,9 @@ def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tupl
 
 
 def replay(args: argparse.Namespace) -> int:
+    from .runner import redraw
+    from .writers.files import file_name, save_gif
+
     checkpoint, states = _monitor_states(Path(args.logdir), args.trust_checkpoint)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

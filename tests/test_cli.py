@@ -326,3 +326,22 @@ def test_replay_skips_an_unreadable_newest_checkpoint_with_a_note(run_dir, tmp_p
     assert "note: skipped a newer checkpoint" in captured.err and "epoch=9-step=99.ckpt" in captured.err
     assert "epoch=9-step=99.ckpt" not in captured.out and (tmp_path / "out" / "index.html").is_file()
     assert main(["replay", str(cut), "-o", str(tmp_path / "out")]) == 2  # the file itself, named: no fallback
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    # `lightning-attn --help` must answer at once: the heavy modules come with the commands that use them
+    code = (
+        "import sys\nfrom lightning_attn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'timm', 'numpy', 'PIL'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_every_exported_name_resolves_lazily():
+    import lightning_attn
+
+    assert sorted(lightning_attn._EXPORTS) == sorted(lightning_attn.__all__)
+    for name in lightning_attn.__all__:
+        value = getattr(lightning_attn, name)
+        assert getattr(value, "__name__", name) == name or not callable(value), name
