@@ -76,6 +76,12 @@ def _map_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--batch-size", type=int, default=16, help="images per probe pass")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--class-names",
+        nargs="+",
+        metavar="NAME",
+        help="one name per class, in class-index order, or a text file with one per line: shown instead of indices",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +146,9 @@ def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
     root = load_model(
         spec, model_class=args.model_class, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint
     )
+    if spec.startswith("timm:") and not args.pretrained:
+        # maps of an untrained model look like something: say what they are, here and on the page
+        _note(args, f"{spec} has random weights (no `--pretrained`): its maps show an untrained model")
     if args.module:
         try:
             root = root.get_submodule(args.module)
@@ -154,10 +163,35 @@ def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
     raise UsageError(f"{spec} holds several ViTs {names}: pass `--module {names[-1]}`")
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    """Say ``text`` at the top of the page and, once the command succeeded, on stderr (an error stays one line)."""
+    args.notes = [*getattr(args, "notes", []), text]
+
+
+def _class_names(args: argparse.Namespace) -> tuple[str, ...] | None:
+    names = args.class_names
+    if names and len(names) == 1 and Path(names[0]).is_file():
+        names = [line.strip() for line in Path(names[0]).read_text().splitlines() if line.strip()]
+    return tuple(names) if names else None
+
+
+def _image_table(paths: list[Path], predicted: list[int] | None, names: Sequence[str] | None) -> list[list[Any]]:
+    """The page's table of images: the number on the rows of the pictures, the file, the predicted class."""
+    rows: list[list[Any]] = [["#", "file", *(["predicted"] if predicted is not None else [])]]
+    for i, path in enumerate(paths):
+        row: list[Any] = [f"#{i}", str(path)]
+        if predicted is not None:
+            k = predicted[i]
+            row.append(f"{names[k]} ({k})" if names is not None and 0 <= k < len(names) else k)
+        rows.append(row)
+    return rows
+
+
 def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
     from .options import ProbeOptions
 
     return ProbeOptions(
+        class_names=_class_names(args),
         methods=tuple(args.methods),
         layers=args.layers,
         head_fusion=args.head_fusion,
@@ -221,14 +255,17 @@ def _index(
     pictures: list[tuple[str, str]],
     tables: list[tuple[str, list[list[Any]]]],
     tables_first: bool = False,
+    notes: Sequence[str] = (),
 ) -> None:
-    """A one-page ``index.html``: the pictures, and the tables (folded unless ``tables_first``)."""
+    """A one-page ``index.html``: the notes, the pictures, and the tables (folded unless ``tables_first``)."""
     parts = [
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}</style>",
+        "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}"
+        ".note{background:#fff3cd;padding:4px 8px}</style>",
         f"<h1>{html.escape(title)}</h1>",
+        *[f"<p class='note'><strong>note:</strong> {html.escape(note)}</p>" for note in notes],
     ]
     folded = []
     for caption, rows in tables:
@@ -270,6 +307,7 @@ def render(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pictures: list[tuple[str, str]] = []
     results: list[dict[str, Any]] = []
+    predicted: list[int] | None = []
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
         labels = None if args.target is None else torch.full((images.shape[0],), args.target)
         runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
@@ -278,13 +316,22 @@ def render(args: argparse.Namespace) -> int:
         for panel in result.panels:
             pictures.append((f"{panel.tag} (images {index * args.batch_size}..)", _save(panel, out, f"_{index:03d}")))
         results.append({"images": [str(p) for p in chunk], "scalars": result.scalars})
+        logits = result.maps.logits
+        predicted = None if logits is None or predicted is None else predicted + logits.argmax(-1).tolist()
     (out / "scalars.json").write_text(json.dumps({"model": args.model, "batches": results}, indent=1) + "\n")
     scalars = sorted(results[0]["scalars"].items())
     _index(
         out,
         f"lightning-attn render {args.model}",
         pictures,
-        [("scalars (first batch, means over its images)", [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]])],
+        [
+            ("images (the numbers on the rows)", _image_table(paths, predicted, options.class_names)),
+            (
+                "scalars (first batch, means over its images)",
+                [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]],
+            ),
+        ],
+        notes=getattr(args, "notes", ()),
     )
     print(f"wrote {len(pictures)} PNG files, scalars.json and index.html to {out}")
     return 0
@@ -350,9 +397,11 @@ def compare(args: argparse.Namespace) -> int:
             (
                 "drift from A to B per layer, most first (Jensen–Shannon divergence, bits, mean over images)",
                 [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]],
-            )
+            ),
+            ("images (the numbers on the rows)", _image_table(paths, None, None)),
         ],
         tables_first=True,
+        notes=getattr(args, "notes", ()),
     )
     return 0
 
@@ -425,7 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        status = {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        for note in getattr(args, "notes", ()):
+            print(f"lightning-attn {args.command}: note: {note}", file=sys.stderr)
+        return status
     except (ValueError, OSError) as err:  # bad input: one line, the fix in it
         if args.debug:
             traceback.print_exc()

@@ -345,3 +345,27 @@ def test_every_exported_name_resolves_lazily():
     for name in lightning_attn.__all__:
         value = getattr(lightning_attn, name)
         assert getattr(value, "__name__", name) == name or not callable(value), name
+
+
+def test_pages_name_the_files_and_classes_and_say_when_weights_are_random(run_dir, tmp_path, capsys):
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nbird\n")
+    images = sorted((run_dir / "images").glob("*.png"))
+    ckpt = str(run_dir / "ckpt" / "last.ckpt")
+    args = ["render", ckpt, "--model-class", "lit.LitViT", str(run_dir / "images"), "--tile-size", "16", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "a"), "--class-names", str(names)]) == 0
+    vit = _vit_of(run_dir / "ckpt" / "last.ckpt")
+    logits = vit(load_images(images, backend_for(vit).transform()))
+    page = (tmp_path / "a" / "index.html").read_text()
+    for i, (path, k) in enumerate(zip(images, logits.argmax(-1).tolist())):
+        expected = f"<tr><td>#{i}</td><td>{path}</td><td>{['cat', 'dog', 'bird'][k]} ({k})</td></tr>"
+        assert expected in page
+    assert "random weights" not in page + capsys.readouterr().err
+    image = str(images[0])
+    assert main(["render", "timm:vit_tiny_patch16_224", image, "-o", str(tmp_path / "b"), "--layers", "-1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: timm:vit_tiny_patch16_224 has random weights (no `--pretrained`)" in err
+    assert (
+        "<p class='note'><strong>note:</strong> timm:vit_tiny_patch16_224 has random weights"
+        in (tmp_path / "b" / "index.html").read_text()
+    )
