@@ -416,7 +416,7 @@ class ProbeRunner:
         grid(f"{p}/filmstrip", stacked, ["image"] + [f"s{s}" for s, _ in frames], rows)
         if scalars and self.scalar_history:
             # the whole run of each per-layer metric in one picture (rows = layers, columns = logged steps)
-            for chart, (layers, steps, values) in layer_series(self.scalar_history).items():
+            for chart, (layers, steps, values) in layer_series(_thinned(self.scalar_history)).items():
                 section, _, rest = chart.partition("/")
                 bounds = _bounds(section[len(p) + 1 :]) if options.scale == "relative" else None
                 picture = layer_step_image(values, steps, chart, layers=layers, value_range=bounds)
@@ -506,6 +506,20 @@ class ProbeRunner:
 def _animation_tags(count: int, prefix: str, method: str) -> list[str]:
     """The tag of each animated probe (the first :data:`MAX_ANIMATED`)."""
     return [f"{prefix}/{method}_evolution/probe_{i:02d}" for i in range(min(count, MAX_ANIMATED))]
+
+
+#: The most logged steps a layers x steps picture shows: beyond it the columns are spread evenly over the run (the
+#: first and the latest always in), so drawing a pass costs the same at pass 1000 as at pass 100.
+MAX_STEP_COLUMNS = 120
+
+
+def _thinned(history: Sequence[tuple[int, Mapping[str, float]]]) -> Sequence[tuple[int, Mapping[str, float]]]:
+    """At most :data:`MAX_STEP_COLUMNS` entries of ``history``, evenly spaced, the first and the last included."""
+    count = len(history)
+    if count <= MAX_STEP_COLUMNS:
+        return history
+    picks = np.unique(np.linspace(0, count - 1, MAX_STEP_COLUMNS).round().astype(np.int64))
+    return [history[i] for i in picks]
 
 
 #: Natural bounds of the per-layer metrics drawn as layers x steps pictures, by section (after the prefix): with

@@ -249,3 +249,24 @@ def test_labelled_probes_show_the_baseline_prediction_and_options_decide():
     assert rows_of(never.run(step=0)) == ["#0 y1", "#1 y4"]
     with pytest.raises(ValueError, match="`predictions` must be one of"):
         ProbeOptions(predictions="yes")
+
+
+def test_layers_steps_pictures_stop_growing_with_the_run():
+    """What a pass draws must not grow with the history: at most MAX_STEP_COLUMNS steps, first and latest in."""
+    from lightning_attn.report import layer_series
+    from lightning_attn.runner import MAX_STEP_COLUMNS, _thinned
+
+    vit = grey_vit(4)
+    runner = ProbeRunner(vit, Probes(torch.rand(2, 3, 64, 64)), ProbeOptions(tile_size=16))
+    result = runner.run(step=0)
+    scalars = result.scalars
+    widths = {}
+    for passes in (MAX_STEP_COLUMNS, 5 * MAX_STEP_COLUMNS):
+        runner.scalar_history = [(10 * i, dict(scalars)) for i in range(passes)]
+        panels = runner.panels(result.maps, scalars)
+        widths[passes] = {p.tag: p.image.shape for p in panels if "layers_steps" in p.tag}
+    assert widths[MAX_STEP_COLUMNS] == widths[5 * MAX_STEP_COLUMNS]
+    thinned = _thinned(runner.scalar_history)
+    assert len(thinned) == MAX_STEP_COLUMNS and thinned[0][0] == 0 and thinned[-1][0] == 10 * (5 * MAX_STEP_COLUMNS - 1)
+    steps = layer_series(thinned)["attention_entropy/raw"][1]
+    assert steps == sorted(set(steps))  # evenly spread, in order, no repeats
