@@ -38,6 +38,7 @@ __all__ = [
     "peak_notes",
     "peak_ratio",
     "relative_scale",
+    "tile_images",
     "tile_shape",
     "to_display",
     "with_colour_bar",
@@ -264,6 +265,24 @@ def tile_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
     return max(1, round(tile_size * height / width)), tile_size
 
 
+def tile_images(images: Tensor, tile_size: int) -> Tensor:
+    """(B, 3, H, W) images in [0, 1] resized to their tile (:func:`tile_shape`; bilinear, antialiased), float32.
+    Images already at their tile's size are returned as they are, so a caller drawing many grids of the same
+    images resizes them once and hands the result to :func:`overlay`.
+
+    Example::
+
+        >>> tiled = tile_images(torch.rand(2, 3, 64, 96), 48)
+        >>> tuple(tiled.shape), tile_images(tiled, 48) is tiled
+        ((2, 3, 32, 48), True)
+    """
+    size = tile_shape(images.shape[-2], images.shape[-1], tile_size)
+    if tuple(images.shape[-2:]) == size and images.dtype == torch.float32:
+        return images
+    shown = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return shown.clamp(0.0, 1.0)
+
+
 def _check_alpha(alpha: float) -> None:
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be a number in [0, 1] (weight of the heatmap), got {alpha!r}")
@@ -323,8 +342,7 @@ def overlay(
     check_cmap(cmap)
     check_colour_scale(scale, colour_range)
     size = tile_shape(images.shape[-2], images.shape[-1], tile_size)
-    shown = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    shown = shown.clamp(0.0, 1.0).unsqueeze(1)
+    shown = tile_images(images, tile_size).unsqueeze(1)
     maps = maps.float().to(images.device)
     if scale == "relative":
         _check_finite(maps)
@@ -491,12 +509,14 @@ def make_grid(
     top = LABEL_SIZE if col_labels is not None else 0
     left = LABEL_SIZE if row_labels is not None else 0
 
-    # Pad every tile right and bottom, lay the tiles out by reshaping, then pad the top-left border and strips.
-    padded = F.pad(tiles.float(), (0, padding, 0, padding), value=_BACKGROUND)
-    grid = padded.permute(2, 0, 3, 1, 4).reshape(3, rows * (th + padding), cols * (tw + padding))
-    grid = F.pad(grid, (left + padding, 0, top + padding, 0), value=_BACKGROUND)
-    pixels = (grid.clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+    # The tiles become uint8 HWC on their device (one pass over the floats) and are copied to the host once; the
+    # white canvas with its strips is laid out in numpy, each tile written into a strided view of it.
+    pixels8 = (tiles.float().clamp(0.0, 1.0) * 255).round_().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
     step_x, step_y = tw + padding, th + padding
+    height, width = grid_shape(rows, cols, th, tw, col_labels is not None, row_labels is not None, padding)
+    pixels = np.full((height, width, 3), round(_BACKGROUND * 255), np.uint8)
+    body = pixels[top + padding :, left + padding :][: rows * step_y, : cols * step_x]
+    body.reshape(rows, step_y, cols, step_x, 3)[:, :th, :, :tw] = pixels8.transpose(0, 2, 1, 3, 4)
     for r, line in enumerate(notes or ()):
         for c, note in enumerate(line):
             if note:

@@ -34,6 +34,7 @@ from .render import (
     matrix_tiles,
     overlay,
     peak_notes,
+    tile_images,
     to_display,
     with_colour_bar,
 )
@@ -229,6 +230,7 @@ class ProbeRunner:
                 stacklevel=2,
             )
         self._display: Tensor | None = None
+        self._tiled: dict[int, Tensor] = {}  # the display at each tile size drawn
         self.baseline: dict[str, Tensor] | None = None
         self.previous: dict[str, Tensor] | None = None
         #: (step, final-layer map (B, gh, gw)) of every pass, for the filmstrip and the animations
@@ -262,7 +264,15 @@ class ProbeRunner:
             self._display = None
         if self._display is None:
             self._display = to_display(self.probes.images.float(), *self.stats)
+            self._tiled = {}
         return self._display
+
+    def _display_at(self, tile_size: int) -> Tensor:
+        """The probes resized to their tiles once, not once per grid and pass."""
+        display = self.display()
+        if tile_size not in self._tiled:
+            self._tiled[tile_size] = tile_images(display, tile_size)
+        return self._tiled[tile_size]
 
     def compute(
         self,
@@ -384,7 +394,7 @@ class ProbeRunner:
     ) -> list[Panel]:
         """The pictures of one pass, in the order they are logged."""
         options, p = self.options, self.prefix
-        display = self.display()
+        display = self._display_at(options.tile_size)
         names, shown = options.class_names, self._show_predictions
         rows = row_labels(len(self.probes), self.probes.labels, maps, "raw", names, self.first_index, shown)
         render = options.render
@@ -437,7 +447,7 @@ class ProbeRunner:
         if not new:
             return
         o = self.options
-        display = self.display()
+        display = self._display_at(2 * o.tile_size)  # the frames' tiles are twice the grids'
         tags = _animation_tags(len(display), self.prefix, o.film_method)
         for step, frame_maps in new:  # encoded pass by pass: only one pass's frames exist as pixels at a time
             for tag, frame in zip(tags, _frames(display, step, frame_maps, o.render)):
