@@ -19,8 +19,9 @@ def _probes(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(7))
 
 
-def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "lightning-attn-writer"]
+def _writer_threads(before: frozenset[threading.Thread] = frozenset()) -> list[threading.Thread]:
+    """The writer threads alive now, other than those in ``before`` (another test's, still winding down)."""
+    return [t for t in threading.enumerate() if t.name == "lightning-attn-writer" and t not in before]
 
 
 class _Recorder(AttentionWriter):
@@ -74,6 +75,7 @@ class _FailsAt(lit.LitViT):
 
 
 def test_ctrl_c_ends_a_run_whose_writer_hangs_and_says_what_was_not_written(tmp_path):
+    before = frozenset(_writer_threads())
     writer = _Hanging()
     monitor = AttentionMonitor(_probes(), tile_size=16, writer=writer, write_timeout=0.5)
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=3)
@@ -93,13 +95,14 @@ def test_ctrl_c_ends_a_run_whose_writer_hangs_and_says_what_was_not_written(tmp_
     finally:
         signal.signal(signal.SIGINT, handler)
         writer.release.set()
-    for thread in _writer_threads():
+    for thread in _writer_threads(before):
         thread.join(5)
-    assert not _writer_threads(), "the writer thread ends once its call returns"
+    assert not _writer_threads(before), "the writer thread ends once its call returns"
     assert writer.steps.count(4) == 1, "the abandoned pass ends with the call it was in"
 
 
 def test_no_writer_thread_outlives_a_failing_fit(tmp_path):
+    before = frozenset(_writer_threads())
     for attempt in range(2):
         writer = _Recorder()
         monitor = AttentionMonitor(_probes(), tile_size=16, writer=writer, head_layers=())
@@ -107,7 +110,9 @@ def test_no_writer_thread_outlives_a_failing_fit(tmp_path):
         with pytest.raises(KeyError, match="stop here"):
             trainer.fit(_FailsAt(5, KeyError), *lit.loaders())
         assert sorted(set(writer.steps)) == [0, 4], "the passes before the failure are written"
-        assert not _writer_threads(), f"fit {attempt}: Lightning skips teardown on failure; on_exception must stop it"
+        assert not _writer_threads(before), (
+            f"fit {attempt}: Lightning skips teardown on failure; on_exception must stop it"
+        )
 
 
 def test_a_writer_raising_system_exit_is_reported_and_the_writer_thread_goes_on(tmp_path):
