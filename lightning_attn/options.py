@@ -15,15 +15,13 @@ from torch import Tensor
 
 from .layout import QUERIES
 from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS
+from .names import PREDICTIONS
 from .render import DEFAULT_COLOUR_RANGE, check_cmap, check_colour_scale
 from .rollout import check_discard_ratio, check_head_fusion
 
 __all__ = ["PREDICTIONS", "ProbeOptions", "check_layer_list"]
 
-#: When the rows of a grid name the model's prediction: ``"auto"`` (when it means something: the model has class
-#: logits and its classifier has moved since the baseline, or the probes have labels to compare it with),
-#: ``"always"`` (whenever the model has class logits) or ``"never"``.
-PREDICTIONS = ("auto", "always", "never")
+# PREDICTIONS lives in the torch-free names.py (the command line's --help reads it)
 
 #: Bounds that keep one pass affordable: a tile of 512 px and 100 deletion steps already cost seconds per probe.
 MAX_TILE_SIZE = 512

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .names import DEFAULT_COLOUR_RANGE, SCALES
+
 __all__ = [
     "COLOUR_BAR_HEIGHT",
     "DEFAULT_COLOUR_RANGE",
@@ -47,13 +49,7 @@ __all__ = [
 LABEL_SIZE = 24
 """Thickness in pixels of the label strips :func:`make_grid` adds: the header's height, the row strip's width."""
 
-#: How a heatmap's colour is chosen: ``"relative"`` (the default) places each patch's share of the map on one
-#: logarithmic scale centred on uniform attention, the same for every tile, probe, layer and step;
-#: ``"per_map"`` stretches each tile to its own min..max (to see the shape of a weak map; tiles then carry their
-#: peak-to-uniform ratio).
-SCALES = ("relative", "per_map")
-#: The relative scale's reach: colours run from 1/R x uniform (bottom of the colormap) to R x uniform (top).
-DEFAULT_COLOUR_RANGE = 16.0
+# SCALES and DEFAULT_COLOUR_RANGE live in the torch-free names.py (the command line's --help reads them)
 
 _FONT_SIZE = 14
 _NOTE_WIDTH, _NOTE_HEIGHT = 40, 14  # the box of a tile's note

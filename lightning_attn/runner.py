@@ -153,6 +153,9 @@ def _checked(
     """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
     model and the options are checked against each other."""
     backend = backend_for(model, layout)
+    # the query against the model's tokens (`cls` on a GAP ViT, `cls_dist` without a distillation token): at setup,
+    # not at every pass
+    backend.layout(backend.input_size() or (224, 224), options.query)
     num_layers = len(backend.attention_layers())
     indices = tuple(
         resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers")
@@ -421,7 +424,10 @@ class ProbeRunner:
         if not history:
             return out
         # baseline plus the most recent passes of the final-layer map, one row per probe
-        frames = self.history[:1] + self.history[1:][-options.filmstrip_length :] + list(extra_frames)
+        # a pass outside the history at a recorded step (validate from that step's checkpoint) takes its column
+        outside = {s for s, _ in extra_frames}
+        recorded = [frame for frame in self.history if frame[0] not in outside]
+        frames = recorded[:1] + recorded[1:][-options.filmstrip_length :] + list(extra_frames)
         stacked = torch.stack([m.to(display.device) for _, m in frames], dim=1)
         grid(f"{p}/filmstrip", stacked, ["image"] + [f"s{s}" for s, _ in frames], rows)
         if scalars and self.scalar_history:
@@ -490,7 +496,7 @@ class ProbeRunner:
         if display is not None:
             now = (self.display() * 255).round().to(torch.uint8).cpu()
             if tuple(display.shape) != tuple(now.shape) or not torch.equal(display, now):
-                found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
+                found.append(f"probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
         before = state.get("comparable")
         if before is not None:
             found += [
@@ -499,8 +505,8 @@ class ProbeRunner:
                 if k in before and before[k] != v
             ]
         history = state.get("history") or []
-        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
-            found.append("the number of probes")
+        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]) and not found:
+            found.append(f"a number of probes ({history[0][1].shape[0]} then, {len(self.probes)} now)")
         return found
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
