@@ -18,23 +18,17 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor, nn
+# torch, Lightning and the modules built on them are imported by the commands that use them: `--help` and a bad
+# argument answer at once
+from .names import DEFAULT_COLOUR_RANGE, METHODS, PREDICTIONS, QUERIES, SCALES
 
-from .backends import backend_for, find_vision_transformers
-from .diagnostics import attention_drift
-from .layout import QUERIES
-from .loading import find_images, load_checkpoint_state, load_model
-from .maps import METHODS
-from .options import ProbeOptions
-from .probes import Probes, load_images
-from .render import make_grid, overlay
-from .runner import Panel, ProbeRunner, redraw
-from .writers.files import file_name, save_gif
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from .options import ProbeOptions
+    from .runner import Panel
 
 __all__ = ["main"]
 
@@ -58,6 +52,16 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--module", help="attribute path of the ViT inside the LightningModule when it holds several")
     parser.add_argument("--pretrained", action="store_true", help="load hub weights for a timm: model")
+    _trust_argument(parser)
+
+
+def _trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints that hold more than tensors and plain values: a pickle, which can run code; "
+        "only for files from a source you trust (default: refused)",
+    )
 
 
 def _map_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +73,30 @@ def _map_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=int, help="class explained by grad_rollout/relevance (default: predicted)")
     parser.add_argument("--tile-size", type=int, default=96)
     parser.add_argument("--cmap", default="jet")
+    parser.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="relative",
+        help="heatmap colours: share vs uniform on one log scale for every tile (relative), or each tile stretched",
+    )
+    parser.add_argument(
+        "--colour-range", type=float, default=DEFAULT_COLOUR_RANGE, help="relative scale: 1/R to R times uniform"
+    )
+    parser.add_argument(
+        "--predictions",
+        choices=PREDICTIONS,
+        default="always",
+        help="name each image's predicted class on its row when the model has class logits (default: always)",
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--batch-size", type=int, default=16, help="images per probe pass")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--class-names",
+        nargs="+",
+        metavar="NAME",
+        help="one name per class, in class-index order, or a text file with one per line: shown instead of indices",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
+    _trust_argument(replay)
     for command in (render, compare, replay):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
         command.add_argument(
@@ -129,7 +155,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
-    root = load_model(spec, model_class=args.model_class, pretrained=args.pretrained)
+    from .backends import backend_for, find_vision_transformers
+    from .loading import load_model
+
+    root = load_model(
+        spec, model_class=args.model_class, pretrained=args.pretrained, trust_checkpoint=args.trust_checkpoint
+    )
+    if spec.startswith("timm:") and not args.pretrained:
+        # maps of an untrained model look like something: say what they are, here and on the page
+        _note(args, f"{spec} has random weights (no `--pretrained`): its maps show an untrained model")
     if args.module:
         try:
             root = root.get_submodule(args.module)
@@ -144,8 +178,35 @@ def _vit(spec: str, args: argparse.Namespace) -> nn.Module:
     raise UsageError(f"{spec} holds several ViTs {names}: pass `--module {names[-1]}`")
 
 
+def _note(args: argparse.Namespace, text: str) -> None:
+    """Say ``text`` at the top of the page and, once the command succeeded, on stderr (an error stays one line)."""
+    args.notes = [*getattr(args, "notes", []), text]
+
+
+def _class_names(args: argparse.Namespace) -> tuple[str, ...] | None:
+    names = args.class_names
+    if names and len(names) == 1 and Path(names[0]).is_file():
+        names = [line.strip() for line in Path(names[0]).read_text().splitlines() if line.strip()]
+    return tuple(names) if names else None
+
+
+def _image_table(paths: list[Path], predicted: list[int] | None, names: Sequence[str] | None) -> list[list[Any]]:
+    """The page's table of images: the number on the rows of the pictures, the file, the predicted class."""
+    rows: list[list[Any]] = [["#", "file", *(["predicted"] if predicted is not None else [])]]
+    for i, path in enumerate(paths):
+        row: list[Any] = [f"#{i}", str(path)]
+        if predicted is not None:
+            k = predicted[i]
+            row.append(f"{names[k]} ({k})" if names is not None and 0 <= k < len(names) else k)
+        rows.append(row)
+    return rows
+
+
 def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
+    from .options import ProbeOptions
+
     return ProbeOptions(
+        class_names=_class_names(args),
         methods=tuple(args.methods),
         layers=args.layers,
         head_fusion=args.head_fusion,
@@ -153,11 +214,18 @@ def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
         query=args.query,
         tile_size=args.tile_size,
         cmap=args.cmap,
+        scale=args.scale,
+        colour_range=args.colour_range,
+        predictions=args.predictions,
         **extra,
     )
 
 
 def _batches(args: argparse.Namespace, model: nn.Module) -> tuple[list[Path], list[Tensor]]:
+    from .backends import backend_for
+    from .loading import find_images
+    from .probes import load_images
+
     if args.batch_size < 1:
         raise UsageError(f"`--batch-size` must be >= 1, got {args.batch_size}")
     paths = find_images(args.images)
@@ -167,12 +235,14 @@ def _batches(args: argparse.Namespace, model: nn.Module) -> tuple[list[Path], li
         chunk = paths[start : start + args.batch_size]
         try:
             batches.append(load_images(chunk, transform))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read an image among {[str(p) for p in chunk]}: {err}") from None
+        except (OSError, ValueError) as err:  # names the file
+            raise UsageError(str(err)) from None
     return paths, batches
 
 
 def _device(model: nn.Module, device: str) -> nn.Module:
+    import torch
+
     try:
         return model.to(torch.device(device))
     except (RuntimeError, AssertionError) as err:
@@ -188,6 +258,10 @@ def _progress(items: Sequence[Any], quiet: bool, what: str) -> Any:
 
 
 def _save(panel: Panel, directory: Path, suffix: str = "") -> str:
+    from PIL import Image
+
+    from .writers.files import file_name
+
     name = file_name(panel.tag) + suffix + ".png"
     Image.fromarray(panel.image).save(directory / name)
     return name
@@ -199,14 +273,17 @@ def _index(
     pictures: list[tuple[str, str]],
     tables: list[tuple[str, list[list[Any]]]],
     tables_first: bool = False,
+    notes: Sequence[str] = (),
 ) -> None:
-    """A one-page ``index.html``: the pictures, and the tables (folded unless ``tables_first``)."""
+    """A one-page ``index.html``: the notes, the pictures, and the tables (folded unless ``tables_first``)."""
     parts = [
         f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;image-rendering:pixelated}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}</style>",
+        "td:first-child,th:first-child{text-align:left}summary{cursor:pointer;font-size:1.3em}"
+        ".note{background:#fff3cd;padding:4px 8px}</style>",
         f"<h1>{html.escape(title)}</h1>",
+        *[f"<p class='note'><strong>note:</strong> {html.escape(note)}</p>" for note in notes],
     ]
     folded = []
     for caption, rows in tables:
@@ -228,13 +305,27 @@ def _index(
 
 
 def render(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends import backend_for
+    from .probes import Probes
+    from .runner import ProbeRunner
+
     model = _device(_vit(args.model, args), args.device)
     options = _options(args, diagnostics=True, head_layers=(-1,))
+    classes = backend_for(model).num_classes
+    if args.target is not None and (args.target < 0 or (classes is not None and args.target >= classes)):
+        known = f"{args.model} has {classes} classes (0..{classes - 1})" if classes else "class indices are >= 0"
+        raise UsageError(
+            f"`--target {args.target}` is out of range: {known}; pass a class index, or leave it out to explain "
+            "each image's predicted class"
+        )
     paths, batches = _batches(args, model)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     pictures: list[tuple[str, str]] = []
     results: list[dict[str, Any]] = []
+    predicted: list[int] | None = []
     for index, images in enumerate(_progress(batches, args.quiet, "render")):
         labels = None if args.target is None else torch.full((images.shape[0],), args.target)
         runner = ProbeRunner(model, Probes(images, labels), options, first_index=index * args.batch_size)
@@ -243,19 +334,35 @@ def render(args: argparse.Namespace) -> int:
         for panel in result.panels:
             pictures.append((f"{panel.tag} (images {index * args.batch_size}..)", _save(panel, out, f"_{index:03d}")))
         results.append({"images": [str(p) for p in chunk], "scalars": result.scalars})
+        logits = result.maps.logits
+        predicted = None if logits is None or predicted is None else predicted + logits.argmax(-1).tolist()
     (out / "scalars.json").write_text(json.dumps({"model": args.model, "batches": results}, indent=1) + "\n")
     scalars = sorted(results[0]["scalars"].items())
     _index(
         out,
         f"lightning-attn render {args.model}",
         pictures,
-        [("scalars (first batch, means over its images)", [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]])],
+        [
+            ("images (the numbers on the rows)", _image_table(paths, predicted, options.class_names)),
+            (
+                "scalars (first batch, means over its images)",
+                [["tag", "value"], *[[k, f"{v:.4f}"] for k, v in scalars]],
+            ),
+        ],
+        notes=getattr(args, "notes", ()),
     )
     print(f"wrote {len(pictures)} PNG files, scalars.json and index.html to {out}")
     return 0
 
 
 def compare(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .diagnostics import attention_drift
+    from .probes import Probes
+    from .runner import Panel, ProbeRunner, overlay_grid
+
     model_a = _device(_vit(args.model_a, args), args.device)
     model_b = _device(_vit(args.model_b, args), args.device)
     options = _options(args, diagnostics=False, head_layers=(), aggregates=())
@@ -279,10 +386,9 @@ def compare(args: argparse.Namespace) -> int:
             drift_sum[method] = drift_sum.get(method, 0) + drift.cpu().double().numpy() * images.shape[0]
         film = options.film_method
         both = torch.cat([maps_a[film][:, a.layers], maps_b[film][:, b.layers].to(maps_a[film].device)], dim=1)
-        tiles = overlay(a.display(), both, options.tile_size, options.cmap, options.alpha)
         header = ["image"] + [f"A L{l}" for l in a.layers] + [f"B L{l}" for l in b.layers]
         rows = [f"#{index * args.batch_size + i}" for i in range(images.shape[0])]
-        panel = Panel(f"compare/{film}", make_grid(tiles, header, rows), rows)
+        panel = Panel(f"compare/{film}", overlay_grid(a.display(), both, header, rows, options.render), rows)
         pictures.append(
             (f"{film}: A (left) and B (right), images {index * args.batch_size}..", _save(panel, out, f"_{index:03d}"))
         )
@@ -307,15 +413,19 @@ def compare(args: argparse.Namespace) -> int:
             (
                 "drift from A to B per layer, most first (Jensen–Shannon divergence, bits, mean over images)",
                 [["method", "layer", "drift"], *[[r["method"], r["layer"], f"{r['drift']:.4f}"] for r in table]],
-            )
+            ),
+            ("images (the numbers on the rows)", _image_table(paths, None, None)),
         ],
         tables_first=True,
+        notes=getattr(args, "notes", ()),
     )
     return 0
 
 
-def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
-    callbacks = load_checkpoint_state(checkpoint).get("callbacks") or {}
+def _states_in(checkpoint: Path, trust_checkpoint: bool) -> list[tuple[str, dict[str, Any]]]:
+    from .loading import load_checkpoint_state
+
+    callbacks = load_checkpoint_state(checkpoint, trust_checkpoint=trust_checkpoint).get("callbacks") or {}
     return [
         (key, state["runner"])
         for key, state in callbacks.items()
@@ -323,8 +433,9 @@ def _states_in(checkpoint: Path) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
-    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state."""
+def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
+    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state; in a folder,
+    unreadable or refused checkpoints are skipped with a note."""
     if path.is_dir():
         checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if not checkpoints:
@@ -333,16 +444,30 @@ def _monitor_states(path: Path) -> tuple[Path, list[tuple[str, dict[str, Any]]]]
         checkpoints = [path]
     else:
         raise UsageError(f"{str(path)!r} does not exist: pass a run's log folder or a .ckpt file")
+    skipped: list[ValueError] = []
     for checkpoint in checkpoints:
-        states = _states_in(checkpoint)
+        try:
+            states = _states_in(checkpoint, trust_checkpoint)
+        except ValueError as err:
+            if path.is_file():
+                raise
+            skipped.append(err)  # a file cut short by a crash, or refused: an older one beside it may do
+            continue
         if states:
+            for reason in skipped:
+                print(f"lightning-attn replay: note: skipped a newer checkpoint: {reason}", file=sys.stderr)
             return checkpoint, states
+    if skipped and len(skipped) == len(checkpoints):
+        raise skipped[0]
     names = ", ".join(c.name for c in checkpoints[:3])
     raise UsageError(f"no AttentionMonitor state in {names}: was the monitor among the run's callbacks?")
 
 
 def replay(args: argparse.Namespace) -> int:
-    checkpoint, states = _monitor_states(Path(args.logdir))
+    from .runner import redraw
+    from .writers.files import file_name, save_gif
+
+    checkpoint, states = _monitor_states(Path(args.logdir), args.trust_checkpoint)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     pictures = []
@@ -365,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        status = {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        for note in getattr(args, "notes", ()):
+            print(f"lightning-attn {args.command}: note: {note}", file=sys.stderr)
+        return status
     except (ValueError, OSError) as err:  # bad input: one line, the fix in it
         if args.debug:
             traceback.print_exc()

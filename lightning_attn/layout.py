@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["QUERIES", "TokenLayout", "WindowGrid", "query_row", "query_vector"]
+from .names import QUERIES
 
-QUERIES = ("auto", "cls", "cls_dist", "mean")
+__all__ = ["QUERIES", "TokenLayout", "WindowGrid", "query_row", "query_vector"]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .backends.base import capture_budget
 from .capture import record_attention, stream_attention, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
 from .layout import TokenLayout, query_row, query_vector
+from .names import METHODS
 from .rollout import (
     check_discard_ratio,
     check_head_fusion,
@@ -45,7 +46,6 @@ __all__ = [
     "query_row",
 ]
 
-METHODS = ("raw", "rollout", "grad_rollout", "relevance")
 #: Methods that need the gradient of a class score with respect to each layer's attention (a backward pass).
 GRADIENT_METHODS = ("grad_rollout", "relevance")
 #: What :func:`attention_maps` computes when not told: the two that need no backward pass.

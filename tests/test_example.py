@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 import lit  # noqa: E402
 import train_vit  # noqa: E402
@@ -21,6 +29,38 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
         assert len(acc.Scalars(f"attention_pointing_game/{method}")) == 2
         assert len(acc.Scalars(f"attention_faithfulness/most_first_auc/{method}")) == 2
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
+    # a last.ckpt, which docs/cli.md's command for the example's own checkpoint renders
+    last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert f"Last checkpoint: {last}" in out
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        "lightning-attn",
+        "render",
+        str(last),
+        "--model-class",
+        "train_vit.ViTClassifier",
+        str(tmp_path / "a.png"),
+    ]
+    done = subprocess.run(
+        [*command, "-o", str(tmp_path / "maps")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "maps" / "attention__rollout_000.png").is_file()
+
+
+def test_example_logger_choice(tmp_path, capsys, monkeypatch):
+    assert isinstance(train_vit.make_logger("csv", tmp_path, "shapes"), pl.loggers.CSVLogger)
+    assert isinstance(train_vit.make_logger("tensorboard", tmp_path, "shapes"), pl.loggers.TensorBoardLogger)
+    assert train_vit.parse_args([]).logger == "tensorboard"
+    # MLflow 3's local file store needs its opt-in: refused with the fix before anything trains
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit):
+        train_vit.parse_args(["--logger", "mlflow"])
+    assert "MLFLOW_ALLOW_FILE_STORE=true python examples/train_vit.py --logger mlflow" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert train_vit.parse_args(["--logger", "mlflow"]).logger == "mlflow"
 
 
 def test_example_trains_the_same_weights_with_and_without_the_monitor_and_reports(tmp_path, capsys):

@@ -10,7 +10,15 @@ import numpy as np
 
 from ..animation import GifStream
 
-__all__ = ["Animation", "AttentionWriter", "ChartLayout", "LoggerWriter", "animation_size", "check_image"]
+__all__ = [
+    "Animation",
+    "AttentionWriter",
+    "ChartLayout",
+    "LoggerWriter",
+    "WriteError",
+    "animation_size",
+    "check_image",
+]
 
 #: What :meth:`AttentionWriter.add_animation` takes: the frames, or a :class:`~lightning_attn.animation.GifStream`
 #: that already holds them encoded (the callback's, built pass by pass).
@@ -58,6 +66,15 @@ def check_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     if len(sizes) > 1:
         raise ValueError(f"`frames` must all have one size, got shapes {sizes}: render them with the same tile size")
     return frames
+
+
+class WriteError(RuntimeError):
+    """A writer could not store records: its call failed, or a bounded wait for it ran out. ``step`` is the pass
+    the records belonged to (None when unknown), which may be an earlier pass than the one running now."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class AttentionWriter(ABC):
