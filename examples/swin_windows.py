@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from lightning_attn import attention_maps
-from lightning_attn.render import make_grid, matrix_tiles, overlay, to_display
+from lightning_attn.render import make_grid, matrix_tiles, overlay, to_display, with_colour_bar
 
 from shapes import DEFAULT_MEAN, DEFAULT_STD, make_probes
 
@@ -44,7 +44,8 @@ def picture(tile: int = 96) -> np.ndarray:
     matrices = matrix_tiles(torch.stack([maps.matrices[i] for i in range(blocks)], dim=1), tile)
     header = ["image", *[f"raw B{i}" for i in range(blocks)], f"rollout B{blocks - 1}"]
     header += [f"matrix B{i}" for i in range(blocks)]
-    return make_grid(torch.cat([heat, matrices], dim=1), header, [f"probe {i}" for i in range(len(images))])
+    grid = make_grid(torch.cat([heat, matrices], dim=1), header, [f"probe {i}" for i in range(len(images))])
+    return with_colour_bar(grid)  # the default relative scale: shares of the map against uniform, one for all
 
 
 def main() -> None:
