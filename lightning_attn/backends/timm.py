@@ -36,7 +36,8 @@ __all__ = ["TimmBackend"]
 # timm layers that follow the `fused_attn`/`attn_drop` pattern but are not token self-attention, so rollout over a
 # token sequence does not apply to them; keyed by class name, the reason goes into the error message.
 NOT_TOKEN_SELF_ATTENTION = {
-    "WindowAttention": "Swin window attention (per local window, no global token)",
+    # inside a Swin model the timm_swin backend reads it with the model's windows; alone it has no token grid
+    "WindowAttention": "Swin window attention outside a Swin model (its windows need the model's stages)",
     "XCA": "XCiT cross-covariance attention (over channels, not tokens)",
     "ClassAttn": "CaiT/XCiT class attention (a single class query over the patches)",
     "TalkingHeadAttn": "CaiT talking-heads attention (heads mixed after the softmax)",
