@@ -98,6 +98,7 @@ class ProbeOptions:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     memory_budget: int | None = None
+    report_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -158,6 +159,7 @@ class ProbeOptions:
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"`class_names` must be a non-empty sequence of strings, one per class, got {names!r}")
             set_("class_names", names)
+        set_("report_layers", check_layer_list("report_layers", self.report_layers, allow_none=True))
 
     @property
     def film_method(self) -> str:

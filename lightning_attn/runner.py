@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .animation import GifStream
 from .backends import Backend, backend_for
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
+from .html_report import report_html, report_iframe
 from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
@@ -39,6 +40,10 @@ __all__ = ["FORMAT_VERSION", "Panel", "ProbePass", "ProbeRunner", "redraw", "res
 FORMAT_VERSION = 2
 #: Probes that get an evolution animation: a GIF each, so a few hundred probes must not mean hundreds of files.
 MAX_ANIMATED = 16
+#: With ``report_layers=None``, every layer's head-fused token x token attention is kept for the interactive report
+#: when it takes at most this many bytes per pass (float16): 4 layers x 8 probes x 65^2 tokens (the example) take
+#: 0.27 MB; 12 layers x 16 probes x 197^2 (ViT-S/16 at 224) would take 15 MB, so none is kept there unless asked.
+REPORT_MATRIX_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -212,6 +217,30 @@ class ProbeRunner:
         self.animate = False
         self._gifs: dict[str, GifStream] = {}
         self._gif_frames = 0  # passes of `history` already in `_gifs`
+        self.report_layers, self.report_head_layers = self._report_layers()
+        #: per recorded pass, what the interactive report shows (:mod:`lightning_attn.html_report`): float16 maps
+        #: of every method and layer, per-head query rows, and the token x token attention of ``report_layers``
+        self.report_history: list[dict[str, Any]] = []
+
+    def _report_layers(self) -> tuple[list[int], list[int]]:
+        """The layers whose head-fused token x token attention each pass keeps for the report, and those of them
+        whose per-head attention is kept too (the ``head_layers`` among them)."""
+        num_layers = len(self.backend.attention_layers())
+        requested = self.options.report_layers
+        layers = resolve_layers(requested, num_layers, "report_layers")
+        height, width = self.probes.images.shape[-2:]
+        layout = self._layout or self.backend.layout((int(height), int(width)), self.options.query)
+        self._report_meta = {
+            "grid_size": list(layout.grid_size),
+            "num_prefix_tokens": layout.num_prefix_tokens,
+            "query": layout.query,
+            "num_layers": num_layers,
+        }
+        if requested is None:
+            n = layout.num_tokens
+            if num_layers * len(self.probes) * n * n * 2 > REPORT_MATRIX_BYTES:
+                layers = []  # too big to keep by default: the report shows the logged maps without clicking
+        return layers, [layer for layer in self.head_layers if layer in layers]
 
     @staticmethod
     def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
@@ -252,12 +281,13 @@ class ProbeRunner:
                 head_fusion=options.head_fusion,
                 discard_ratio=options.discard_ratio,
                 query=options.query,
-                keep_matrices=self.matrix_layers,
+                keep_matrices=sorted({*self.matrix_layers, *self.report_layers}),
                 target=target,
                 head_layers=self.head_layers,
                 attention_distance=options.diagnostics,
                 layout=self._layout,
                 memory_budget=options.memory_budget,
+                keep_head_matrices=self.report_head_layers,
             )
         for method in options.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
@@ -310,6 +340,7 @@ class ProbeRunner:
                 self.baseline = current
             self.previous = current
             self.history.append((step, maps[options.film_method][:, -1].detach()))
+            self.report_history.append(self._report_entry(step, maps))
             if scalars:
                 self.scalar_history.append((step, dict(scalars)))
         # a pass outside the history still shows itself at the end of the filmstrip
@@ -318,6 +349,45 @@ class ProbeRunner:
         if record and render and self.animate:
             self._extend_animations()
         return ProbePass(step, maps, scalars, panels, curves)
+
+    def _report_entry(self, step: int, maps: AttentionMaps) -> dict[str, Any]:
+        """What the interactive report keeps of one pass, in float16 on the host (one copy for all of it)."""
+        parts: dict[tuple[str, Any], Tensor] = {("maps", m): maps[m] for m in self.options.methods}
+        parts.update({("heads", layer): maps.head_maps[layer] for layer in self.head_layers})
+        parts.update({("matrices", layer): maps.matrices[layer] for layer in self.report_layers})
+        parts.update({("head_matrices", layer): maps.head_matrices[layer] for layer in self.report_head_layers})
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float16) for t in parts.values()]).cpu()
+        entry: dict[str, Any] = {"step": step, "maps": {}, "heads": {}, "matrices": {}, "head_matrices": {}}
+        start = 0
+        for (kind, key), tensor in parts.items():
+            entry[kind][key] = flat[start : start + tensor.numel()].reshape(tensor.shape).clone()
+            start += tensor.numel()
+        entry["predicted"] = None if maps.logits is None else maps.logits.argmax(-1).cpu()
+        return entry
+
+    def report_meta(self) -> dict[str, Any]:
+        """How to read :attr:`report_history`: the grid, the query, the layers kept, the options the maps used."""
+        options = self.options
+        return {
+            **self._report_meta,
+            "methods": list(options.methods),
+            "layers": list(self.report_layers),
+            "head_layers": list(self.head_layers),
+            "head_matrix_layers": list(self.report_head_layers),
+            "head_fusion": options.head_fusion,
+            "discard_ratio": options.discard_ratio,
+            "class_names": None if options.class_names is None else list(options.class_names),
+        }
+
+    def report_html(self, title: str | None = None, alerts: Sequence[Any] = ()) -> str:
+        """The interactive report of the recorded passes (:func:`~lightning_attn.report_html`)."""
+        return report_html(self.state_dict(), alerts, title or f"{self.prefix}: {type(self.model).__name__}")
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if not self.report_history:
+            return "<p>ProbeRunner: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
 
     # ------------------------------------------------------------------ pictures
 
@@ -410,12 +480,15 @@ class ProbeRunner:
             "film_method": options.film_method,
             "render": {"tile_size": options.tile_size, "cmap": options.cmap, "alpha": options.alpha},
             "comparable": options.comparable(),
+            "report": list(self.report_history),
+            "report_meta": self.report_meta(),
         }
 
     def restart(self) -> None:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""
         self.baseline = self.previous = None
         self.history = []
+        self.report_history = []
         self._gifs, self._gif_frames = {}, 0
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
@@ -445,6 +518,7 @@ class ProbeRunner:
         self.history = list(state.get("history") or [])
         self._gifs, self._gif_frames = {}, 0
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
+        self.report_history = list(state.get("report") or [])
 
 
 def _animation_tags(count: int, prefix: str, method: str) -> list[str]:
