@@ -87,6 +87,9 @@ class BackgroundWriter(AttentionWriter):
     def add_text(self, tag: str, text: str, step: int) -> None:
         self._defer("add_text", tag, text, step)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        self._defer("add_html", tag, page, step)
+
     def flush(self) -> None:
         """Hand this pass's calls (and the writer's own flush) to the worker; raise an earlier pass's error."""
         self._defer("flush")
