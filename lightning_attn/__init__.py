@@ -22,6 +22,7 @@ from .diagnostics import (
     register_share,
 )
 from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
+from .html_report import report_html
 from .layout import TokenLayout, query_row
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
@@ -97,6 +98,7 @@ __all__ = [
     "redraw",
     "register_share",
     "register_slice",
+    "report_html",
     "relevance_propagation",
     "residual_transition",
     "scalar_layout",
