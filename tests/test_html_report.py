@@ -5,6 +5,7 @@ error."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -102,6 +103,18 @@ def test_the_page_is_self_contained_and_notebooks_frame_it():
     assert frame.startswith("<iframe srcdoc=") and "la-data" in frame
     data = json.loads(re.search(r"id='la-data'>(.*?)</script>", page, re.S).group(1).replace("<\\/", "</"))
     assert [p["step"] for p in data["passes"]] == [0] and data["colour"]["range"] == COLOUR_RANGE
+
+
+def test_a_state_without_the_report_shows_what_was_logged():
+    """A checkpoint of a version that kept no report: the page shows the history's final-layer maps."""
+    runner = _run(passes=2)
+    state = {k: v for k, v in runner.state_dict().items() if k not in ("report", "report_meta")}
+    data = json.loads(re.search(r"id='la-data'>(.*?)</script>", report_html(state), re.S).group(1))
+    assert [p["step"] for p in data["passes"]] == [0, 4] and data["meta"]["layer_names"] == ["final layer"]
+    shown = np.frombuffer(base64.b64decode(data["passes"][1]["maps"]["rollout"]["data"]), "<f2")
+    np.testing.assert_array_equal(shown, runner.history[1][1].half().reshape(-1).numpy())
+    with pytest.raises(ValueError, match="no logged pass"):
+        report_html({**state, "history": []})
 
 
 # ---------------------------------------------------------------------------------------------- in Chromium
