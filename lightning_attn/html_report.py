@@ -31,11 +31,14 @@ from .alerts import Alert
 from .render import colormap_lut
 from .report import scalar_layout
 
-__all__ = ["COLOUR_RANGE", "report_data", "report_html", "report_iframe"]
+__all__ = ["COLOUR_RANGE", "MAX_ROW_PASSES", "report_data", "report_html", "report_iframe", "row_passes"]
 
 #: Colour range of the page's relative scale: a patch at ``COLOUR_RANGE`` x the uniform share or more takes the top
 #: colour, at 1 / ``COLOUR_RANGE`` or less the bottom one (the static grids' default, issue 20).
 COLOUR_RANGE = 16.0
+#: The page keeps the token x token attention of at most this many passes (evenly spread): the example's 0.47 MB a
+#: pass (benchmarks/bench_report.py) would make a page of 100 passes 66 MB; with 25, 18 MB.
+MAX_ROW_PASSES = 25
 #: Order of the curve charts on the page: the first word of a chart's tag (after the prefix) that starts with one.
 _CHART_ORDER = ("entropy", "drift", "distance", "pointing_game", "faithfulness")
 
@@ -88,8 +91,27 @@ def _logged_passes(state: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict
     return passes, meta
 
 
+def row_passes(count: int, most: int | None = MAX_ROW_PASSES) -> list[int]:
+    """Which of ``count`` passes keep their token x token attention in the page: at most ``most``, evenly spread,
+    the first and the last among them (all for None).
+
+    Example::
+
+        >>> row_passes(7), row_passes(100, 5)
+        ([0, 1, 2, 3, 4, 5, 6], [0, 25, 50, 74, 99])
+    """
+    if most is None or count <= most:
+        return list(range(count))
+    if most < 2:
+        return [count - 1][:most]
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
 def report_data(
-    state: Mapping[str, Any], alerts: Sequence[Alert | Mapping[str, Any]] = (), title: str = "attention report"
+    state: Mapping[str, Any],
+    alerts: Sequence[Alert | Mapping[str, Any]] = (),
+    title: str = "attention report",
+    max_row_passes: int | None = MAX_ROW_PASSES,
 ) -> dict[str, Any]:
     """What :func:`report_html` puts in the page, as JSON-ready values (arrays in base64).
 
@@ -99,6 +121,8 @@ def report_data(
         alerts: the alerts that fired (:attr:`AttentionMonitor.alerts <lightning_attn.AttentionMonitor.alerts>`
             or their ``to_dict()``), marked on the curves.
         title: the page's title.
+        max_row_passes: the token x token attention (what a click on a patch reads) of at most this many passes
+            goes into the page, evenly spread (see :func:`row_passes`); the maps of every pass do. None: every pass.
 
     Raises:
         ValueError: the state holds no pass, or no probe pixels (a checkpoint of lightning-attn before format 2).
@@ -119,9 +143,14 @@ def report_data(
     prefix = state.get("prefix", "attention")
     labels = state.get("labels")
 
-    def entry(p: Mapping[str, Any]) -> dict[str, Any]:
+    with_rows = set(row_passes(len(passes), max_row_passes))
+
+    def entry(index: int, p: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"step": int(p["step"])}
         for kind in ("maps", "heads", "matrices", "head_matrices"):
+            if kind in ("matrices", "head_matrices") and index not in with_rows:
+                out[kind] = {}
+                continue
             out[kind] = {str(k): _array(v) for k, v in (p.get(kind) or {}).items()}
         predicted = p.get("predicted")
         out["predicted"] = None if predicted is None else [int(v) for v in predicted]
@@ -137,7 +166,7 @@ def report_data(
             "pixels": _array(display.to(torch.uint8) if isinstance(display, Tensor) else display),
             "labels": None if labels is None else [int(v) for v in labels],
         },
-        "passes": [entry(p) for p in passes],
+        "passes": [entry(i, p) for i, p in enumerate(passes)],
         "curves": _curves(state.get("scalar_history") or [], prefix),
         "alerts": [{k: a.get(k) for k in ("rule", "step", "layers", "probes", "curve", "message")} for a in found],
         "colour": {
@@ -155,7 +184,10 @@ def _asset(name: str) -> str:
 
 
 def report_html(
-    state: Mapping[str, Any], alerts: Sequence[Alert | Mapping[str, Any]] = (), title: str = "attention report"
+    state: Mapping[str, Any],
+    alerts: Sequence[Alert | Mapping[str, Any]] = (),
+    title: str = "attention report",
+    max_row_passes: int | None = MAX_ROW_PASSES,
 ) -> str:
     """The interactive report of a run as one self-contained HTML page (scripts, styles and data inline).
 
@@ -176,7 +208,7 @@ def report_html(
         >>> page.startswith("<!doctype html>"), "http" in page.replace("http-equiv", "")
         (True, False)
     """
-    data = json.dumps(report_data(state, alerts, title), separators=(",", ":"))
+    data = json.dumps(report_data(state, alerts, title, max_row_passes), separators=(",", ":"))
     # inside <script>, "</" would end the element early; "<\\/" reads the same to JSON.parse
     data = data.replace("</", "<\\/")
     return (
@@ -193,7 +225,7 @@ def report_iframe(page: str, height: int = 900) -> str:
 
     Example::
 
-        >>> report_iframe("<p>hi</p>", height=100)[:60]
+        >>> report_iframe("<p>hi</p>", height=100)[:63]
         '<iframe srcdoc="&lt;p&gt;hi&lt;/p&gt;" style="width:100%;height'
     """
     return (

@@ -141,8 +141,8 @@ def browser():
     driver.quit()
 
 
-def _open(browser, runner: ProbeRunner, path: Path, hash_: str = "") -> None:
-    path.write_text(report_html(runner.state_dict()), encoding="utf-8")
+def _open(browser, runner: ProbeRunner, path: Path, hash_: str = "", **kwargs) -> None:
+    path.write_text(report_html(runner.state_dict(), **kwargs), encoding="utf-8")
     browser.get(path.as_uri() + hash_)
     browser.get_log("browser")  # what an earlier page said is not this one's
 
@@ -255,4 +255,16 @@ def test_play_discard_ratio_and_per_map_colours(browser, tmp_path):
     while browser.execute_script("return window.lightningAttn.view().pass") != 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert browser.execute_script("return window.lightningAttn.view().pass") == 1
+    assert _errors(browser) == []
+    # a page that keeps the rows of the last pass only: elsewhere a click shows the logged map, and says why
+    _open(browser, runner, tmp_path / "thin.html", "#step=0&method=rollout&layer=2&probe=1&query=9", max_row_passes=1)
+    drawn = browser.execute_script("return window.lightningAttn.drawn()")
+    assert (
+        drawn["source"] == "logged map"
+        and "keeps the token x token attention of 1 passes" in browser.find_element(By.ID, "la-note").text
+    )
+    np.testing.assert_array_equal(drawn["values"], history[0]["maps"]["rollout"][1, 2].float().reshape(-1).numpy())
+    browser.execute_script("window.lightningAttn.set({pass: 1})")
+    assert browser.execute_script("return window.lightningAttn.drawn().source") == "rollout row"
+    assert "step 4 *" in browser.find_element(By.ID, "la-step-label").text
     assert _errors(browser) == []

@@ -53,6 +53,8 @@
   const view = { pass: passes.length - 1, method: meta.methods[0], layer: meta.layer_names.length - 1, probe: 0,
     query: -1, scale: D.colour.scale === "per_map" ? "per_map" : "relative" };
   const kept = new Set((meta.layers || []).map(Number));
+  // a long run's page keeps the token x token attention of some passes only (marked * beside the step)
+  const thinned = kept.size > 0 && passes.some((q) => !Object.keys(q.matrices).length);
 
   // ------------------------------------------------------------------ maps and rows
   function fused(p, probe, layer) {
@@ -101,8 +103,8 @@
     }
     return row;
   }
-  function rolloutKept(layer) {
-    for (let l = 0; l <= layer; l++) if (!kept.has(l)) return false;
+  function rolloutKept(pass, layer) {
+    for (let l = 0; l <= layer; l++) if (!pass.matrices[String(l)]) return false;
     return true;
   }
   // the map of `probe` in the current view: {values over patches, source, note}
@@ -111,13 +113,16 @@
     if (v.query >= 0) {
       const token = PREFIX + v.query;
       const n = NP + PREFIX;
-      if (v.method === "raw" && kept.has(v.layer)) {
+      if (v.method === "raw" && pass.matrices[String(v.layer)]) {
         return { values: fused(v.pass, probe, v.layer).subarray(token * n + PREFIX, (token + 1) * n), source: "raw row" };
       }
-      if (v.method === "rollout" && rolloutKept(v.layer)) {
+      if (v.method === "rollout" && rolloutKept(pass, v.layer)) {
         return { values: rolloutRow(v.pass, probe, v.layer, token).subarray(PREFIX), source: "rollout row" };
       }
-      const why = v.method === "raw" || v.method === "rollout"
+      const why = !Object.keys(pass.matrices).length && kept.size
+        ? "this page keeps the token x token attention of " + passes.filter((q) => Object.keys(q.matrices).length)
+          .length + " passes (steps marked * on the slider label), not of this one"
+        : v.method === "raw" || v.method === "rollout"
         ? "layer " + v.layer + (v.method === "rollout" ? " (or an earlier one)" : "") +
           " keeps no token x token attention (AttentionMonitor(report_layers=...))"
         : v.method + " explains the class score: it has no row per patch";
@@ -213,7 +218,8 @@
   function render() {
     const p = view.pass, step = passes[p].step;
     $("la-step").value = String(p);
-    $("la-step-label").textContent = "step " + step + " (pass " + (p + 1) + " of " + passes.length + ")";
+    const star = thinned && Object.keys(passes[p].matrices).length ? " *" : "";
+    $("la-step-label").textContent = "step " + step + star + " (pass " + (p + 1) + " of " + passes.length + ")";
     $("la-method").value = view.method;
     $("la-layer").value = String(view.layer);
     $("la-probe").value = String(view.probe);
