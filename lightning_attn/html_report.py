@@ -36,8 +36,8 @@ __all__ = ["COLOUR_RANGE", "MAX_ROW_PASSES", "report_data", "report_html", "repo
 #: Colour range of the page's relative scale: a patch at ``COLOUR_RANGE`` x the uniform share or more takes the top
 #: colour, at 1 / ``COLOUR_RANGE`` or less the bottom one (the static grids' default, issue 20).
 COLOUR_RANGE = 16.0
-#: The page keeps the token x token attention of at most this many passes (evenly spread): the example's 0.47 MB a
-#: pass (benchmarks/bench_report.py) would make a page of 100 passes 66 MB; with 25, 18 MB.
+#: The page keeps the token x token attention of at most this many passes (evenly spread): the example's 0.49 MB a
+#: pass (benchmarks/bench_report.py) would make a page of 100 passes 66 MB; with 25, 18.7 MB.
 MAX_ROW_PASSES = 25
 #: Order of the curve charts on the page: the first word of a chart's tag (after the prefix) that starts with one.
 _CHART_ORDER = ("entropy", "drift", "distance", "pointing_game", "faithfulness")
