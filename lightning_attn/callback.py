@@ -25,6 +25,7 @@ from .layout import TokenLayout
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
+from .render import DEFAULT_COLOUR_RANGE
 from .report import tag_prefix
 from .runner import ProbePass, ProbeRunner
 from .writers import AttentionWriter, WriterSet, in_background, writers_for
@@ -155,6 +156,16 @@ class AttentionMonitor(Callback):
             (probes, heads, N, N) softmax when it fits (fastest: one matmul, reused by timm layers for their
             output), else a few heads at a time, down to one. None: 256 MiB, on a GPU at most half of its free
             memory; 0: always one head at a time (least memory).
+        scale: how heatmap colours are chosen. ``"relative"`` (default): each patch's share of the map relative to
+            uniform attention, on one logarithmic scale for every tile, probe, layer and step (a colour bar under
+            each grid reads it; uniform attention is one flat colour, so grids and animations show attention
+            forming). ``"per_map"``: each tile stretched to its own min..max, to see the shape of a weak map;
+            each tile then shows its peak-to-uniform ratio (``3.2x``).
+        colour_range: ``R`` of the relative scale: colours run from 1/R to R times the uniform share.
+        predictions: when grid rows name the model's prediction (``p<class>``): ``"auto"`` (default) when it
+            means something: the model has class logits and either its classifier has moved since the baseline
+            or the probes have labels; never for a classifier the training leaves alone (a self-supervised run's
+            unused head); ``"always"``; ``"never"``.
         report_layers: layers whose head-fused token x token attention of the probes each pass keeps (float16, in
             the checkpoint) for the interactive report (:func:`~lightning_attn.report_html`, ``lightning-attn
             report``), where clicking a patch shows what it attends to (raw, and rollout when every layer up to the
@@ -234,6 +245,9 @@ class AttentionMonitor(Callback):
         alerts: bool | str = True,
         alert_thresholds: AlertThresholds | dict[str, float] | None = None,
         memory_budget: int | None = None,
+        scale: str = "relative",
+        colour_range: float = DEFAULT_COLOUR_RANGE,
+        predictions: str = "auto",
         report_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -263,6 +277,9 @@ class AttentionMonitor(Callback):
             std=std,
             class_names=class_names,
             memory_budget=memory_budget,
+            scale=scale,
+            colour_range=colour_range,
+            predictions=predictions,
             report_layers=report_layers,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side

@@ -32,10 +32,10 @@ from .diagnostics import attention_drift
 from .layout import QUERIES
 from .loading import find_images, load_checkpoint_state, load_model
 from .maps import METHODS
-from .options import ProbeOptions
+from .options import PREDICTIONS, ProbeOptions
 from .probes import Probes, load_images
-from .render import make_grid, overlay
-from .runner import Panel, ProbeRunner, redraw
+from .render import DEFAULT_COLOUR_RANGE, SCALES
+from .runner import Panel, ProbeRunner, overlay_grid, redraw
 from .writers.files import file_name, save_gif
 
 __all__ = ["main"]
@@ -73,6 +73,21 @@ def _map_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", type=int, help="class explained by grad_rollout/relevance (default: predicted)")
     parser.add_argument("--tile-size", type=int, default=96)
     parser.add_argument("--cmap", default="jet")
+    parser.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="relative",
+        help="heatmap colours: share vs uniform on one log scale for every tile (relative), or each tile stretched",
+    )
+    parser.add_argument(
+        "--colour-range", type=float, default=DEFAULT_COLOUR_RANGE, help="relative scale: 1/R to R times uniform"
+    )
+    parser.add_argument(
+        "--predictions",
+        choices=PREDICTIONS,
+        default="always",
+        help="name each image's predicted class on its row when the model has class logits (default: always)",
+    )
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--batch-size", type=int, default=16, help="images per probe pass")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -158,6 +173,9 @@ def _options(args: argparse.Namespace, **extra: Any) -> ProbeOptions:
         query=args.query,
         tile_size=args.tile_size,
         cmap=args.cmap,
+        scale=args.scale,
+        colour_range=args.colour_range,
+        predictions=args.predictions,
         **extra,
     )
 
@@ -284,10 +302,9 @@ def compare(args: argparse.Namespace) -> int:
             drift_sum[method] = drift_sum.get(method, 0) + drift.cpu().double().numpy() * images.shape[0]
         film = options.film_method
         both = torch.cat([maps_a[film][:, a.layers], maps_b[film][:, b.layers].to(maps_a[film].device)], dim=1)
-        tiles = overlay(a.display(), both, options.tile_size, options.cmap, options.alpha)
         header = ["image"] + [f"A L{l}" for l in a.layers] + [f"B L{l}" for l in b.layers]
         rows = [f"#{index * args.batch_size + i}" for i in range(images.shape[0])]
-        panel = Panel(f"compare/{film}", make_grid(tiles, header, rows), rows)
+        panel = Panel(f"compare/{film}", overlay_grid(a.display(), both, header, rows, options.render), rows)
         pictures.append(
             (f"{film}: A (left) and B (right), images {index * args.batch_size}..", _save(panel, out, f"_{index:03d}"))
         )

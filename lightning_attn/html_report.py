@@ -8,10 +8,12 @@ the data are inlined, nothing is fetched from anywhere, so the file opens from d
 What the page holds, per recorded pass: the float16 maps of every method and layer, the per-head query rows of
 ``head_layers`` and, for ``report_layers``, the head-fused token x token attention of every probe (and per head for
 the ``head_layers`` among them), from which the page computes a clicked patch's raw row and rollout row itself.
-Every map is shown as a distribution over the patches: colour position ``t = 0.5 + 0.5 * log(share * n) / log(R)``
-clipped to [0, 1] (``n`` patches, ``R`` = :data:`COLOUR_RANGE`: uniform is mid-scale, R times uniform the top),
-coloured with the run's colormap table at ``round(t * 255)`` and blended over the probe with the run's ``alpha``;
-each patch is one block of colour (no interpolation between patches).
+Colours are the static grids' (:func:`lightning_attn.render.colour_values`, :func:`~lightning_attn.render.colorize`):
+by default each map as a distribution over the patches, colour position ``t = 0.5 + 0.5 * log(share * n) / log(R)``
+clipped to [0, 1] (``n`` patches, ``R`` the run's ``colour_range``: uniform is mid-scale, R times uniform the top),
+or with ``scale="per_map"`` each map stretched from its minimum to its maximum; the colour is the run's colormap
+table at ``min(floor(256 t), 255)``, blended over the probe with the run's ``alpha``. Each patch is one block of
+colour (no interpolation between patches).
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import torch
 from torch import Tensor
 
 from .alerts import Alert
-from .render import colormap_lut
+from .render import DEFAULT_COLOUR_RANGE, colormap_lut
 from .report import scalar_layout
 
 __all__ = ["COLOUR_RANGE", "MAX_ROW_PASSES", "report_data", "report_html", "report_iframe", "row_passes"]
 
-#: Colour range of the page's relative scale: a patch at ``COLOUR_RANGE`` x the uniform share or more takes the top
-#: colour, at 1 / ``COLOUR_RANGE`` or less the bottom one (the static grids' default, issue 20).
-COLOUR_RANGE = 16.0
+#: Colour range of the page's relative scale when the state names none (older checkpoints): the static grids'
+#: default, :data:`lightning_attn.render.DEFAULT_COLOUR_RANGE`.
+COLOUR_RANGE = DEFAULT_COLOUR_RANGE
 #: The page keeps the token x token attention of at most this many passes (evenly spread): the example's 0.49 MB a
 #: pass (benchmarks/bench_report.py) would make a page of 100 passes 66 MB; with 25, 18.7 MB.
 MAX_ROW_PASSES = 25
@@ -172,9 +174,9 @@ def report_data(
         "colour": {
             "lut": [[round(float(c), 6) for c in row] for row in lut.tolist()],
             "cmap": render.get("cmap", "jet"),
-            "range": float(state.get("colour_range", COLOUR_RANGE)),
+            "range": float(render.get("colour_range", COLOUR_RANGE)),
             "alpha": float(render.get("alpha", 0.5)),
-            "scale": str(state.get("scale", "relative")),
+            "scale": str(render.get("scale", "relative")),
         },
     }
 

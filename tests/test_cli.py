@@ -95,7 +95,8 @@ def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
     vit = _vit_of(ckpt)
     paths = sorted((run_dir / "images").glob("*.png"))
     images = load_images(paths, backend_for(vit).transform())
-    options = ProbeOptions(methods=("raw", "rollout", "relevance"), tile_size=16)
+    # the command renders a given (trained) model: rows name its predictions whenever it has class logits
+    options = ProbeOptions(methods=("raw", "rollout", "relevance"), tile_size=16, predictions="always")
     saved = json.loads((out / "scalars.json").read_text())
     assert [b["images"] for b in saved["batches"]] == [[str(p) for p in paths[:2]], [str(paths[2])]]
     for index, batch in enumerate((images[:2], images[2:])):

@@ -22,7 +22,7 @@ from conftest import input_for, make_vit
 import lightning_attn.runner as runner_module
 from lightning_attn import ProbeOptions, ProbeRunner, Probes, attention_rollout
 from lightning_attn.html_report import COLOUR_RANGE, report_html
-from lightning_attn.render import colormap_lut
+from lightning_attn.render import colormap_lut, colour_values
 
 import reference
 
@@ -52,7 +52,7 @@ def _positions(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = values.size
     with np.errstate(divide="ignore"):
         t = np.where(shares > 0, np.clip(0.5 + 0.5 * np.log(shares * n) / math.log(COLOUR_RANGE), 0, 1), 0.0)
-    return t, np.floor(t * 255 + 0.5).astype(int)
+    return t, np.minimum(np.floor(t * 256), 255).astype(int)
 
 
 # ---------------------------------------------------------------------------------------------- no browser
@@ -158,6 +158,10 @@ def _check_drawn(browser, runner: ProbeRunner, expected: np.ndarray) -> dict:
     np.testing.assert_allclose(drawn["values"], expected.reshape(-1), rtol=1e-6, atol=1e-9)
     t, colours = _positions(expected.reshape(-1).astype(np.float64))
     np.testing.assert_allclose(drawn["t"], t, atol=1e-9)
+    static = colour_values(
+        torch.tensor(expected, dtype=torch.float32).reshape(4, 4), "relative", runner.options.colour_range
+    )
+    np.testing.assert_allclose(drawn["t"], static.reshape(-1).numpy(), atol=1e-6)  # what the grids draw
     assert drawn["colours"] == colours.tolist()
     lut = colormap_lut(runner.options.cmap).double().numpy()
     image = runner.state_dict()["display"][drawn["probe"]].double().numpy()  # (3, H, W) uint8 values

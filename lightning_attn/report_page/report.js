@@ -140,7 +140,8 @@
     if (scale === "per_map") t = Array.from(vals, (x) => (hi > lo ? (x - lo) / (hi - lo) : 0));
     else t = shares.map((s) => (s > 0 ? Math.min(1, Math.max(0, 0.5 + 0.5 * Math.log(s * NP) / Math.log(RANGE))) : 0));
     const peak = sum > 0 ? (hi / sum) * NP : 0;
-    return { shares, t, colours: t.map((x) => Math.round(x * 255)), peak };
+    // render.colorize's binning (matplotlib's): colour min(floor(256 t), 255)
+    return { shares, t, colours: t.map((x) => Math.min(255, Math.floor(x * 256))), peak };
   }
 
   // ------------------------------------------------------------------ drawing
