@@ -429,7 +429,7 @@ class ProbeRunner:
         # the prediction only where the grids name it (``predictions``): a classifier the training leaves alone says
         # nothing
         shown = maps.logits is not None and self._show_predictions
-        entry["predicted"] = maps.logits.argmax(-1).cpu() if shown else None
+        entry["predicted"] = maps.logits.argmax(-1).cpu() if maps.logits is not None and shown else None
         return entry
 
     def report_meta(self) -> dict[str, Any]:
