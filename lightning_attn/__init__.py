@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what type checkers and documentation tools read; at run tim
         register_share,
     )
     from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
+    from .html_report import report_html
     from .layout import TokenLayout, query_row
     from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
     from .metrics import normalized_entropy
@@ -79,6 +80,7 @@ _EXPORTS = {
     "perturbation_curves": "faithfulness",
     "pointing_game": "faithfulness",
     "random_perturbation_curves": "faithfulness",
+    "report_html": "html_report",
     "TokenLayout": "layout",
     "query_row": "layout",
     "GRADIENT_METHODS": "maps",
@@ -177,6 +179,7 @@ __all__ = [
     "redraw",
     "register_share",
     "register_slice",
+    "report_html",
     "relevance_propagation",
     "residual_transition",
     "scalar_layout",

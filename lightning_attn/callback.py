@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import backend_for, find_vision_transformers, unsupported_message
+from .html_report import report_iframe
 from .layout import TokenLayout
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
@@ -168,6 +169,12 @@ class AttentionMonitor(Callback):
         write_timeout: seconds the monitor waits at most, on an exception (Ctrl-C included) and at teardown, for
             passes still being written on a writer thread (an unreachable MLflow server); then it warns which passes
             were not written and lets the run end.
+        report_layers: layers whose head-fused token x token attention of the probes each pass keeps (float16, in
+            the checkpoint) for the interactive report (:func:`~lightning_attn.report_html`, ``lightning-attn
+            report``), where clicking a patch shows what it attends to (raw, and rollout when every layer up to the
+            chosen one is kept); the ``head_layers`` among them keep each head's too. None: every layer when they
+            take at most 4 MiB a pass (layers x probes x tokens^2 x 2 bytes), else none; ``()``: none. The maps
+            of every method and layer are kept either way (probes x layers x patches x 2 bytes per method).
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -245,6 +252,7 @@ class AttentionMonitor(Callback):
         colour_range: float = DEFAULT_COLOUR_RANGE,
         predictions: str = "auto",
         write_timeout: float = 10.0,
+        report_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -276,6 +284,7 @@ class AttentionMonitor(Callback):
             scale=scale,
             colour_range=colour_range,
             predictions=predictions,
+            report_layers=report_layers,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -710,6 +719,10 @@ class AttentionMonitor(Callback):
                 for tag, frames in runner.animations().items():
                     writer.add_animation(tag, frames, trainer.global_step)
                 writer.flush()
+            if runner is not None and runner.report_history:
+                # the interactive page of the whole run: a W&B HTML panel, an MLflow artifact, a file beside the logs
+                writer.add_html(f"{runner.prefix}/report", self.report_html(), trainer.global_step)
+                writer.flush()
             writer.drain()
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
@@ -717,6 +730,22 @@ class AttentionMonitor(Callback):
             self._warn_once(
                 f"fit end {type(err).__name__}", f"AttentionMonitor could not write everything at the end of fit: {err}"
             )
+
+    def report_html(self, title: str | None = None) -> str:
+        """The run's interactive report (:func:`~lightning_attn.report_html`) with the alerts that fired.
+
+        Raises:
+            ValueError: no probe pass has run yet.
+        """
+        if self._runner is None:
+            raise ValueError("AttentionMonitor has run no probe pass yet: fit (or validate) first")
+        return self._runner.report_html(title, self.alerts)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if self._runner is None or not self._runner.report_history:
+            return "<p>AttentionMonitor: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
 
     def _drain(self, when: str) -> None:
         """Wait for the passes still being written on the writer thread (their errors follow ``on_error``). On an

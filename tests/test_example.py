@@ -15,6 +15,8 @@ from PIL import Image
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+from lightning_attn import report_html  # noqa: E402
+
 import lit  # noqa: E402
 import train_vit  # noqa: E402
 
@@ -29,6 +31,13 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
         assert len(acc.Scalars(f"attention_pointing_game/{method}")) == 2
         assert len(acc.Scalars(f"attention_faithfulness/most_first_auc/{method}")) == 2
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
+    # the interactive report beside the logs; a default run (the baseline and 6 epochs: 7 passes) stays under 20 MB
+    page = (Path(trainer.log_dir) / "attention" / "attention__report.html").read_bytes()
+    (monitor,) = [c for c in trainer.callbacks if type(c).__name__ == "AttentionMonitor"]
+    state = monitor.runner.state_dict()
+    first = report_html({**state, "report": state["report"][:1], "scalar_history": state["scalar_history"][:1]})
+    per_pass = len(page) - len(first.encode())
+    assert 0 < per_pass and len(page) + 5 * per_pass < 20e6
     # a last.ckpt, which docs/cli.md's command for the example's own checkpoint renders
     last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert f"Last checkpoint: {last}" in out
