@@ -21,7 +21,14 @@ from .diagnostics import (
     mean_attention_distance,
     register_share,
 )
-from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
+from .faithfulness import (
+    PerturbationCurves,
+    jaccard_index,
+    perturbation_curves,
+    pointing_game,
+    random_perturbation_curves,
+    top_mass_patches,
+)
 from .layout import TokenLayout, query_row
 from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
 from .metrics import normalized_entropy
@@ -84,6 +91,7 @@ __all__ = [
     "fuse_heads",
     "grad_rollout",
     "head_query_rows",
+    "jaccard_index",
     "layer_series",
     "mean_attention_distance",
     "normalized_entropy",
@@ -105,5 +113,6 @@ __all__ = [
     "supports_head_streaming",
     "tag_prefix",
     "token_layout",
+    "top_mass_patches",
     "writers_for",
 ]
