@@ -44,6 +44,7 @@ from .rollout import (
     residual_transition,
 )
 from .runner import Panel, ProbePass, ProbeRunner, redraw
+from .sanity import SanityCheck, sanity_check, spearman
 from .writers import (
     AttentionWriter,
     MLflowWriter,
@@ -75,6 +76,7 @@ __all__ = [
     "ProbePass",
     "ProbeRunner",
     "Probes",
+    "SanityCheck",
     "TensorBoardWriter",
     "TokenLayout",
     "WandbWriter",
@@ -107,8 +109,10 @@ __all__ = [
     "register_slice",
     "relevance_propagation",
     "residual_transition",
+    "sanity_check",
     "scalar_layout",
     "scalar_report",
+    "spearman",
     "supported_models",
     "supports_head_streaming",
     "tag_prefix",

@@ -3,6 +3,7 @@
     lightning-attn render  MODEL IMAGES... -o DIR
     lightning-attn compare MODEL_A MODEL_B IMAGES... -o DIR
     lightning-attn replay  LOGDIR -o DIR
+    lightning-attn sanity  MODEL IMAGES... -o DIR
 
 Each writes PNG files, a JSON file of the numbers and a one-page ``index.html``; see ``lightning-attn CMD --help``.
 A bad input ends with one line naming the problem and the fix, and exit status 2 (``--debug`` shows the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -31,9 +33,10 @@ from .layout import QUERIES
 from .loading import find_images, load_checkpoint_state, load_model
 from .maps import METHODS
 from .options import ProbeOptions
-from .probes import Probes, load_images
-from .render import make_grid, overlay
+from .probes import Probes, display_stats, load_images
+from .render import make_grid, overlay, to_display
 from .runner import Panel, ProbeRunner, redraw
+from .sanity import sanity_check
 from .writers.files import file_name, save_gif
 
 __all__ = ["main"]
@@ -44,6 +47,8 @@ EXAMPLES = {
     "compare": "lightning-attn compare timm:vit_small_patch16_224 finetuned.ckpt --pretrained --model-class "
     "my_project.LitViT photos/ -o compare/",
     "replay": "lightning-attn replay lightning_logs/version_0 -o replay/",
+    "sanity": "lightning-attn sanity lightning_logs/version_0/checkpoints/last.ckpt --model-class my_project.LitViT "
+    "photos/ -o sanity/ --methods raw rollout grad_rollout relevance",
 }
 
 
@@ -116,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
-    for command in (render, compare, replay):
+    sanity = _sanity_parser(sub)
+    for command in (render, compare, replay, sanity):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
@@ -361,11 +367,78 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sanity_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "sanity",
+        help="model-randomisation sanity check: how much of each map survives random weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["sanity"],
+        description="MODEL as for render. Re-initialises the blocks of a copy of the model from the top down (and "
+        "each alone) and writes the Spearman correlation between the trained and the randomised final maps "
+        "(sanity.json, sanity_independent.json), the maps per step (sanity.png) and index.html. A method whose "
+        "correlations stay near 1 shows the image, not the model (Adebayo et al. 2018).",
+    )
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("-o", "--output", required=True, help="folder for sanity.json, sanity.png and index.html")
+    parser.add_argument("--seed", type=int, default=0, help="block i is drawn under torch.manual_seed(seed + i)")
+    _model_arguments(parser)
+    _map_arguments(parser)
+    return parser
+
+
+def sanity(args: argparse.Namespace) -> int:
+    model = _device(_vit(args.model, args), args.device)
+    paths, batches = _batches(args, model)
+    images = torch.cat(batches)
+    target = None if args.target is None else torch.full((images.shape[0],), args.target)
+    check = sanity_check(
+        model,
+        images,
+        methods=args.methods,
+        target=target,
+        seed=args.seed,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        query=args.query,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sanity.json").write_text(json.dumps(check.to_json("cascading"), indent=1) + "\n")
+    (out / "sanity_independent.json").write_text(json.dumps(check.to_json("independent"), indent=1) + "\n")
+    display = to_display(images, *display_stats(model))
+    picture, _ = check.picture(display, args.tile_size, args.cmap)
+    Image.fromarray(picture).save(out / "sanity.png")
+    tables = []
+    for kind in ("cascading", "independent"):
+        values = getattr(check, kind)
+        rows = [[m, *("—" if math.isnan(v) else f"{v:.3f}" for v in values[m])] for m in check.methods]
+        tables.append(
+            (
+                f"{kind} randomisation: Spearman correlation with the trained model's final map, mean over "
+                f"{len(paths)} images",
+                [["method", *check.step_labels(kind)], *rows],
+            )
+        )
+    _index(
+        out,
+        f"lightning-attn sanity {args.model}",
+        [("trained and randomised final maps (columns: blocks randomised from the top)", "sanity.png")],
+        tables,
+        tables_first=True,
+    )
+    print(check.table())
+    if check.kept:
+        print(f"kept their trained values (no initialisation for them): {', '.join(check.kept)}")
+    print(f"wrote sanity.json, sanity_independent.json, sanity.png and index.html to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        return {"render": render, "compare": compare, "replay": replay, "sanity": sanity}[args.command](args)
     except (ValueError, OSError) as err:  # bad input: one line, the fix in it
         if args.debug:
             traceback.print_exc()
