@@ -29,6 +29,7 @@ from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
 from .render import layer_step_image, make_grid, matrix_tiles, overlay, to_display
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
+from .sanity import SanityCheck, sanity_check
 
 if TYPE_CHECKING:
     from .writers import AttentionWriter
@@ -411,6 +412,23 @@ class ProbeRunner:
             "render": {"tile_size": options.tile_size, "cmap": options.cmap, "alpha": options.alpha},
             "comparable": options.comparable(),
         }
+
+    def sanity(self, seed: int = 0) -> SanityCheck:
+        """The model-randomisation check (:func:`~lightning_attn.sanity_check`) on the probes, with this runner's
+        methods, map options and target (the labels when known, else each probe's prediction)."""
+        options = self.options
+        self.display()  # moves the probes to the model's device
+        return sanity_check(
+            self.model,
+            self.probes.images,
+            methods=options.methods,
+            target=options.target if options.target is not None else self.probes.labels,
+            seed=seed,
+            head_fusion=options.head_fusion,
+            discard_ratio=options.discard_ratio,
+            query=options.query,
+            memory_budget=options.memory_budget,
+        )
 
     def restart(self) -> None:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""

@@ -30,7 +30,15 @@ from .backends import Backend, backend_for
 from .maps import DEFAULT_METHODS, GRADIENT_METHODS, Target, _check_images, attention_maps
 from .render import make_grid, overlay
 
-__all__ = ["KINDS", "SanityCheck", "average_ranks", "randomise_blocks", "sanity_check", "spearman"]
+__all__ = [
+    "KINDS",
+    "SanityCheck",
+    "average_ranks",
+    "randomisable_blocks",
+    "randomise_blocks",
+    "sanity_check",
+    "spearman",
+]
 
 #: The two orders of randomisation: ``"cascading"`` (top block, top two, ..., all) and ``"independent"`` (one each).
 KINDS = ("cascading", "independent")
@@ -90,6 +98,18 @@ def _forked_rng(block: nn.Module) -> AbstractContextManager[Any]:
     return torch.random.fork_rng(devices=devices)
 
 
+def randomisable_blocks(backend: Backend) -> list[tuple[str, nn.Module]]:
+    """The model's blocks (:meth:`~lightning_attn.backends.base.Backend.blocks`); a ``ValueError`` when it has
+    none."""
+    blocks = backend.blocks()
+    if not blocks:
+        raise ValueError(
+            f"{type(backend.model).__name__} has no transformer blocks to randomise (no attention layers): the "
+            "sanity check needs a ViT with at least one block"
+        )
+    return blocks
+
+
 def randomise_blocks(model: nn.Module, blocks: Sequence[int], seed: int = 0) -> list[str]:
     """Re-initialise blocks ``blocks`` (indices into :meth:`~lightning_attn.backends.base.Backend.blocks`) of
     ``model`` **in place**, block ``i`` under ``torch.manual_seed(seed + i)`` with the family's initialisation
@@ -108,7 +128,7 @@ def randomise_blocks(model: nn.Module, blocks: Sequence[int], seed: int = 0) -> 
         ([], False)
     """
     backend = backend_for(model)
-    found = backend.blocks()
+    found = randomisable_blocks(backend)
     bad = [i for i in blocks if not 0 <= i < len(found)]
     if bad:
         raise ValueError(f"blocks {bad} out of range: {type(backend.model).__name__} has {len(found)} blocks")
@@ -181,6 +201,19 @@ class SanityCheck:
                     cells = " | ".join("—" if math.isnan(v) else f"{v:.3f}" for v in values)
                     lines.append(f"| {method} | {kind} | {cells} |")
         return "\n".join(lines)
+
+    def scalars(self, prefix: str = "attention") -> dict[str, float]:
+        """The correlations as scalar tags: ``<prefix>_sanity/<method>/top_XX`` after randomising the top ``XX``
+        blocks (cascading) and ``<prefix>_sanity_independent/<method>/block_XX`` after randomising block ``XX``
+        alone. NaN where undefined."""
+        out: dict[str, float] = {}
+        count = len(self.blocks)
+        for method in self.methods:
+            for k, value in enumerate(self.cascading.get(method, [])):
+                out[f"{prefix}_sanity/{method}/top_{k + 1:02d}"] = value
+            for k, value in enumerate(self.independent.get(method, [])):
+                out[f"{prefix}_sanity_independent/{method}/block_{count - 1 - k:02d}"] = value
+        return out
 
     def picture(
         self, display: Tensor, tile_size: int = 96, cmap: str = "jet", alpha: float = 0.5
@@ -257,12 +290,7 @@ def sanity_check(
     """
     backend: Backend = backend_for(model)
     _check_images(backend, images)
-    blocks = backend.blocks()
-    if not blocks:
-        raise ValueError(
-            f"{type(backend.model).__name__} has no transformer blocks to randomise (no attention layers): the "
-            "sanity check needs a ViT with at least one block"
-        )
+    blocks = randomisable_blocks(backend)
     options: dict[str, Any] = dict(
         methods=tuple(methods),
         head_fusion=head_fusion,

@@ -10,12 +10,14 @@ import pytest
 import timm
 import torch
 from conftest import input_for, make_vit
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_attn import attention_maps, sanity_check, spearman
+from lightning_attn import AttentionMonitor, attention_maps, sanity_check, spearman
 from lightning_attn.backends import backend_for
 from lightning_attn.sanity import average_ranks, randomise_blocks
 
 import families
+import lit
 
 METHODS = ("raw", "rollout", "grad_rollout")
 
@@ -144,3 +146,46 @@ def test_bad_input_is_one_clear_error():
         sanity_check(make_vit("vit"), torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="not a supported Vision Transformer"):
         sanity_check(torch.nn.Linear(3, 3), torch.randn(1, 3, 32, 32))
+
+
+def test_callback_logs_the_check_once_at_the_start_and_training_is_unchanged(tmp_path):
+    probes = torch.randn(2, 3, lit.IMG, lit.IMG, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 2])
+    methods = ("rollout", "relevance")
+
+    def fit(check: bool, folder: str) -> tuple[AttentionMonitor, lit.LitViT, lit.LitViT]:
+        torch.manual_seed(0)
+        model = lit.LitViT()
+        start = copy.deepcopy(model)
+        monitor = AttentionMonitor(probes, labels=labels, methods=methods, tile_size=16, sanity_check=check)
+        monitor.on_error = "raise"
+        lit.trainer(tmp_path / folder, [monitor], max_epochs=1).fit(model, *lit.loaders())
+        return monitor, model, start
+
+    monitor, model, start = fit(True, "with")
+    _, plain, _ = fit(False, "without")
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())  # training unchanged
+
+    expected = sanity_check(start.model, probes, methods=methods, target=labels)  # the weights at the start
+    assert monitor.sanity is not None and monitor.sanity.cascading == pytest.approx(expected.cascading, abs=1e-6)
+    log_dir = next((tmp_path / "with").rglob("events.out.*")).parent
+    acc = lit.read_events(log_dir)
+    assert [e.step for e in acc.Images("attention/sanity")] == [0]
+    for method in methods:
+        for k, value in enumerate(expected.cascading[method]):
+            (event,) = acc.Scalars(f"attention_sanity/{method}/top_{k + 1:02d}")
+            assert event.step == 0 and event.value == pytest.approx(value, abs=1e-5)
+        (event,) = acc.Scalars(f"attention_sanity_independent/{method}/block_00")
+        assert event.value == pytest.approx(expected.independent[method][-1], abs=1e-5)
+    text = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    text.Reload()
+    (event,) = text.Tensors("attention/sanity_table/text_summary")
+    assert "| relevance | cascading |" in event.tensor_proto.string_val[0].decode()
+
+
+def test_callback_without_blocks_to_randomise_fails_at_setup(tmp_path):
+    monitor = AttentionMonitor(torch.randn(1, 3, lit.IMG, lit.IMG), sanity_check=True)
+    with pytest.raises(ValueError, match="no transformer blocks to randomise"):
+        lit.trainer(tmp_path, [monitor], max_epochs=1).fit(lit.LitViT(depth=0), *lit.loaders())
+    with pytest.raises(ValueError, match="`sanity_check` must be True or False"):
+        AttentionMonitor(sanity_check="yes")
