@@ -3,9 +3,9 @@ quote as mean ± standard deviation, then the model-randomisation sanity check o
 
 ::
 
-    python examples/findings.py --seeds 0 1 2 --threads 2 --out findings_runs
+    python examples/findings.py --seeds 0 1 2 --threads 1 --out findings_runs --docs docs
 
-One run of the example per seed (2 to 3 minutes each on an idle 2-core machine), one after the other; a seed whose
+One run of the example per seed (a few minutes each on an idle 2-core machine), one after the other; a seed whose
 run already finished under ``--out`` (its ``result.json`` and ``model.pt``) is read back instead of trained again,
 so an interrupted sweep resumes and the tables can be reprinted. What it prints:
 
@@ -19,7 +19,8 @@ so an interrupted sweep resumes and the tables can be reprinted. What it prints:
 
 The same seed gives other numbers on another machine or thread count: float sums depend on how a CPU kernel splits
 them, and the rounding differences grow through training. Hence the spread over seeds, not one run's digits.
-``--fast`` is a smoke run (the example's ``--fast``, 4 probes) used by the tests.
+``--docs docs`` also saves the first seed's sanity picture (``example_sanity.png``). ``--fast`` is a smoke run
+(the example's ``--fast``, 4 probes) used by the tests.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from pathlib import Path
 
 import timm.data
 import torch
+from PIL import Image
+
+from lightning_attn.render import to_display
 
 import train_vit
 from shapes import make_probes
@@ -50,9 +54,20 @@ FIGURES = (
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The example's figures as mean ± std over seeds, and its sanity check.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of each run (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of each run; one is the fastest on a loaded machine (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=Path("findings_runs"), help="one folder per seed (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="smoke run: the example's --fast, 4 probes")
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="save the first seed's sanity picture (its first 4 probes, one per class) as example_sanity.png here",
+    )
     return p.parse_args(argv)
 
 
@@ -150,8 +165,9 @@ def per_seed_table(seeds: Sequence[int], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sanity_tables(models: list[tuple[train_vit.ViTClassifier, argparse.Namespace]]) -> str:
-    """The cascading and independent randomisation of each seed's model on its probes: mean ± std over seeds."""
+def sanity_tables(models: list[tuple[train_vit.ViTClassifier, argparse.Namespace]], docs: Path | None = None) -> str:
+    """The cascading and independent randomisation of each seed's model on its probes: mean ± std over seeds;
+    with ``docs``, the first seed's picture as ``example_sanity.png`` there."""
     from lightning_attn import sanity_check
 
     checks = []
@@ -159,6 +175,12 @@ def sanity_tables(models: list[tuple[train_vit.ViTClassifier, argparse.Namespace
         cfg = timm.data.resolve_data_config({"input_size": (3, run.img_size, run.img_size)}, model=module.model)
         images, labels, _ = make_probes(run.probes, run.img_size, seed=run.seed, mean=cfg["mean"], std=cfg["std"])
         checks.append(sanity_check(module.model, images, methods=METHODS, target=labels, independent=True))
+        if docs is not None and len(checks) == 1:
+            display = to_display(images, cfg["mean"], cfg["std"])
+            picture, _ = checks[0].picture(display, tile_size=64, images=range(min(4, len(images))))
+            docs.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(docs / "example_sanity.png")
+            print(f"wrote {docs / 'example_sanity.png'}")
     out = []
     for kind in ("cascading", "independent"):
         steps = checks[0].step_labels(kind)
@@ -186,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> str:
             per_seed_table(args.seeds, results),
             "Sanity check of each trained model (Spearman correlation with the trained model's final map, mean over "
             "the probes; mean ± std over seeds):",
-            sanity_tables([(module, run) for _, module, run in loaded]),
+            sanity_tables([(module, run) for _, module, run in loaded], args.docs),
         ]
     )
     print("\n" + text)

@@ -216,7 +216,12 @@ class SanityCheck:
         return out
 
     def picture(
-        self, display: Tensor, tile_size: int = 96, cmap: str = "jet", alpha: float = 0.5
+        self,
+        display: Tensor,
+        tile_size: int = 96,
+        cmap: str = "jet",
+        alpha: float = 0.5,
+        images: Sequence[int] | None = None,
     ) -> tuple[np.ndarray, list[str]]:
         """The paper's figure: per image, one row per method — the image, the trained model's final map, then the
         map after each cascading step. Returns the (H, W, 3) uint8 grid and its row captions.
@@ -226,12 +231,13 @@ class SanityCheck:
             tile_size: pixels on the long side of each tile.
             cmap: matplotlib colormap name.
             alpha: weight of the heatmap in [0, 1].
+            images: which images to draw (indices); default all.
         """
-        b = display.shape[0]
-        images = display.float().cpu().repeat_interleave(len(self.methods), dim=0)  # (B * M, 3, H, W)
-        stacked = torch.stack([self.maps[m] for m in self.methods], dim=1).flatten(0, 1)  # (B * M, 1 + L, gh, gw)
-        tiles = overlay(images, stacked, tile_size, cmap, alpha)
-        rows = [f"#{i} {m}" for i in range(b) for m in self.methods]
+        chosen = list(range(display.shape[0])) if images is None else list(images)
+        shown = display.float().cpu()[chosen].repeat_interleave(len(self.methods), dim=0)  # (B * M, 3, H, W)
+        stacked = torch.stack([self.maps[m][chosen] for m in self.methods], dim=1).flatten(0, 1)  # (B * M, 1 + L, ..)
+        tiles = overlay(shown, stacked, tile_size, cmap, alpha)
+        rows = [f"#{i} {m}" for i in chosen for m in self.methods]
         header = ["image", "trained", *(f"rand. {s.split(' ', 1)[1]}" for s in self.step_labels())]
         return make_grid(tiles, header, rows), rows
 
