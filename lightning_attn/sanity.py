@@ -281,7 +281,10 @@ def sanity_check(
         target: what the gradient methods explain, as in :func:`~lightning_attn.attention_maps`.
         independent: also randomise each block alone (on a fresh copy each time).
         seed: block ``i`` is drawn under ``torch.manual_seed(seed + i)``.
-        head_fusion, discard_ratio, query, memory_budget: as in :func:`~lightning_attn.attention_maps`.
+        head_fusion: as in :func:`~lightning_attn.attention_maps`.
+        discard_ratio: as in :func:`~lightning_attn.attention_maps`.
+        query: as in :func:`~lightning_attn.attention_maps`.
+        memory_budget: as in :func:`~lightning_attn.attention_maps`.
 
     Raises:
         ValueError: the model is not supported or has no blocks to randomise, or the images do not fit it.
