@@ -150,7 +150,7 @@ def _last(scalars: dict[str, dict[int, float]], tag: str) -> float:
 
 def per_seed_table(seeds: Sequence[int], results: list[dict]) -> str:
     """Each seed's last-step figures and validation accuracy, to check a conclusion seed by seed."""
-    names = ", ".join((*METHODS, "random"))
+    names = ", ".join(METHODS) + "; random map where logged"
     lines = ["| seed | val acc | " + " | ".join(f"{label} ({names})" for label, _ in FIGURES) + " |"]
     lines.append("|---|---|" + "---|" * len(FIGURES))
     for seed, result in zip(seeds, results):
