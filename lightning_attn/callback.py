@@ -26,8 +26,9 @@ from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .render import DEFAULT_COLOUR_RANGE
-from .report import tag_prefix
+from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
+from .sanity import SanityCheck, randomisable_blocks
 from .writers import AttentionWriter, WriteError, WriterSet, in_background, writers_for
 
 __all__ = ["AttentionMonitor"]
@@ -175,6 +176,13 @@ class AttentionMonitor(Callback):
             chosen one is kept); the ``head_layers`` among them keep each head's too. None: every layer when they
             take at most 4 MiB a pass (layers x probes x tokens^2 x 2 bytes), else none; ``()``: none. The maps
             of every method and layer are kept either way (probes x layers x patches x 2 bytes per method).
+        sanity_check: once, when a fresh run starts (after the baseline pass), run the model-randomisation sanity
+            check (:func:`~lightning_attn.sanity_check`) on the probes: each method's final map against the maps of
+            a copy of the model whose blocks are re-initialised from the top down, and one at a time. Logs the
+            picture ``attention/sanity`` (per probe, one row per method: the trained map, then each step), the
+            Spearman correlations as the text table ``attention/sanity_table`` and as scalars
+            ``attention_sanity/<method>/top_XX`` and ``attention_sanity_independent/<method>/block_XX``, and keeps
+            the result in :attr:`sanity`. It costs 1 + 2 L probe passes (L blocks), once.
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -253,6 +261,7 @@ class AttentionMonitor(Callback):
         predictions: str = "auto",
         write_timeout: float = 10.0,
         report_layers: Sequence[int] | None = None,
+        sanity_check: bool = False,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -357,6 +366,11 @@ class AttentionMonitor(Callback):
         self.writer = writer
         self.batch_to_probes = batch_to_probes
         self.layout = layout
+        if not isinstance(sanity_check, bool):
+            raise ValueError(f"`sanity_check` must be True or False, got {sanity_check!r}")
+        self.sanity_check = sanity_check
+        #: The sanity check's result (``sanity_check=True``), once it ran; None before.
+        self.sanity: SanityCheck | None = None
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
@@ -460,6 +474,8 @@ class AttentionMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._resolve_module(pl_module)
+        if self.sanity_check:
+            randomisable_blocks(backend_for(vit, self.layout))  # no blocks to randomise: fails now, not at train start
         if self._trainer_id is not None and self._trainer_id != id(trainer):
             self._new_run()  # a monitor reused for another Trainer: its own writers, baseline and history
         self._trainer_id = id(trainer)
@@ -526,6 +542,8 @@ class AttentionMonitor(Callback):
         if self.log_baseline and not self._baseline_done:
             self._run(trainer, pl_module)
             self._baseline_done = True
+        if self.sanity_check and self.sanity is None and trainer.global_step == 0:
+            self._sanity(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -660,6 +678,42 @@ class AttentionMonitor(Callback):
         self._stop_on(trainer, fired)
         self._last_step = step
         self._logged = (id(trainer), step)
+
+    def _sanity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sanity check on the probes, once; rank zero computes and writes it (a copy of the model, no
+        collective), under the error policy of a pass."""
+        runner = self._runner
+        if runner is None:
+            return
+        with isolate_rng(), _full_parameters(trainer, pl_module):
+            if not trainer.is_global_zero:
+                return
+            try:
+                check = runner.sanity()
+                self.sanity = check
+                assert self._writer is not None
+                options = self.options
+                image, rows = check.picture(
+                    runner.display(),
+                    options.tile_size,
+                    options.cmap,
+                    options.alpha,
+                    scale=options.scale,
+                    colour_range=options.colour_range,
+                )
+                scalars = check.scalars(runner.prefix)
+                self._writer.add_grid(f"{runner.prefix}/sanity", image, trainer.global_step, rows)
+                self._writer.add_layout(scalar_layout(scalars))
+                self._writer.add_scalars(scalars, trainer.global_step)
+                self._writer.add_text(f"{runner.prefix}/sanity_table", check.table(), trainer.global_step)
+                self._writer.flush()
+            except Exception as err:
+                if self.on_error == "raise":
+                    raise
+                self._warn_once(
+                    "sanity " + type(err).__name__,
+                    f"AttentionMonitor could not run the sanity check: {type(err).__name__}: {err}. Training goes on.",
+                )
 
     def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
         """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""

@@ -4,6 +4,7 @@
     lightning-attn compare MODEL_A MODEL_B IMAGES... -o DIR
     lightning-attn replay  LOGDIR -o DIR
     lightning-attn report  LOGDIR -o FILE.html   (or MODEL IMAGES... -o FILE.html)
+    lightning-attn sanity  MODEL IMAGES... -o DIR
 
 The first three write PNG files, a JSON file of the numbers and a one-page ``index.html``; ``report`` writes one
 self-contained interactive page (:mod:`lightning_attn.html_report`); see ``lightning-attn CMD --help``.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -42,6 +44,8 @@ EXAMPLES = {
     "replay": "lightning-attn replay lightning_logs/version_0 -o replay/",
     "report": "lightning-attn report lightning_logs/version_0 -o report.html\n  lightning-attn report "
     "timm:vit_small_patch16_224 --pretrained cat.jpg dog.jpg -o report.html",
+    "sanity": "lightning-attn sanity lightning_logs/version_0/checkpoints/last.ckpt --model-class my_project.LitViT "
+    "photos/ -o sanity/ --methods raw rollout grad_rollout relevance",
 }
 
 
@@ -146,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
     _trust_argument(replay)
-    for command in (render, compare, replay):
+    sanity = _sanity_parser(sub)
+    for command in (render, compare, replay, sanity):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
@@ -562,11 +567,86 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sanity_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "sanity",
+        help="model-randomisation sanity check: how much of each map survives random weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["sanity"],
+        description="MODEL as for render. Re-initialises the blocks of a copy of the model from the top down (and "
+        "each alone) and writes the Spearman correlation between the trained and the randomised final maps "
+        "(sanity.json, sanity_independent.json), the maps per step (sanity.png) and index.html. A method whose "
+        "correlations stay near 1 shows the image, not the model (Adebayo et al. 2018).",
+    )
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("-o", "--output", required=True, help="folder for sanity.json, sanity.png and index.html")
+    parser.add_argument("--seed", type=int, default=0, help="block i is drawn under torch.manual_seed(seed + i)")
+    _model_arguments(parser)
+    _map_arguments(parser)
+    return parser
+
+
+def sanity(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from .probes import display_stats
+    from .render import to_display
+    from .sanity import sanity_check
+
+    model = _device(_vit(args.model, args), args.device)
+    paths, batches = _batches(args, model)
+    images = torch.cat(batches)
+    target = None if args.target is None else torch.full((images.shape[0],), args.target)
+    check = sanity_check(
+        model,
+        images,
+        methods=args.methods,
+        target=target,
+        seed=args.seed,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        query=args.query,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sanity.json").write_text(json.dumps(check.to_json("cascading"), indent=1) + "\n")
+    (out / "sanity_independent.json").write_text(json.dumps(check.to_json("independent"), indent=1) + "\n")
+    display = to_display(images, *display_stats(model))
+    picture, _ = check.picture(display, args.tile_size, args.cmap, scale=args.scale, colour_range=args.colour_range)
+    Image.fromarray(picture).save(out / "sanity.png")
+    tables = []
+    for kind in ("cascading", "independent"):
+        values = getattr(check, kind)
+        rows = [[m, *("—" if math.isnan(v) else f"{v:.3f}" for v in values[m])] for m in check.methods]
+        tables.append(
+            (
+                f"{kind} randomisation: Spearman correlation with the trained model's final map, mean over "
+                f"{len(paths)} images",
+                [["method", *check.step_labels(kind)], *rows],
+            )
+        )
+    _index(
+        out,
+        f"lightning-attn sanity {args.model}",
+        [("trained and randomised final maps (columns: blocks randomised from the top)", "sanity.png")],
+        tables,
+        tables_first=True,
+    )
+    print(check.table())
+    if check.kept:
+        print(f"kept their trained values (no initialisation for them): {', '.join(check.kept)}")
+    print(f"wrote sanity.json, sanity_independent.json, sanity.png and index.html to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        status = {"render": render, "compare": compare, "replay": replay, "report": report}[args.command](args)
+        commands = {"render": render, "compare": compare, "replay": replay, "report": report, "sanity": sanity}
+        status = commands[args.command](args)
         for note in getattr(args, "notes", ()):
             print(f"lightning-attn {args.command}: note: {note}", file=sys.stderr)
         return status

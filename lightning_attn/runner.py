@@ -40,6 +40,7 @@ from .render import (
     with_colour_bar,
 )
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
+from .sanity import SanityCheck, sanity_check
 
 if TYPE_CHECKING:
     from .writers import AttentionWriter
@@ -578,6 +579,23 @@ class ProbeRunner:
             "report_row_stride": self._row_stride,
             "report_meta": self.report_meta(),
         }
+
+    def sanity(self, seed: int = 0) -> SanityCheck:
+        """The model-randomisation check (:func:`~lightning_attn.sanity_check`) on the probes, with this runner's
+        methods, map options and target (the labels when known, else each probe's prediction)."""
+        options = self.options
+        self.display()  # moves the probes to the model's device
+        return sanity_check(
+            self.model,
+            self.probes.images,
+            methods=options.methods,
+            target=options.target if options.target is not None else self.probes.labels,
+            seed=seed,
+            head_fusion=options.head_fusion,
+            discard_ratio=options.discard_ratio,
+            query=options.query,
+            memory_budget=options.memory_budget,
+        )
 
     def restart(self) -> None:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""

@@ -218,7 +218,7 @@ def test_report_reads_the_run_without_the_model_or_runs_a_model(run_dir, tmp_pat
 def test_help_has_an_example_per_subcommand():
     done = _run("render", "--help")
     assert done.returncode == 0 and "example:" in done.stdout and "lightning-attn render" in done.stdout
-    for command in ("compare", "replay", "report"):
+    for command in ("compare", "replay", "report", "sanity"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -407,3 +407,25 @@ def test_pages_name_the_files_and_classes_and_say_when_weights_are_random(run_di
         "<p class='note'><strong>note:</strong> timm:vit_tiny_patch16_224 has random weights"
         in (tmp_path / "b" / "index.html").read_text()
     )
+
+
+def test_sanity_writes_the_functions_correlations_picture_and_index(run_dir, tmp_path, capsys):
+    from lightning_attn import sanity_check
+
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    out = tmp_path / "sanity"
+    args = ["sanity", str(ckpt), "--model-class", "lit.LitViT", str(run_dir / "images"), "-o", str(out)]
+    assert main([*args, "--methods", "rollout", "relevance", "--tile-size", "16", "--seed", "3"]) == 0
+    vit = _vit_of(ckpt)
+    images = load_images(sorted((run_dir / "images").glob("*.png")), backend_for(vit).transform())
+    expected = sanity_check(vit, images, methods=("rollout", "relevance"), seed=3)
+    saved = json.loads((out / "sanity.json").read_text())
+    assert list(saved) == ["rollout", "relevance"] and all(len(v) == 2 for v in saved.values())  # 2 blocks
+    for method, values in saved.items():
+        assert values == pytest.approx(expected.cascading[method], abs=1e-6)
+    independent = json.loads((out / "sanity_independent.json").read_text())
+    assert independent["relevance"] == pytest.approx(expected.independent["relevance"], abs=1e-6)
+    picture = np.asarray(Image.open(out / "sanity.png"))
+    assert picture.shape == expected.picture(torch.rand(3, 3, lit.IMG, lit.IMG), 16)[0].shape  # 6 rows x 4 columns
+    page = (out / "index.html").read_text()
+    assert "sanity.png" in page and "blocks 0-1" in page and "| relevance | cascading |" in capsys.readouterr().out

@@ -97,3 +97,24 @@ def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):
     assert healthy.alerts == []
     assert len(healthy.runner.scalar_history) == 3  # baseline + 2 fine-tuning epochs: the rules were read
     assert "finetune_lr0.0001: " in capsys.readouterr().out and too_high.runner.scalar_history
+
+
+def test_findings_smoke_run_prints_mean_and_std_over_seeds_and_reads_runs_back(tmp_path, capsys):
+    import statistics
+
+    import findings
+
+    argv = ["--seeds", "0", "1", "--fast", "--threads", "1", "--out", str(tmp_path)]
+    text = findings.main(argv)
+    capsys.readouterr()
+    values = []
+    for seed in (0, 1):
+        scalars = findings.load(tmp_path / f"seed{seed}")[0]["scalars"]["attention_jaccard/relevance"]
+        values.append(scalars[max(scalars)])
+    cell = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    row = next(line for line in text.splitlines() if line.startswith("| relevance | ") and "±" in line)
+    assert row.split(" | ")[2].split(" / ")[-1] == cell  # Jaccard, last step: the mean and std of the two runs
+    assert "| cascading: method | block 3 | blocks 2-3 | blocks 1-3 | blocks 0-3 |" in text
+    assert "| independent: method | block 3 | block 2 | block 1 | block 0 |" in text
+    assert findings.main(argv) == text  # read back, not trained again
+    assert "seed 0: read back" in capsys.readouterr().out
