@@ -8,7 +8,8 @@ triangle or cross on a textured background), so it runs offline, on a CPU, in tw
 
 Every epoch the callback logs, for 8 fixed probe images (two per class), each layer's attention and its rollout
 over the image; open the IMAGES tab and move the step slider to compare the untrained model (step 0) with later
-epochs. Validation accuracy (chance: 25%) reaches about 43% after the first epoch and 68% after the sixth.
+epochs. Validation accuracy (chance: 25%) reaches 38-43% after the first epoch and 64-71% after the sixth (seeds 0-2,
+``examples/findings.py``).
 
 Your own images: an ImageFolder with ``train/`` and ``val/`` subfolders (one folder per class in each)::
 

@@ -24,7 +24,15 @@ if TYPE_CHECKING:  # what type checkers and documentation tools read; at run tim
         mean_attention_distance,
         register_share,
     )
-    from .faithfulness import PerturbationCurves, perturbation_curves, pointing_game, random_perturbation_curves
+    from .faithfulness import (
+        PerturbationCurves,
+        jaccard_index,
+        perturbation_curves,
+        pointing_game,
+        random_perturbation_curves,
+        top_mass_patches,
+    )
+    from .html_report import report_html
     from .layout import TokenLayout, WindowGrid, query_row
     from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
     from .metrics import normalized_entropy
@@ -40,6 +48,7 @@ if TYPE_CHECKING:  # what type checkers and documentation tools read; at run tim
         residual_transition,
     )
     from .runner import Panel, ProbePass, ProbeRunner, redraw
+    from .sanity import SanityCheck, sanity_check, spearman
     from .writers import (
         AttentionWriter,
         MLflowWriter,
@@ -79,6 +88,12 @@ _EXPORTS = {
     "perturbation_curves": "faithfulness",
     "pointing_game": "faithfulness",
     "random_perturbation_curves": "faithfulness",
+    "jaccard_index": "faithfulness",
+    "top_mass_patches": "faithfulness",
+    "SanityCheck": "sanity",
+    "sanity_check": "sanity",
+    "spearman": "sanity",
+    "report_html": "html_report",
     "TokenLayout": "layout",
     "WindowGrid": "layout",
     "query_row": "layout",
@@ -149,6 +164,7 @@ __all__ = [
     "ProbePass",
     "ProbeRunner",
     "Probes",
+    "SanityCheck",
     "TensorBoardWriter",
     "TokenLayout",
     "WandbWriter",
@@ -166,6 +182,7 @@ __all__ = [
     "fuse_heads",
     "grad_rollout",
     "head_query_rows",
+    "jaccard_index",
     "layer_series",
     "mean_attention_distance",
     "normalized_entropy",
@@ -179,13 +196,17 @@ __all__ = [
     "redraw",
     "register_share",
     "register_slice",
+    "report_html",
     "relevance_propagation",
     "residual_transition",
+    "sanity_check",
     "scalar_layout",
     "scalar_report",
+    "spearman",
     "supported_models",
     "supports_head_streaming",
     "tag_prefix",
     "token_layout",
+    "top_mass_patches",
     "writers_for",
 ]

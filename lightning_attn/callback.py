@@ -20,13 +20,15 @@ from typing_extensions import override
 
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import backend_for, find_vision_transformers, unsupported_message
+from .html_report import report_iframe
 from .layout import TokenLayout
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
 from .render import DEFAULT_COLOUR_RANGE
-from .report import tag_prefix
+from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
+from .sanity import SanityCheck, randomisable_blocks
 from .writers import AttentionWriter, WriteError, WriterSet, in_background, writers_for
 
 __all__ = ["AttentionMonitor"]
@@ -168,6 +170,19 @@ class AttentionMonitor(Callback):
         write_timeout: seconds the monitor waits at most, on an exception (Ctrl-C included) and at teardown, for
             passes still being written on a writer thread (an unreachable MLflow server); then it warns which passes
             were not written and lets the run end.
+        report_layers: layers whose head-fused token x token attention of the probes each pass keeps (float16, in
+            the checkpoint) for the interactive report (:func:`~lightning_attn.report_html`, ``lightning-attn
+            report``), where clicking a patch shows what it attends to (raw, and rollout when every layer up to the
+            chosen one is kept); the ``head_layers`` among them keep each head's too. None: every layer when they
+            take at most 4 MiB a pass (layers x probes x tokens^2 x 2 bytes), else none; ``()``: none. The maps
+            of every method and layer are kept either way (probes x layers x patches x 2 bytes per method).
+        sanity_check: once, when a fresh run starts (after the baseline pass), run the model-randomisation sanity
+            check (:func:`~lightning_attn.sanity_check`) on the probes: each method's final map against the maps of
+            a copy of the model whose blocks are re-initialised from the top down, and one at a time. Logs the
+            picture ``attention/sanity`` (per probe, one row per method: the trained map, then each step), the
+            Spearman correlations as the text table ``attention/sanity_table`` and as scalars
+            ``attention_sanity/<method>/top_XX`` and ``attention_sanity_independent/<method>/block_XX``, and keeps
+            the result in :attr:`sanity`. It costs 1 + 2 L probe passes (L blocks), once.
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -245,6 +260,8 @@ class AttentionMonitor(Callback):
         colour_range: float = DEFAULT_COLOUR_RANGE,
         predictions: str = "auto",
         write_timeout: float = 10.0,
+        report_layers: Sequence[int] | None = None,
+        sanity_check: bool = False,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -276,6 +293,7 @@ class AttentionMonitor(Callback):
             scale=scale,
             colour_range=colour_range,
             predictions=predictions,
+            report_layers=report_layers,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -348,6 +366,11 @@ class AttentionMonitor(Callback):
         self.writer = writer
         self.batch_to_probes = batch_to_probes
         self.layout = layout
+        if not isinstance(sanity_check, bool):
+            raise ValueError(f"`sanity_check` must be True or False, got {sanity_check!r}")
+        self.sanity_check = sanity_check
+        #: The sanity check's result (``sanity_check=True``), once it ran; None before.
+        self.sanity: SanityCheck | None = None
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
@@ -451,6 +474,8 @@ class AttentionMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._resolve_module(pl_module)
+        if self.sanity_check:
+            randomisable_blocks(backend_for(vit, self.layout))  # no blocks to randomise: fails now, not at train start
         if self._trainer_id is not None and self._trainer_id != id(trainer):
             self._new_run()  # a monitor reused for another Trainer: its own writers, baseline and history
         self._trainer_id = id(trainer)
@@ -517,6 +542,8 @@ class AttentionMonitor(Callback):
         if self.log_baseline and not self._baseline_done:
             self._run(trainer, pl_module)
             self._baseline_done = True
+        if self.sanity_check and self.sanity is None and trainer.global_step == 0:
+            self._sanity(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -652,6 +679,42 @@ class AttentionMonitor(Callback):
         self._last_step = step
         self._logged = (id(trainer), step)
 
+    def _sanity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sanity check on the probes, once; rank zero computes and writes it (a copy of the model, no
+        collective), under the error policy of a pass."""
+        runner = self._runner
+        if runner is None:
+            return
+        with isolate_rng(), _full_parameters(trainer, pl_module):
+            if not trainer.is_global_zero:
+                return
+            try:
+                check = runner.sanity()
+                self.sanity = check
+                assert self._writer is not None
+                options = self.options
+                image, rows = check.picture(
+                    runner.display(),
+                    options.tile_size,
+                    options.cmap,
+                    options.alpha,
+                    scale=options.scale,
+                    colour_range=options.colour_range,
+                )
+                scalars = check.scalars(runner.prefix)
+                self._writer.add_grid(f"{runner.prefix}/sanity", image, trainer.global_step, rows)
+                self._writer.add_layout(scalar_layout(scalars))
+                self._writer.add_scalars(scalars, trainer.global_step)
+                self._writer.add_text(f"{runner.prefix}/sanity_table", check.table(), trainer.global_step)
+                self._writer.flush()
+            except Exception as err:
+                if self.on_error == "raise":
+                    raise
+                self._warn_once(
+                    "sanity " + type(err).__name__,
+                    f"AttentionMonitor could not run the sanity check: {type(err).__name__}: {err}. Training goes on.",
+                )
+
     def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
         """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""
         if self.alert_mode != "stop":
@@ -710,6 +773,10 @@ class AttentionMonitor(Callback):
                 for tag, frames in runner.animations().items():
                     writer.add_animation(tag, frames, trainer.global_step)
                 writer.flush()
+            if runner is not None and runner.report_history:
+                # the interactive page of the whole run: a W&B HTML panel, an MLflow artifact, a file beside the logs
+                writer.add_html(f"{runner.prefix}/report", self.report_html(), trainer.global_step)
+                writer.flush()
             writer.drain()
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
@@ -717,6 +784,22 @@ class AttentionMonitor(Callback):
             self._warn_once(
                 f"fit end {type(err).__name__}", f"AttentionMonitor could not write everything at the end of fit: {err}"
             )
+
+    def report_html(self, title: str | None = None) -> str:
+        """The run's interactive report (:func:`~lightning_attn.report_html`) with the alerts that fired.
+
+        Raises:
+            ValueError: no probe pass has run yet.
+        """
+        if self._runner is None:
+            raise ValueError("AttentionMonitor has run no probe pass yet: fit (or validate) first")
+        return self._runner.report_html(title, self.alerts)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if self._runner is None or not self._runner.report_history:
+            return "<p>AttentionMonitor: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
 
     def _drain(self, when: str) -> None:
         """Wait for the passes still being written on the writer thread (their errors follow ``on_error``). On an

@@ -3,8 +3,11 @@
     lightning-attn render  MODEL IMAGES... -o DIR
     lightning-attn compare MODEL_A MODEL_B IMAGES... -o DIR
     lightning-attn replay  LOGDIR -o DIR
+    lightning-attn report  LOGDIR -o FILE.html   (or MODEL IMAGES... -o FILE.html)
+    lightning-attn sanity  MODEL IMAGES... -o DIR
 
-Each writes PNG files, a JSON file of the numbers and a one-page ``index.html``; see ``lightning-attn CMD --help``.
+The first three write PNG files, a JSON file of the numbers and a one-page ``index.html``; ``report`` writes one
+self-contained interactive page (:mod:`lightning_attn.html_report`); see ``lightning-attn CMD --help``.
 A bad input ends with one line naming the problem and the fix, and exit status 2 (``--debug`` shows the
 traceback).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -38,6 +42,10 @@ EXAMPLES = {
     "compare": "lightning-attn compare timm:vit_small_patch16_224 finetuned.ckpt --pretrained --model-class "
     "my_project.LitViT photos/ -o compare/",
     "replay": "lightning-attn replay lightning_logs/version_0 -o replay/",
+    "report": "lightning-attn report lightning_logs/version_0 -o report.html\n  lightning-attn report "
+    "timm:vit_small_patch16_224 --pretrained cat.jpg dog.jpg -o report.html",
+    "sanity": "lightning-attn sanity lightning_logs/version_0/checkpoints/last.ckpt --model-class my_project.LitViT "
+    "photos/ -o sanity/ --methods raw rollout grad_rollout relevance",
 }
 
 
@@ -142,12 +150,14 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("logdir", help="a run's log folder (its newest .ckpt is read) or a .ckpt file")
     replay.add_argument("-o", "--output", required=True)
     _trust_argument(replay)
-    for command in (render, compare, replay):
+    sanity = _sanity_parser(sub)
+    for command in (render, compare, replay, sanity):
         # SUPPRESS: a subcommand's default must not undo `lightning-attn --debug CMD`
         command.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
         )
     replay.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    _report_parser(sub)
     return parser
 
 
@@ -427,15 +437,16 @@ def _states_in(checkpoint: Path, trust_checkpoint: bool) -> list[tuple[str, dict
 
     callbacks = load_checkpoint_state(checkpoint, trust_checkpoint=trust_checkpoint).get("callbacks") or {}
     return [
-        (key, state["runner"])
+        (key, state)
         for key, state in callbacks.items()
         if isinstance(state, dict) and isinstance(state.get("runner"), dict)
     ]
 
 
 def _monitor_states(path: Path, trust_checkpoint: bool) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
-    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state; in a folder,
-    unreadable or refused checkpoints are skipped with a note."""
+    """The newest checkpoint under ``path`` (or ``path`` itself) that holds AttentionMonitor state, and each
+    monitor's state in it (its runner's under ``"runner"``, its alerts under ``"alerts"``); in a folder, unreadable
+    or refused checkpoints are skipped with a note."""
     if path.is_dir():
         checkpoints = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if not checkpoints:
@@ -473,7 +484,7 @@ def replay(args: argparse.Namespace) -> int:
     pictures = []
     for _, state in states:
         try:
-            strip, animations = redraw(state)
+            strip, animations = redraw(state["runner"])
         except ValueError as err:
             raise UsageError(str(err)) from None
         pictures.append((strip.tag, _save(strip, out)))
@@ -486,11 +497,156 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="one interactive HTML page of a run (step slider, click a patch, heads, curves) or of a model on images",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + EXAMPLES["report"],
+        description="SOURCE: a run's log folder (its newest .ckpt holding AttentionMonitor state is read, no model "
+        "needed) or a .ckpt file; with IMAGES, a model (a Lightning checkpoint, timm:<name>, a Hugging Face folder) "
+        "run once on them. One self-contained file: no network reference, opens from disk.",
+    )
+    parser.add_argument("source")
+    parser.add_argument("images", nargs="*", help="image files or folders: SOURCE is then a model")
+    parser.add_argument("-o", "--output", required=True, help="the HTML file (one per monitor when a run has several)")
+    parser.add_argument(
+        "--report-layers",
+        nargs="+",
+        type=int,
+        help="with a model: layers whose patch rows it keeps (default all)",
+    )
+    parser.add_argument("--head-layers", nargs="+", type=int, default=[-1], help="with a model: layers shown per head")
+    parser.add_argument("--title", help="the page's title (default: the command)")
+    _model_arguments(parser)
+    _map_arguments(parser)
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+
+
+def report(args: argparse.Namespace) -> int:
+    import torch
+
+    from .backends import backend_for
+    from .html_report import report_html
+    from .probes import Probes
+    from .runner import ProbeRunner
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"`-o {out}` must name an .html file (e.g. -o report.html)")
+    pages: list[tuple[str, str]] = []  # (runner prefix, page)
+    if args.images:
+        model = _device(_vit(args.source, args), args.device)
+        # asked for a report of this model: every layer by default, whatever it costs
+        layers = args.report_layers or range(len(backend_for(model).attention_layers()))
+        options = _options(args, diagnostics=True, head_layers=tuple(args.head_layers), report_layers=tuple(layers))
+        _, batches = _batches(args, model)
+        runner = ProbeRunner(model, Probes(torch.cat(batches)), options)
+        runner.run(step=0, render=False)
+        title = args.title or f"lightning-attn report {args.source}"
+        pages.append((runner.prefix, report_html(runner.state_dict(), title=title)))
+    else:
+        checkpoint, states = _monitor_states(Path(args.source), args.trust_checkpoint)
+        for _, state in states:
+            runner_state = state["runner"]
+            title = args.title or f"lightning-attn report {checkpoint}"
+            try:
+                page = report_html(runner_state, (state.get("alerts") or {}).get("alerts") or [], title)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            pages.append((str(runner_state.get("prefix", "attention")), page))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prefix, page in pages:
+        path = out if len(pages) == 1 else out.with_name(f"{out.stem}_{prefix}{out.suffix}")
+        path.write_text(page, encoding="utf-8")
+        written.append(f"{path} ({len(page.encode()) / 2**20:.1f} MiB)")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _sanity_parser(sub: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "sanity",
+        help="model-randomisation sanity check: how much of each map survives random weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  " + EXAMPLES["sanity"],
+        description="MODEL as for render. Re-initialises the blocks of a copy of the model from the top down (and "
+        "each alone) and writes the Spearman correlation between the trained and the randomised final maps "
+        "(sanity.json, sanity_independent.json), the maps per step (sanity.png) and index.html. A method whose "
+        "correlations stay near 1 shows the image, not the model (Adebayo et al. 2018).",
+    )
+    parser.add_argument("model")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("-o", "--output", required=True, help="folder for sanity.json, sanity.png and index.html")
+    parser.add_argument("--seed", type=int, default=0, help="block i is drawn under torch.manual_seed(seed + i)")
+    _model_arguments(parser)
+    _map_arguments(parser)
+    return parser
+
+
+def sanity(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from .probes import display_stats
+    from .render import to_display
+    from .sanity import sanity_check
+
+    model = _device(_vit(args.model, args), args.device)
+    paths, batches = _batches(args, model)
+    images = torch.cat(batches)
+    target = None if args.target is None else torch.full((images.shape[0],), args.target)
+    check = sanity_check(
+        model,
+        images,
+        methods=args.methods,
+        target=target,
+        seed=args.seed,
+        head_fusion=args.head_fusion,
+        discard_ratio=args.discard_ratio,
+        query=args.query,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sanity.json").write_text(json.dumps(check.to_json("cascading"), indent=1) + "\n")
+    (out / "sanity_independent.json").write_text(json.dumps(check.to_json("independent"), indent=1) + "\n")
+    display = to_display(images, *display_stats(model))
+    picture, _ = check.picture(display, args.tile_size, args.cmap, scale=args.scale, colour_range=args.colour_range)
+    Image.fromarray(picture).save(out / "sanity.png")
+    tables = []
+    for kind in ("cascading", "independent"):
+        values = getattr(check, kind)
+        rows = [[m, *("—" if math.isnan(v) else f"{v:.3f}" for v in values[m])] for m in check.methods]
+        tables.append(
+            (
+                f"{kind} randomisation: Spearman correlation with the trained model's final map, mean over "
+                f"{len(paths)} images",
+                [["method", *check.step_labels(kind)], *rows],
+            )
+        )
+    _index(
+        out,
+        f"lightning-attn sanity {args.model}",
+        [("trained and randomised final maps (columns: blocks randomised from the top)", "sanity.png")],
+        tables,
+        tables_first=True,
+    )
+    print(check.table())
+    if check.kept:
+        print(f"kept their trained values (no initialisation for them): {', '.join(check.kept)}")
+    print(f"wrote sanity.json, sanity_independent.json, sanity.png and index.html to {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        status = {"render": render, "compare": compare, "replay": replay}[args.command](args)
+        commands = {"render": render, "compare": compare, "replay": replay, "report": report, "sanity": sanity}
+        status = commands[args.command](args)
         for note in getattr(args, "notes", ()):
             print(f"lightning-attn {args.command}: note: {note}", file=sys.stderr)
         return status

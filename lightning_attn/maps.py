@@ -85,6 +85,8 @@ class AttentionMaps:
         attention_distance: (B, L, heads) mean attention distance in pixels
             (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``; NaN
             for heads a layer does not have (Swin's later stages have more heads than its first).
+        head_matrices: full per-head (B, heads, N, N) attention of the layers named in ``keep_head_matrices``, by
+            layer index (the interactive report's heads view of a clicked patch).
     """
 
     raw: Tensor | None
@@ -103,6 +105,7 @@ class AttentionMaps:
     attention_distance: Tensor | None = None
     output: Any = None
     layout: TokenLayout | None = None
+    head_matrices: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -173,6 +176,7 @@ class _Collected:
         keep_matrices: Iterable[int],
         head_layers: Iterable[int] = (),
         distance: bool = False,
+        keep_head_matrices: Iterable[int] = (),
     ) -> None:
         self.layout = layout
         self._steps: list[Tensor] = []
@@ -188,6 +192,8 @@ class _Collected:
         self.distances: list[Tensor] = []
         self.matrices: dict[int, Tensor] = {}
         self.head_maps: dict[int, Tensor] = {}
+        self.keep_heads = set(keep_head_matrices)
+        self.head_matrices: dict[int, Tensor] = {}
 
     def stack(self, rows: list[Tensor]) -> Tensor | None:
         if not rows:
@@ -204,6 +210,7 @@ class _Reducer(_Collected):
         # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
         # (B, N, N) @ (B, N, N) product per layer
         self.keep_steps = keep_steps
+        self._head_chunks: list[Tensor] = []
         self._product: Tensor | None = None
         self._fused: Tensor | None = None
         self._head_rows: list[Tensor] = []
@@ -231,7 +238,9 @@ class _Reducer(_Collected):
         """Consume a chunk of heads' (B, h, N, N) float32 attention; the layer is complete after its last head."""
         if first == 0:
             self._check_tokens(index, attention.shape[-1])
-            self._fused, self._head_rows, self._head_distances = None, [], []
+            self._fused, self._head_rows, self._head_distances, self._head_chunks = None, [], [], []
+        if index in self.keep_heads:
+            self._head_chunks.append(attention.clone())  # the chunk's memory is reused for the next heads
         if self.head_fusion == "mean":
             part = attention.sum(dim=1)
             self._fused = part if self._fused is None else self._fused.add_(part)
@@ -248,6 +257,9 @@ class _Reducer(_Collected):
                 self.head_maps[index] = torch.cat(self._head_rows, dim=1)
             if self._head_distances:
                 self.distances.append(torch.cat(self._head_distances, dim=1))
+            if self._head_chunks:
+                self.head_matrices[index] = torch.cat(self._head_chunks, dim=1)
+                self._head_chunks = []
             fused = self._fused.div_(heads) if self.head_fusion == "mean" else self._fused
             self._fused = None
             self._finish(index, fused)
@@ -330,6 +342,9 @@ class _WindowReducer(_Collected):
                 fused = blocks.amax(dim=2) if self.head_fusion == "max" else blocks.amin(dim=2)
             if index in self.keep:
                 self.matrices[index] = windows.whole_image(fused, grid, fine)
+            if index in self.keep_heads:
+                per_head = windows.whole_image(blocks.transpose(1, 2).flatten(0, 1), grid, fine)
+                self.head_matrices[index] = per_head.reshape(b, heads, *per_head.shape[1:])
             if "raw" in self.methods:
                 self.raw.append(windows.rows_times(first, fused, grid, fine)[:, 0])
                 self.prefix.append(fused.new_zeros(b, 0))
@@ -502,6 +517,7 @@ def attention_maps(
     head_layers: Iterable[int] = (),
     attention_distance: bool = False,
     memory_budget: int | None = None,
+    keep_head_matrices: Iterable[int] = (),
 ) -> AttentionMaps:
     """Per-layer attention maps of ``images`` on the patch grid, in one forward (plus one backward for the
     gradient methods).
@@ -536,6 +552,8 @@ def attention_maps(
             (B, heads, N, N) softmax when it fits (fastest), else a few heads at a time, down to one; on a CPU,
             also the bound for keeping every layer's (B, N, N) rollout step to the end. None: 256 MiB, on a GPU at
             most half its free memory; 0: one head at a time and nothing kept (least memory, flat in the depth).
+        keep_head_matrices: layer indices whose full per-head (B, heads, N, N) attention to keep in
+            ``.head_matrices``.
 
     Example::
 
@@ -563,6 +581,7 @@ def attention_maps(
         layout = backend.layout((images.shape[-2], images.shape[-1]), query)
     keep = _check_layer_indices("keep_matrices", keep_matrices, len(modules))
     heads = _check_layer_indices("head_layers", head_layers, len(modules))
+    keep_heads = _check_layer_indices("keep_head_matrices", keep_head_matrices, len(modules))
 
     device, dtype = _model_device_dtype(backend.model)
     # a windowed block's query attends the w tokens of its window, not every token
@@ -580,6 +599,7 @@ def attention_maps(
             head_layers=heads,
             attention_distance=attention_distance,
             memory_budget=memory_budget,
+            keep_head_matrices=keep_heads,
         )
         parts = [
             attention_maps(model, images[i : i + per_pass], target=_target_slice(target, i, i + per_pass), **options)
@@ -593,12 +613,11 @@ def attention_maps(
     n = layout.num_tokens
     keep_steps = device.type == "cpu" and len(modules) * images.shape[0] * n * n * 4 <= budget
     reducer: _Reducer | _WindowReducer
+    shared = (layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_heads)
     if layout.windows is not None:  # windowed, hierarchical (Swin): the backend's WindowGrids say what each block saw
-        reducer = _WindowReducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance)
+        reducer = _WindowReducer(*shared)
     else:
-        reducer = _Reducer(
-            layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps=keep_steps
-        )
+        reducer = _Reducer(*shared, keep_steps=keep_steps)
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -653,6 +672,7 @@ def attention_maps(
         target=chosen,
         output=output,
         layout=layout,
+        head_matrices=reducer.head_matrices,
     )
 
 
@@ -714,6 +734,7 @@ def _concatenate(parts: list[AttentionMaps]) -> AttentionMaps:
         setattr(joined, name, None if values[0] is None else _cat(values))
     joined.matrices = {k: _cat([part.matrices[k] for part in parts]) for k in parts[0].matrices}
     joined.head_maps = {k: _cat([part.head_maps[k] for part in parts]) for k in parts[0].head_maps}
+    joined.head_matrices = {k: _cat([part.head_matrices[k] for part in parts]) for k in parts[0].head_matrices}
     return joined
 
 

@@ -104,6 +104,7 @@ class ProbeOptions:
     scale: str = "relative"
     colour_range: float = DEFAULT_COLOUR_RANGE
     predictions: str = "auto"
+    report_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -171,6 +172,7 @@ class ProbeOptions:
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"`class_names` must be a non-empty sequence of strings, one per class, got {names!r}")
             set_("class_names", names)
+        set_("report_layers", check_layer_list("report_layers", self.report_layers, allow_none=True))
 
     @property
     def render(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .animation import GifStream
 from .backends import Backend, backend_for
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
+from .html_report import report_html, report_iframe
 from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
@@ -39,6 +40,7 @@ from .render import (
     with_colour_bar,
 )
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
+from .sanity import SanityCheck, sanity_check
 
 if TYPE_CHECKING:
     from .writers import AttentionWriter
@@ -58,6 +60,15 @@ __all__ = [
 FORMAT_VERSION = 2
 #: Probes that get an evolution animation: a GIF each, so a few hundred probes must not mean hundreds of files.
 MAX_ANIMATED = 16
+#: With ``report_layers=None``, every layer's head-fused token x token attention is kept for the interactive report
+#: when it takes at most this many bytes per pass (float16): 4 layers x 8 probes x 65^2 tokens (the example) take
+#: 0.27 MB; 12 layers x 16 probes x 197^2 (ViT-S/16 at 224) would take 15 MB, so none is kept there unless asked.
+REPORT_MATRIX_BYTES = 4 * 2**20
+#: Passes whose token x token attention stays in :attr:`ProbeRunner.report_history` (and so in the checkpoint):
+#: between half of it and all of it, every k-th pass (k doubling as the run grows) plus the latest, so that a long
+#: run holds at most this many passes' matrices, evenly spread: 1000 passes cost what 32 do (the maps of every
+#: method and layer, a few KB a pass, are kept for every pass).
+REPORT_ROW_PASSES = 32
 
 
 @dataclass
@@ -248,6 +259,31 @@ class ProbeRunner:
         self._head_at_baseline: list[Tensor] | None = None
         self.head_moved = False
         self._show_predictions = True
+        self.report_layers, self.report_head_layers = self._report_layers()
+        #: per recorded pass, what the interactive report shows (:mod:`lightning_attn.html_report`): float16 maps
+        #: of every method and layer, per-head query rows, and the token x token attention of ``report_layers``
+        self.report_history: list[dict[str, Any]] = []
+        self._row_stride = 1  # every how many recorded passes keep their token x token attention
+
+    def _report_layers(self) -> tuple[list[int], list[int]]:
+        """The layers whose head-fused token x token attention each pass keeps for the report, and those of them
+        whose per-head attention is kept too (the ``head_layers`` among them)."""
+        num_layers = len(self.backend.attention_layers())
+        requested = self.options.report_layers
+        layers = resolve_layers(requested, num_layers, "report_layers")
+        height, width = self.probes.images.shape[-2:]
+        layout = self._layout or self.backend.layout((int(height), int(width)), self.options.query)
+        self._report_meta = {
+            "grid_size": list(layout.grid_size),
+            "num_prefix_tokens": layout.num_prefix_tokens,
+            "query": layout.query,
+            "num_layers": num_layers,
+        }
+        if requested is None:
+            n = layout.num_tokens
+            if num_layers * len(self.probes) * n * n * 2 > REPORT_MATRIX_BYTES:
+                layers = []  # too big to keep by default: the report shows the logged maps without clicking
+        return layers, [layer for layer in self.head_layers if layer in layers]
 
     @staticmethod
     def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
@@ -296,12 +332,13 @@ class ProbeRunner:
                 head_fusion=options.head_fusion,
                 discard_ratio=options.discard_ratio,
                 query=options.query,
-                keep_matrices=self.matrix_layers,
+                keep_matrices=sorted({*self.matrix_layers, *self.report_layers}),
                 target=target,
                 head_layers=self.head_layers,
                 attention_distance=options.diagnostics,
                 layout=self._layout,
                 memory_budget=options.memory_budget,
+                keep_head_matrices=self.report_head_layers,
             )
         for method in options.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
@@ -355,6 +392,8 @@ class ProbeRunner:
                 self.baseline = current
             self.previous = current
             self.history.append((step, maps[options.film_method][:, -1].detach()))
+            self.report_history.append(self._report_entry(step, maps))
+            self._thin_report_rows()
             if scalars:
                 self.scalar_history.append((step, dict(scalars)))
         # a pass outside the history still shows itself at the end of the filmstrip
@@ -385,6 +424,61 @@ class ProbeRunner:
         # at the baseline the classifier has not been trained yet: it means something when labels are given
         # (pretrained classes to compare with); later only a classifier the training moves does
         return self.head_moved or (baseline and self.probes.labels is not None)
+
+    def _report_entry(self, step: int, maps: AttentionMaps) -> dict[str, Any]:
+        """What the interactive report keeps of one pass, in float16 on the host (one copy for all of it)."""
+        parts: dict[tuple[str, Any], Tensor] = {("maps", m): maps[m] for m in self.options.methods}
+        parts.update({("heads", layer): maps.head_maps[layer] for layer in self.head_layers})
+        parts.update({("matrices", layer): maps.matrices[layer] for layer in self.report_layers})
+        parts.update({("head_matrices", layer): maps.head_matrices[layer] for layer in self.report_head_layers})
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float16) for t in parts.values()]).cpu()
+        entry: dict[str, Any] = {"step": step, "maps": {}, "heads": {}, "matrices": {}, "head_matrices": {}}
+        start = 0
+        for (kind, key), tensor in parts.items():
+            entry[kind][key] = flat[start : start + tensor.numel()].reshape(tensor.shape).clone()
+            start += tensor.numel()
+        # the prediction only where the grids name it (``predictions``): a classifier the training leaves alone says
+        # nothing
+        shown = maps.logits is not None and self._show_predictions
+        entry["predicted"] = maps.logits.argmax(-1).cpu() if maps.logits is not None and shown else None
+        return entry
+
+    def _thin_report_rows(self) -> None:
+        """Keep the token x token attention of every ``_row_stride``-th recorded pass and of the latest; double
+        the stride when more than :data:`REPORT_ROW_PASSES` would keep it."""
+        history = self.report_history
+        last = len(history) - 1
+        if last > 0 and (last - 1) % self._row_stride:
+            history[last - 1] = _without_rows(history[last - 1])  # kept only as the latest, until now
+        while sum(bool(e["matrices"] or e["head_matrices"]) for e in history) > REPORT_ROW_PASSES:
+            self._row_stride *= 2
+            for index in range(last):
+                if index % self._row_stride:
+                    history[index] = _without_rows(history[index])
+
+    def report_meta(self) -> dict[str, Any]:
+        """How to read :attr:`report_history`: the grid, the query, the layers kept, the options the maps used."""
+        options = self.options
+        return {
+            **self._report_meta,
+            "methods": list(options.methods),
+            "layers": list(self.report_layers),
+            "head_layers": list(self.head_layers),
+            "head_matrix_layers": list(self.report_head_layers),
+            "head_fusion": options.head_fusion,
+            "discard_ratio": options.discard_ratio,
+            "class_names": None if options.class_names is None else list(options.class_names),
+        }
+
+    def report_html(self, title: str | None = None, alerts: Sequence[Any] = ()) -> str:
+        """The interactive report of the recorded passes (:func:`~lightning_attn.report_html`)."""
+        return report_html(self.state_dict(), alerts, title or f"{self.prefix}: {type(self.model).__name__}")
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if not self.report_history:
+            return "<p>ProbeRunner: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
 
     # ------------------------------------------------------------------ pictures
 
@@ -481,12 +575,34 @@ class ProbeRunner:
             "render": options.render,
             "head_moved": self.head_moved,
             "comparable": options.comparable(),
+            "report": list(self.report_history),
+            "report_row_stride": self._row_stride,
+            "report_meta": self.report_meta(),
         }
+
+    def sanity(self, seed: int = 0) -> SanityCheck:
+        """The model-randomisation check (:func:`~lightning_attn.sanity_check`) on the probes, with this runner's
+        methods, map options and target (the labels when known, else each probe's prediction)."""
+        options = self.options
+        self.display()  # moves the probes to the model's device
+        return sanity_check(
+            self.model,
+            self.probes.images,
+            methods=options.methods,
+            target=options.target if options.target is not None else self.probes.labels,
+            seed=seed,
+            head_fusion=options.head_fusion,
+            discard_ratio=options.discard_ratio,
+            query=options.query,
+            memory_budget=options.memory_budget,
+        )
 
     def restart(self) -> None:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""
         self.baseline = self.previous = None
         self.history = []
+        self.report_history = []
+        self._row_stride = 1
         self._gifs, self._gif_frames = {}, 0
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
@@ -517,6 +633,15 @@ class ProbeRunner:
         self._gifs, self._gif_frames = {}, 0
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
         self.head_moved = bool(state.get("head_moved", False))
+        self.report_history = list(state.get("report") or [])
+        self._row_stride = int(state.get("report_row_stride", 1))
+
+
+def _without_rows(entry: dict[str, Any]) -> dict[str, Any]:
+    """A report entry without its token x token attention (a new dict: states handed out earlier keep theirs)."""
+    if not entry["matrices"] and not entry["head_matrices"]:
+        return entry
+    return {**entry, "matrices": {}, "head_matrices": {}}
 
 
 def _animation_tags(count: int, prefix: str, method: str) -> list[str]:

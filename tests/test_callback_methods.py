@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, pointing_game
+from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, jaccard_index, pointing_game
 from lightning_attn.render import COLOUR_BAR_HEIGHT, grid_shape
 from lightning_attn.runner import row_labels
 
@@ -52,6 +52,7 @@ def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     for method in ALL:
         assert [e.step for e in acc.Images(f"attention/{method}")] == [0, 4, 8]
         assert [s.step for s in acc.Scalars(f"attention_pointing_game/{method}")] == [0, 4, 8]
+        assert [s.step for s in acc.Scalars(f"attention_jaccard/{method}")] == [0, 4, 8]
         for curve in ("most_first_auc", "least_first_auc"):
             values = [s.value for s in acc.Scalars(f"attention_faithfulness/{curve}/{method}")]
             assert len(values) == 3 and all(0 <= v <= 1 for v in values)
@@ -61,6 +62,8 @@ def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     expected = attention_maps(model.model, _probes(), methods=("relevance",), target=labels)
     game = pointing_game(expected.relevance[:, -1], _masks()).mean().item()
     assert monitor.last_metrics["attention_pointing_game/relevance"] == pytest.approx(game, abs=1e-5)
+    jaccard = jaccard_index(expected.relevance[:, -1], _masks()).mean().item()
+    assert monitor.last_metrics["attention_jaccard/relevance"] == pytest.approx(jaccard, abs=1e-5)
 
 
 def test_gradient_methods_leave_grads_alone_under_fit_and_validate(tmp_path):

@@ -3,6 +3,7 @@ input ends with one line and exit status 2."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -180,10 +181,44 @@ def test_replay_redraws_the_history_without_the_model(run_dir, tmp_path):
         assert gif.n_frames == len(animations[next(iter(animations))])
 
 
+def _page_data(path: Path) -> dict:
+    page = path.read_text(encoding="utf-8")
+    return json.loads(page.split("id='la-data'>", 1)[1].split("</script>", 1)[0].replace("<\\/", "</"))
+
+
+def _half(array: dict) -> np.ndarray:
+    data = np.frombuffer(base64.b64decode(array["data"]), dtype="<f2")
+    return data.reshape(array["shape"]).astype(np.float32)
+
+
+def test_report_reads_the_run_without_the_model_or_runs_a_model(run_dir, tmp_path):
+    done = _run("report", str(run_dir), "-o", str(tmp_path / "run.html"))
+    assert done.returncode == 0, done.stderr
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    runner = next(v for k, v in state.items() if k.startswith("AttentionMonitor"))["runner"]
+    data = _page_data(tmp_path / "run.html")
+    assert [p["step"] for p in data["passes"]] == [0, 4, 8] and data["meta"]["layers"] == [0, 1]
+    for kept, shown in zip(runner["report"], data["passes"]):
+        np.testing.assert_array_equal(_half(shown["matrices"]["1"]), kept["matrices"][1].float().numpy())
+        np.testing.assert_array_equal(_half(shown["maps"]["rollout"]), kept["maps"]["rollout"].float().numpy())
+    assert {c["title"] for c in data["curves"]} >= {"attention_entropy/raw", "attention_drift_baseline/rollout"}
+    # a model and images: one pass, every layer's rows
+    ckpt, images = run_dir / "ckpt" / "last.ckpt", run_dir / "images"
+    sys.path.insert(0, str(TESTS))
+    out = tmp_path / "model.html"
+    assert main(["report", str(ckpt), str(images), "--model-class", "lit.LitViT", "-o", str(out), "--quiet"]) == 0
+    data = _page_data(out)
+    model = _vit_of(ckpt)
+    expected = attention_maps(model, load_images(sorted(images.iterdir()), backend_for(model).transform()))
+    (shown,) = data["passes"]
+    np.testing.assert_allclose(_half(shown["maps"]["raw"]), expected.raw.numpy(), rtol=1e-3, atol=1e-6)
+    assert sorted(shown["matrices"]) == ["0", "1"] and data["meta"]["head_matrix_layers"] == [1]
+
+
 def test_help_has_an_example_per_subcommand():
     done = _run("render", "--help")
     assert done.returncode == 0 and "example:" in done.stdout and "lightning-attn render" in done.stdout
-    for command in ("compare", "replay"):
+    for command in ("compare", "replay", "report", "sanity"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -204,6 +239,8 @@ def test_help_has_an_example_per_subcommand():
         (["render", "timm:resnet10t", "{images}", "-o", "{out}"], "not a supported Vision Transformer"),
         (["render", "timm:no_such_model", "{images}", "-o", "{out}"], "timm has no model"),
         (["replay", "{out}", "-o", "{out}"], "no checkpoint"),
+        (["report", "{ckpt}", "-o", "{out}/report.png"], "must name an .html file"),
+        (["report", "{out}", "-o", "{out}/report.html"], "no checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(run_dir, tmp_path, capsys, args, message):
@@ -370,3 +407,25 @@ def test_pages_name_the_files_and_classes_and_say_when_weights_are_random(run_di
         "<p class='note'><strong>note:</strong> timm:vit_tiny_patch16_224 has random weights"
         in (tmp_path / "b" / "index.html").read_text()
     )
+
+
+def test_sanity_writes_the_functions_correlations_picture_and_index(run_dir, tmp_path, capsys):
+    from lightning_attn import sanity_check
+
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    out = tmp_path / "sanity"
+    args = ["sanity", str(ckpt), "--model-class", "lit.LitViT", str(run_dir / "images"), "-o", str(out)]
+    assert main([*args, "--methods", "rollout", "relevance", "--tile-size", "16", "--seed", "3"]) == 0
+    vit = _vit_of(ckpt)
+    images = load_images(sorted((run_dir / "images").glob("*.png")), backend_for(vit).transform())
+    expected = sanity_check(vit, images, methods=("rollout", "relevance"), seed=3)
+    saved = json.loads((out / "sanity.json").read_text())
+    assert list(saved) == ["rollout", "relevance"] and all(len(v) == 2 for v in saved.values())  # 2 blocks
+    for method, values in saved.items():
+        assert values == pytest.approx(expected.cascading[method], abs=1e-6)
+    independent = json.loads((out / "sanity_independent.json").read_text())
+    assert independent["relevance"] == pytest.approx(expected.independent["relevance"], abs=1e-6)
+    picture = np.asarray(Image.open(out / "sanity.png"))
+    assert picture.shape == expected.picture(torch.rand(3, 3, lit.IMG, lit.IMG), 16)[0].shape  # 6 rows x 4 columns
+    page = (out / "index.html").read_text()
+    assert "sanity.png" in page and "blocks 0-1" in page and "| relevance | cascading |" in capsys.readouterr().out

@@ -50,6 +50,14 @@ def test_maps_equal_float64_reference(stack, kind, img):
     np.testing.assert_allclose(maps.relevance.flatten(2).double().numpy(), rel, atol=1e-5, rtol=1e-4)
     for method in ("raw", "rollout", "grad_rollout"):  # distributions over the finest patches
         torch.testing.assert_close(maps[method].sum((-2, -1)), torch.ones(2, 4), atol=1e-5, rtol=0)
+    # the whole-image matrices on the patch grid (matrix pictures, the report's heads view) of a shifted block
+    dense = attention_maps(model, x, methods=("raw",), keep_matrices=(3,), keep_head_matrices=(3,))
+    block = blocks[3]
+    for s in range(x.shape[0]):
+        weights, p, q = swin._lifted(block, fine, s)
+        heads = [p @ swin.stage_matrix(weights[:, h], block.index, block.h * block.w) @ q for h in range(2)]
+        np.testing.assert_allclose(dense.head_matrices[3][s].double().numpy(), np.stack(heads), atol=2e-6)
+        np.testing.assert_allclose(dense.matrices[3][s].double().numpy(), np.mean(heads, axis=0), atol=2e-6)
 
 
 def test_timm_layout_describes_each_block():

@@ -204,6 +204,14 @@ class TimmBackend(Backend):
             )
         return TokenLayout(num_prefix, (int(grid[0]), int(grid[1])), query, (ph, pw), registers)
 
+    def reinitialise(self, block: nn.Module) -> None:
+        """timm's ViT initialisation (``init_weights_vit_timm``): linear weights from a normal of std 0.02
+        truncated at ±2, biases 0, layer scales back to their ``init_values``, norms reset to 1 and 0."""
+        from timm.models.vision_transformer import init_weights_vit_timm
+
+        for module in block.modules():
+            init_weights_vit_timm(module)
+
     def _num_registers(self) -> int:
         count = getattr(self.model, "num_reg_tokens", None)
         if count is None:  # Eva keeps no count, only the parameter

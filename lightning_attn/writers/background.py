@@ -93,6 +93,9 @@ class BackgroundWriter(AttentionWriter):
     def add_text(self, tag: str, text: str, step: int) -> None:
         self._defer("add_text", tag, text, step, step=step)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        self._defer("add_html", tag, page, step, step=step)
+
     def flush(self, timeout: float | None = None) -> None:
         """Hand this pass's calls (and the writer's own flush) to the worker; raise an earlier pass's error.
 

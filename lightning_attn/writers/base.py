@@ -118,6 +118,10 @@ class AttentionWriter(ABC):
     def add_text(self, tag: str, text: str, step: int) -> None:
         """Record a message (an alert) under ``tag`` at ``step``; by default nothing (no place for text)."""
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """Record a self-contained HTML page (the interactive report, at the end of fit) under ``tag``; by
+        default nothing (no place for it)."""
+
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""
 

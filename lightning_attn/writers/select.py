@@ -72,6 +72,9 @@ class WriterSet(AttentionWriter):
     def add_text(self, tag: str, text: str, step: int) -> None:
         self._each("add_text", tag, text, step)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        self._each("add_html", tag, page, step)
+
     def flush(self) -> None:
         self._each("flush")
         self._raise_errors()

@@ -174,6 +174,12 @@ class TensorBoardWriter(LoggerWriter):
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / f"{file_name(tag)}.gif").write_bytes(data)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """TensorBoard shows no HTML: with a ``directory``, the page is written there as ``<tag>.html``."""
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / f"{file_name(tag)}.html").write_text(page, encoding="utf-8")
+
     def add_text(self, tag: str, text: str, step: int) -> None:
         """The TEXT tab: ``SummaryWriter.add_text``."""
         self.experiment.add_text(tag, text, global_step=step)
