@@ -235,42 +235,32 @@ class Run:
     factor: float = 100.0
     artifacts: int | None = None  # induce artifact tokens from this step on
     weight_decay: float = 0.05
-    note: str = ""
 
 
 def corpus(fast: bool = False) -> list[Run]:
     """The runs, in the order they train (a fine-tune after its pretraining)."""
-    s = 30 if fast else 1  # fast: every run cut to a few passes
     runs = [
-        Run("squares", "squares", 300, 10, note="the square-finding run: class = colour of a square"),
+        Run("squares", "squares", 300, 10),  # issue 20's square-finding run: class = the colour of a square
         Run("squares, seed 1", "squares", 300, 10, seed=1),
         Run("shapes, seed 0", "shapes", 400, 10),
         Run("shapes, seed 1", "shapes", 400, 10, seed=1),
         Run("shapes, seed 2", "shapes", 400, 10, seed=2),
         Run("shapes, rare validation", "shapes", 400, 100),
-        Run("fine-tune, lr 1e-4", "squares2", 200, 10, lr=1e-4, init="squares", note="four new colours"),
+        Run("fine-tune, lr 1e-4", "squares2", 200, 10, lr=1e-4, init="squares"),  # to four new colours
         Run("no labels (contrastive)", "squares", 300, 10, objective="contrast"),
         Run("q, k frozen at 0", "squares", 300, 10, expect=("uniform",), qk=0.0),
         Run("q, k frozen at 0, rare validation", "squares", 300, 100, expect=("uniform",), qk=0.0),
-        Run(
-            "lr x100 at step 150", "squares", 300, 10, expect=("collapse",), blowup=150, factor=100.0, weight_decay=0.0
-        ),
+        # without weight decay: AdamW's decay at 100x the rate would shrink q and k to uniform attention instead
+        Run("lr x100 at step 150", "squares", 300, 10, expect=("collapse",), blowup=150, weight_decay=0.0),
         Run("fine-tune, lr 0.1", "squares2", 200, 10, expect=("overwrite",), lr=0.1, init="squares"),
         Run("artifact tokens from step 150", "squares", 300, 10, expect=("artifacts",), artifacts=150),
-        Run(
-            "class in the background colour",
-            "tint",
-            300,
-            10,
-            expect=("chance",),
-            note="the evidence is in every patch: no map can do better than a random one",
-        ),
+        # the evidence is in every patch alike: no map can rank patches better than a random one
+        Run("class in the background colour", "tint", 300, 10, expect=("chance",)),
     ]
-    if fast:
-        keep = {"squares", "q, k frozen at 0"}
-        runs = [r for r in runs if r.name in keep]
+    if fast:  # two runs cut to a few passes
+        runs = [r for r in runs if r.name in ("squares", "q, k frozen at 0")]
         for r in runs:
-            r.steps, r.every = max(r.steps // s * 2, 20), 5
+            r.steps, r.every = 20, 5
     return runs
 
 
@@ -470,7 +460,10 @@ def margins(results: dict[str, dict[str, Any]]) -> str:
         ]
         auc = "attention_faithfulness/most_first_auc/"
         lead = [
-            min((h[auc + "random"] - v for k, v in h.items() if k.startswith(auc) and k != auc + "random"), default=math.inf)
+            min(
+                (h[auc + "random"] - v for k, v in h.items() if k.startswith(auc) and k != auc + "random"),
+                default=math.inf,
+            )
             if h.get("attention_faithfulness/score_drop/mean", 0.0) >= t.chance_min_drop
             else math.inf  # no verdict at this pass
             for h in passes
