@@ -13,20 +13,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
 from .alerts import Alert, AlertBook, AlertThresholds, check_alerts_mode, rules_for
 from .backends import backend_for, find_vision_transformers, unsupported_message
+from .html_report import report_iframe
 from .layout import TokenLayout
 from .maps import AGGREGATIONS
 from .options import ProbeOptions
 from .probes import BatchToProbes, Probes, load_images, take_from_loader
-from .report import tag_prefix
+from .render import DEFAULT_COLOUR_RANGE
+from .report import scalar_layout, tag_prefix
 from .runner import ProbePass, ProbeRunner
-from .writers import AttentionWriter, WriterSet, in_background, writers_for
+from .sanity import SanityCheck, randomisable_blocks
+from .writers import AttentionWriter, WriteError, WriterSet, in_background, writers_for
 
 __all__ = ["AttentionMonitor"]
 
@@ -154,6 +157,32 @@ class AttentionMonitor(Callback):
             (probes, heads, N, N) softmax when it fits (fastest: one matmul, reused by timm layers for their
             output), else a few heads at a time, down to one. None: 256 MiB, on a GPU at most half of its free
             memory; 0: always one head at a time (least memory).
+        scale: how heatmap colours are chosen. ``"relative"`` (default): each patch's share of the map relative to
+            uniform attention, on one logarithmic scale for every tile, probe, layer and step (a colour bar under
+            each grid reads it; uniform attention is one flat colour, so grids and animations show attention
+            forming). ``"per_map"``: each tile stretched to its own min..max, to see the shape of a weak map;
+            each tile then shows its peak-to-uniform ratio (``3.2x``).
+        colour_range: ``R`` of the relative scale: colours run from 1/R to R times the uniform share.
+        predictions: when grid rows name the model's prediction (``p<class>``): ``"auto"`` (default) when it
+            means something: the model has class logits and either its classifier has moved since the baseline
+            or the probes have labels; never for a classifier the training leaves alone (a self-supervised run's
+            unused head); ``"always"``; ``"never"``.
+        write_timeout: seconds the monitor waits at most, on an exception (Ctrl-C included) and at teardown, for
+            passes still being written on a writer thread (an unreachable MLflow server); then it warns which passes
+            were not written and lets the run end.
+        report_layers: layers whose head-fused token x token attention of the probes each pass keeps (float16, in
+            the checkpoint) for the interactive report (:func:`~lightning_attn.report_html`, ``lightning-attn
+            report``), where clicking a patch shows what it attends to (raw, and rollout when every layer up to the
+            chosen one is kept); the ``head_layers`` among them keep each head's too. None: every layer when they
+            take at most 4 MiB a pass (layers x probes x tokens^2 x 2 bytes), else none; ``()``: none. The maps
+            of every method and layer are kept either way (probes x layers x patches x 2 bytes per method).
+        sanity_check: once, when a fresh run starts (after the baseline pass), run the model-randomisation sanity
+            check (:func:`~lightning_attn.sanity_check`) on the probes: each method's final map against the maps of
+            a copy of the model whose blocks are re-initialised from the top down, and one at a time. Logs the
+            picture ``attention/sanity`` (per probe, one row per method: the trained map, then each step), the
+            Spearman correlations as the text table ``attention/sanity_table`` and as scalars
+            ``attention_sanity/<method>/top_XX`` and ``attention_sanity_independent/<method>/block_XX``, and keeps
+            the result in :attr:`sanity`. It costs 1 + 2 L probe passes (L blocks), once.
 
     Raises:
         ValueError: at construction, for any invalid option; at setup, when the model has no (or several
@@ -227,6 +256,12 @@ class AttentionMonitor(Callback):
         alerts: bool | str = True,
         alert_thresholds: AlertThresholds | dict[str, float] | None = None,
         memory_budget: int | None = None,
+        scale: str = "relative",
+        colour_range: float = DEFAULT_COLOUR_RANGE,
+        predictions: str = "auto",
+        write_timeout: float = 10.0,
+        report_layers: Sequence[int] | None = None,
+        sanity_check: bool = False,
     ) -> None:
         super().__init__()
         # what a pass computes and draws: one options object, the same checks as the runner and the command line
@@ -255,6 +290,10 @@ class AttentionMonitor(Callback):
             std=std,
             class_names=class_names,
             memory_budget=memory_budget,
+            scale=scale,
+            colour_range=colour_range,
+            predictions=predictions,
+            report_layers=report_layers,
         )
         # where the probes come from and when, where to, and how failures are handled: Lightning's side
         if isinstance(probes, bool) or not isinstance(probes, (int, Tensor, list, tuple)):
@@ -299,12 +338,17 @@ class AttentionMonitor(Callback):
             )
         writers = [writer] if isinstance(writer, AttentionWriter) else writer
         if writers is not None and (
-            isinstance(writers, (str, bytes)) or not writers or not all(isinstance(w, AttentionWriter) for w in writers)
+            not isinstance(writers, (list, tuple))
+            or not writers
+            or not all(isinstance(w, AttentionWriter) for w in writers)
         ):
             raise ValueError(
                 "`writer` must be None (one writer per logger of the trainer), an AttentionWriter or a non-empty "
                 f"list of them (subclass lightning_attn.writers.AttentionWriter), got {writer!r}"
             )
+        if isinstance(write_timeout, bool) or not isinstance(write_timeout, (int, float)) or not write_timeout > 0:
+            raise ValueError(f"`write_timeout` must be a number of seconds > 0, got {write_timeout!r}")
+        self.write_timeout = float(write_timeout)
         self.alert_mode = check_alerts_mode(alerts)
         self._alert_book = AlertBook(rules_for(AlertThresholds.from_any(alert_thresholds), tag_prefix(name)))
         #: Why the monitor stopped training (``alerts="stop"``); None while it has not.
@@ -322,6 +366,11 @@ class AttentionMonitor(Callback):
         self.writer = writer
         self.batch_to_probes = batch_to_probes
         self.layout = layout
+        if not isinstance(sanity_check, bool):
+            raise ValueError(f"`sanity_check` must be True or False, got {sanity_check!r}")
+        self.sanity_check = sanity_check
+        #: The sanity check's result (``sanity_check=True``), once it ran; None before.
+        self.sanity: SanityCheck | None = None
 
         #: Scalars of the latest probe pass, by tag (what was logged); empty before the first pass.
         self.last_metrics: dict[str, float] = {}
@@ -330,7 +379,7 @@ class AttentionMonitor(Callback):
         self._runner: ProbeRunner | None = None
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's runner state, until the runner exists
         self._user_writers = None if writers is None else list(writers)
-        self._writer: AttentionWriter | None = self._own_writer()
+        self._writer: WriterSet | None = self._own_writer()
         self._baseline_done = False
         self._last_step: int | None = None
         self._warned: set[str] = set()
@@ -374,7 +423,15 @@ class AttentionMonitor(Callback):
                     f"`module={self.module!r}` is not a submodule of {type(pl_module).__name__}: {err}. "
                     f"ViT candidates found: {names or 'none'}"
                 ) from None
-            return getattr(found, "_orig_mod", found)
+            found = getattr(found, "_orig_mod", found)
+            inner = [n for n, _ in find_vision_transformers(found)]
+            if self.layout is None and inner and "" not in inner:  # a wrapper (lightly's backbones): name the ViT
+                paths = [f"{self.module}.{n}" for n in inner]
+                raise ValueError(
+                    f"`module={self.module!r}` is a {type(found).__name__}, which holds the ViT at {paths}: pass "
+                    f"`module={paths[0]!r}`"
+                )
+            return found
         candidates = find_vision_transformers(pl_module)
         if len(candidates) == 1:
             return candidates[0][1]
@@ -410,13 +467,15 @@ class AttentionMonitor(Callback):
             self._baseline_done, self._last_step = False, None
             self._warn_once(
                 "resume-changed",
-                f"AttentionMonitor resumed with other {' and '.join(changed)} than the checkpoint: drift and the "
-                "filmstrip start again from a new baseline at this step; the scalar curves go on.",
+                f"AttentionMonitor resumed with other settings than the checkpoint's ({'; '.join(changed)}): drift "
+                "and the filmstrip start again from a new baseline at this step; the scalar curves go on.",
             )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         vit = self._resolve_module(pl_module)
+        if self.sanity_check:
+            randomisable_blocks(backend_for(vit, self.layout))  # no blocks to randomise: fails now, not at train start
         if self._trainer_id is not None and self._trainer_id != id(trainer):
             self._new_run()  # a monitor reused for another Trainer: its own writers, baseline and history
         self._trainer_id = id(trainer)
@@ -442,7 +501,7 @@ class AttentionMonitor(Callback):
             ProbeRunner.check_model(self._vit, self.options, self.layout)
         self._setup_writers(trainer)
 
-    def _own_writer(self) -> AttentionWriter | None:
+    def _own_writer(self) -> WriterSet | None:
         """The user's `writer=` as one writer, or None: the trainer's loggers then get one each at setup."""
         return None if self._user_writers is None else WriterSet(in_background(self._user_writers))
 
@@ -483,6 +542,8 @@ class AttentionMonitor(Callback):
         if self.log_baseline and not self._baseline_done:
             self._run(trainer, pl_module)
             self._baseline_done = True
+        if self.sanity_check and self.sanity is None and trainer.global_step == 0:
+            self._sanity(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -553,16 +614,33 @@ class AttentionMonitor(Callback):
         path = getattr(trainer, "ckpt_path", None)
         if path and trainer.global_step == 0:
             if path not in self._ckpt_steps:
-                from .loading import load_checkpoint_state
+                from .loading import UntrustedCheckpointError, load_checkpoint_state
 
-                self._ckpt_steps[path] = int(load_checkpoint_state(path).get("global_step", 0))
+                try:  # weights only: reading the step must not run what a checkpoint holds
+                    self._ckpt_steps[path] = int(load_checkpoint_state(path).get("global_step", 0))
+                except UntrustedCheckpointError as err:
+                    self._warn_once(
+                        "ckpt-step",
+                        f"AttentionMonitor logs this validation at step {trainer.global_step}, not the step of "
+                        f"{err.path}: it reads the step with torch.load(weights_only=True), which refuses the "
+                        f"{err.what} the file holds",
+                    )
+                    self._ckpt_steps[path] = trainer.global_step
             return self._ckpt_steps[path], False
         return trainer.global_step, False
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, record = self._step(trainer)
         if (id(trainer), step) == self._logged:
-            return  # e.g. trainer.validate() right after fit: same weights, same step, already logged here
+            # e.g. trainer.validate() right after fit: same weights, same step, already logged here
+            if "same-step" not in self._warned:
+                self._warned.add("same-step")
+                what = getattr(trainer.state.fn, "value", "pass")
+                rank_zero_info(
+                    f"AttentionMonitor logs nothing for this {what} at step {step}: the pass of this step, with these "
+                    "weights, is already logged (at the end of fit)."
+                )
+            return
         assert self._vit is not None, "setup() must run before a probe pass"
         # Nothing here may draw from the global RNG (iterating a DataLoader does): training must not change.
         with isolate_rng():
@@ -583,8 +661,6 @@ class AttentionMonitor(Callback):
                         convert_input=plugin.convert_input,
                     )
                 fired = self._check_alerts(trainer, result)
-                if trainer.is_global_zero:
-                    self._write(result, fired)
                 self.last_metrics = result.scalars
             except Exception as err:  # a transient fault must not kill a long run
                 if self.on_error == "raise":
@@ -597,9 +673,47 @@ class AttentionMonitor(Callback):
                 )
                 self._stop_on(trainer, [])  # "stop": every rank must take part in the decision
                 return
+            if trainer.is_global_zero:
+                self._write(result, fired)
         self._stop_on(trainer, fired)
         self._last_step = step
         self._logged = (id(trainer), step)
+
+    def _sanity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sanity check on the probes, once; rank zero computes and writes it (a copy of the model, no
+        collective), under the error policy of a pass."""
+        runner = self._runner
+        if runner is None:
+            return
+        with isolate_rng(), _full_parameters(trainer, pl_module):
+            if not trainer.is_global_zero:
+                return
+            try:
+                check = runner.sanity()
+                self.sanity = check
+                assert self._writer is not None
+                options = self.options
+                image, rows = check.picture(
+                    runner.display(),
+                    options.tile_size,
+                    options.cmap,
+                    options.alpha,
+                    scale=options.scale,
+                    colour_range=options.colour_range,
+                )
+                scalars = check.scalars(runner.prefix)
+                self._writer.add_grid(f"{runner.prefix}/sanity", image, trainer.global_step, rows)
+                self._writer.add_layout(scalar_layout(scalars))
+                self._writer.add_scalars(scalars, trainer.global_step)
+                self._writer.add_text(f"{runner.prefix}/sanity_table", check.table(), trainer.global_step)
+                self._writer.flush()
+            except Exception as err:
+                if self.on_error == "raise":
+                    raise
+                self._warn_once(
+                    "sanity " + type(err).__name__,
+                    f"AttentionMonitor could not run the sanity check: {type(err).__name__}: {err}. Training goes on.",
+                )
 
     def _stop_on(self, trainer: pl.Trainer, fired: Sequence[Alert]) -> None:
         """With ``alerts="stop"``, stop training when an alert fired, on every rank (as ``EarlyStopping`` does)."""
@@ -633,8 +747,21 @@ class AttentionMonitor(Callback):
         return fired
 
     def _write(self, result: ProbePass, alerts: Sequence[Alert] = ()) -> None:
+        """Hand the pass to the writers; a failure (this pass's, or an earlier one's on a writer thread) follows
+        ``on_error`` and names the pass it belongs to: the pass itself ran and is in the history."""
         assert self._writer is not None
-        result.write(self._writer, [(f"{tag_prefix(self.name)}/alerts/{a.rule}", a.message) for a in alerts])
+        try:
+            result.write(self._writer, [(f"{tag_prefix(self.name)}/alerts/{a.rule}", a.message) for a in alerts])
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            cause = err.__cause__ if isinstance(err, WriteError) and err.__cause__ is not None else err
+            step = err.step if isinstance(err, WriteError) and err.step is not None else result.step
+            self._warn_once(
+                f"write {type(cause).__name__}",
+                f"AttentionMonitor could not write the pass at step {step}: {err}. Training goes on; this warning is "
+                "shown once per kind of error (pass on_error='raise' to stop on it instead).",
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -646,27 +773,48 @@ class AttentionMonitor(Callback):
                 for tag, frames in runner.animations().items():
                     writer.add_animation(tag, frames, trainer.global_step)
                 writer.flush()
+            if runner is not None and runner.report_history:
+                # the interactive page of the whole run: a W&B HTML panel, an MLflow artifact, a file beside the logs
+                writer.add_html(f"{runner.prefix}/report", self.report_html(), trainer.global_step)
+                writer.flush()
             writer.drain()
         except Exception as err:  # the run is over, but a failing destination must still not crash its end
             if self.on_error == "raise":
                 raise
             self._warn_once(
-                type(err).__name__,
-                f"AttentionMonitor could not write the evolution animations: {type(err).__name__}: {err}",
+                f"fit end {type(err).__name__}", f"AttentionMonitor could not write everything at the end of fit: {err}"
             )
 
+    def report_html(self, title: str | None = None) -> str:
+        """The run's interactive report (:func:`~lightning_attn.report_html`) with the alerts that fired.
+
+        Raises:
+            ValueError: no probe pass has run yet.
+        """
+        if self._runner is None:
+            raise ValueError("AttentionMonitor has run no probe pass yet: fit (or validate) first")
+        return self._runner.report_html(title, self.alerts)
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if self._runner is None or not self._runner.report_history:
+            return "<p>AttentionMonitor: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
+
     def _drain(self, when: str) -> None:
-        """Wait for the passes still being written on the writer thread (their errors follow ``on_error``)."""
+        """Wait for the passes still being written on the writer thread (their errors follow ``on_error``). On an
+        exception and at teardown the wait is bounded (``write_timeout``) and the thread stops: Lightning skips
+        ``teardown`` when a run fails, so ``on_exception`` is the failed run's only way out."""
         writer = self._writer
         if writer is None:
             return
         try:
-            writer.drain() if when != "teardown" else writer.close()
+            writer.drain() if when == "checkpoint" else writer.close(timeout=self.write_timeout)
         except Exception as err:
             if self.on_error == "raise" and when != "exception":
                 raise
             self._warn_once(
-                type(err).__name__, f"AttentionMonitor could not write a pass ({when}): {type(err).__name__}: {err}"
+                f"{when} {type(err).__name__}", f"AttentionMonitor could not write everything ({when}): {err}"
             )
 
     @override

@@ -9,6 +9,10 @@ first (negative perturbation) should leave it high, so a faithful map has a *hig
 
 **Pointing game, energy-based** (:func:`pointing_game`): the share of a map's mass that falls inside an object mask.
 
+**Jaccard index of the map's mass** (:func:`jaccard_index`): DINO's localisation score (Caron et al., 2021): the
+patches holding 60 % of the map's mass (:func:`top_mass_patches`) against the object's patches, by intersection
+over union.
+
 Patch :math:`(i, j)` of a (gh, gw) grid on an (H, W) image covers rows ``i*ph:(i+1)*ph`` and columns
 ``j*pw:(j+1)*pw`` with ``ph = H // gh`` and ``pw = W // gw`` (:func:`patches_to_pixels`,
 :func:`pixels_to_patches`); border pixels past ``gh*ph`` rows or ``gw*pw`` columns belong to no patch, as in timm's
@@ -30,11 +34,13 @@ from .maps import Target, _check_target, _ModeGuard, _model_device_dtype, _resol
 __all__ = [
     "BASELINES",
     "PerturbationCurves",
+    "jaccard_index",
     "patches_to_pixels",
     "perturbation_curves",
     "pixels_to_patches",
     "pointing_game",
     "random_perturbation_curves",
+    "top_mass_patches",
 ]
 
 #: What a removed patch's pixels become: ``"zero"`` (0 in the model's input space: the dataset mean colour for
@@ -136,11 +142,7 @@ def pointing_game(maps: Tensor, masks: Tensor, eps: float = 1e-12) -> Tensor:
         >>> pointing_game(maps, masks).tolist()  # uniform: the mask's area share; diagonal: 2 of 4 patches inside
         [0.25, 0.5]
     """
-    if maps.dim() != 3 or masks.dim() != 3 or maps.shape[0] != masks.shape[0]:
-        raise ValueError(
-            f"expected maps (B, gh, gw) and masks (B, H, W) with the same B, got {tuple(maps.shape)} and "
-            f"{tuple(masks.shape)}; pick one layer of per-layer maps (e.g. `maps.rollout[:, -1]`)"
-        )
+    _check_maps_masks(maps, masks)
     maps = maps.float()
     if (maps < 0).any() or not torch.isfinite(maps).all():
         raise ValueError("`maps` must be finite and non-negative: the score is a share of mass (clamp them at 0)")
@@ -149,6 +151,78 @@ def pointing_game(maps: Tensor, masks: Tensor, eps: float = 1e-12) -> Tensor:
         raise ValueError("`masks` must be bool or hold values in [0, 1]")
     mass = maps.sum(dim=(-2, -1))
     return (maps * inside).sum(dim=(-2, -1)) / mass.clamp_min(eps)
+
+
+def _check_maps_masks(maps: Tensor, masks: Tensor) -> None:
+    if maps.dim() != 3 or masks.dim() != 3 or maps.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"expected maps (B, gh, gw) and masks (B, H, W) with the same B, got {tuple(maps.shape)} and "
+            f"{tuple(masks.shape)}; pick one layer of per-layer maps (e.g. `maps.rollout[:, -1]`)"
+        )
+
+
+def top_mass_patches(maps: Tensor, mass: float = 0.6) -> Tensor:
+    """The smallest set of patches holding at least ``mass`` of each map's total, as a (B, gh, gw) bool mask.
+
+    Patches are taken largest first until their sum reaches ``mass`` of the map's total (DINO's thresholding of
+    attention maps, Caron et al. 2021, which keeps 60 %); equal values go in patch order (row-major), so the set is
+    reproducible. A map with no mass selects nothing.
+
+    Example::
+
+        >>> top_mass_patches(torch.tensor([[[0.5, 0.1], [0.3, 0.1]]])).tolist()  # 0.5 + 0.3 >= 0.6
+        [[[True, False], [True, False]]]
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"`mass` must be in (0, 1] (the share of the map to keep), got {mass!r}")
+    if maps.dim() != 3:
+        raise ValueError(f"`maps` must be (B, gh, gw), got {tuple(maps.shape)}")
+    flat = maps.flatten(1).float()
+    if (flat < 0).any() or not torch.isfinite(flat).all():
+        raise ValueError("`maps` must be finite and non-negative: the set holds a share of the mass (clamp them at 0)")
+    values, order = torch.sort(flat, dim=1, descending=True, stable=True)
+    before = values.cumsum(dim=1) - values  # mass of the larger patches, taken before this one
+    keep = (before < mass * flat.sum(dim=1, keepdim=True)) & (values > 0)
+    chosen = torch.zeros_like(keep).scatter_(1, order, keep)
+    return chosen.reshape(maps.shape)
+
+
+def jaccard_index(maps: Tensor, masks: Tensor, mass: float = 0.6) -> Tensor:
+    r"""Jaccard index between the patches holding ``mass`` of each map (:func:`top_mass_patches`) and the object.
+
+    .. math:: J = \frac{|A \cap O|}{|A \cup O|}
+
+    where :math:`A` is the smallest set of patches holding 60 % of the map's mass (DINO's threshold) and :math:`O`
+    the object's patches: those at least half of whose pixels lie inside the mask (:func:`pixels_to_patches`
+    :math:`\geq 0.5`). 1 when the map's mass sits on exactly the object's patches; a map with no mass, or an
+    empty union, scores 0.
+
+    Args:
+        maps: (B, gh, gw) non-negative maps on the patch grid (e.g. ``attention_maps(...).rollout[:, -1]``).
+        masks: (B, H, W) object masks at image resolution, bool or float in [0, 1].
+        mass: the share of each map's mass the chosen patches hold, in (0, 1].
+
+    Returns:
+        (B,) float32 in [0, 1].
+
+    Example::
+
+        >>> masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+        >>> masks[:, :4, :4] = True  # the top-left quarter: patch (0, 0) of a 2 x 2 grid
+        >>> jaccard_index(torch.tensor([[[0.7, 0.1], [0.1, 0.1]]]), masks).tolist()
+        [1.0]
+        >>> jaccard_index(torch.tensor([[[0.4, 0.4], [0.1, 0.1]]]), masks).tolist()  # 2 patches, 1 on the object
+        [0.5]
+    """
+    _check_maps_masks(maps, masks)
+    chosen = top_mass_patches(maps, mass)
+    inside = pixels_to_patches(masks.to(maps.device), (maps.shape[-2], maps.shape[-1]))
+    if (inside < 0).any() or (inside > 1).any():
+        raise ValueError("`masks` must be bool or hold values in [0, 1]")
+    obj = inside >= 0.5
+    both = (chosen & obj).sum(dim=(-2, -1)).float()
+    either = (chosen | obj).sum(dim=(-2, -1)).float()
+    return both / either.clamp_min(1)
 
 
 def _check_curve_args(images: Tensor, maps: Tensor, steps: int, baseline: str, batch_size: int) -> None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["QUERIES", "TokenLayout", "query_row", "query_vector"]
+from .names import QUERIES
 
-QUERIES = ("auto", "cls", "cls_dist", "mean")
+__all__ = ["QUERIES", "TokenLayout", "query_row", "query_vector"]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,18 +58,67 @@ def _import_class(dotted: str) -> type:
     return cls
 
 
-def load_checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw dictionary of a Lightning checkpoint (loaded on the CPU)."""
+#: The opt-in, named in every refusal, for a checkpoint that holds more than tensors and plain values.
+TRUST_HINT = (
+    "if you trust where the file comes from, pass `--trust-checkpoint` (Python: `trust_checkpoint=True`), "
+    "which loads it as a pickle that may run code"
+)
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint the weights-only loader refused; ``what`` names what it holds beyond tensors and values."""
+
+    def __init__(self, path: str | os.PathLike[str], err: Exception) -> None:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        self.path = str(path)
+        self.what = f"`{found.group(1)}`" if found else "Python objects beyond tensors and plain values"
+        super().__init__(
+            f"refused to load {self.path!r}: it holds {self.what}, beyond the tensors and plain values a safe load "
+            f"reads (a pickle can run code); {TRUST_HINT}"
+        )
+
+
+def load_checkpoint_state(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """The raw dictionary of a Lightning checkpoint (loaded on the CPU).
+
+    Loaded with ``torch.load(weights_only=True)``: tensors, containers and plain values only, so that a file from
+    anywhere cannot run code (the monitor's own state loads this way). ``trust_checkpoint=True`` unpickles
+    anything, for trusted files whose hyper-parameters hold other objects.
+
+    Raises:
+        ValueError: the file is not a readable checkpoint; :class:`UntrustedCheckpointError` (a ValueError): it
+            holds objects the safe loader refuses (one line naming the file and the opt-in).
+
+    Example::
+
+        >>> import tempfile, torch
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save({"global_step": 8, "state_dict": {}}, f"{d}/last.ckpt")
+        ...     load_checkpoint_state(f"{d}/last.ckpt")["global_step"]
+        8
+    """
     try:
-        # a Lightning checkpoint holds hyper-parameters and callback state beside tensors: not weights-only
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from None
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            raise UntrustedCheckpointError(path, err) from None
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "the file is empty or cut short"
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {detail}): pass a file saved by "
+            "Lightning (ModelCheckpoint or trainer.save_checkpoint)"
+        ) from None
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(state).__name__}, not a Lightning checkpoint: pass a file saved by "
+            "Lightning (ModelCheckpoint or trainer.save_checkpoint)"
+        )
+    return state
 
 
-def _from_checkpoint(path: Path, model_class: str | None) -> nn.Module:
+def _from_checkpoint(path: Path, model_class: str | None, trust_checkpoint: bool) -> nn.Module:
+    # read safely first: a refused file ends here with one line, before any class of the user's is imported
+    hparams = load_checkpoint_state(path, trust_checkpoint=trust_checkpoint).get("hyper_parameters") or {}
     if model_class is None:
-        hparams = load_checkpoint_state(path).get("hyper_parameters") or {}
         model_class = hparams.get("_class_path")
         if not model_class:
             raise ValueError(
@@ -79,7 +130,7 @@ def _from_checkpoint(path: Path, model_class: str | None) -> nn.Module:
     if loader is None:
         raise ValueError(f"`{model_class}` is not a LightningModule (it has no `load_from_checkpoint`)")
     try:
-        model = loader(str(path), map_location="cpu")
+        model = loader(str(path), map_location="cpu", weights_only=not trust_checkpoint)
     except (RuntimeError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
@@ -100,7 +151,9 @@ def _from_hugging_face(path: Path) -> nn.Module:
     return cls.from_pretrained(path, local_files_only=True).eval()
 
 
-def load_model(spec: str, *, model_class: str | None = None, pretrained: bool = False) -> nn.Module:
+def load_model(
+    spec: str, *, model_class: str | None = None, pretrained: bool = False, trust_checkpoint: bool = False
+) -> nn.Module:
     """The model ``spec`` names, in eval mode on the CPU.
 
     Args:
@@ -108,6 +161,8 @@ def load_model(spec: str, *, model_class: str | None = None, pretrained: bool = 
             local Hugging Face model folder (with ``config.json``).
         model_class: the checkpoint's LightningModule as ``pkg.mod.Class`` (LightningCLI checkpoints name it).
         pretrained: load hub weights for a ``timm:`` name (needs the internet or a filled cache).
+        trust_checkpoint: load a checkpoint that holds more than tensors and plain values (a pickle: it can run
+            code; only for files from a source you trust). Default: refused with one line naming the file.
     """
     if spec.startswith("timm:"):
         import timm
@@ -118,7 +173,7 @@ def load_model(spec: str, *, model_class: str | None = None, pretrained: bool = 
         return timm.create_model(name, pretrained=pretrained).eval()
     path = Path(spec)
     if path.is_file():
-        return _from_checkpoint(path, model_class)
+        return _from_checkpoint(path, model_class, trust_checkpoint)
     if path.is_dir() and (path / "config.json").is_file():
         return _from_hugging_face(path)
     if path.is_dir():

@@ -25,6 +25,7 @@ from .backends.base import capture_budget
 from .capture import record_attention, stream_attention, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
 from .layout import TokenLayout, query_row, query_vector
+from .names import METHODS
 from .rollout import (
     check_discard_ratio,
     check_head_fusion,
@@ -44,7 +45,6 @@ __all__ = [
     "query_row",
 ]
 
-METHODS = ("raw", "rollout", "grad_rollout", "relevance")
 #: Methods that need the gradient of a class score with respect to each layer's attention (a backward pass).
 GRADIENT_METHODS = ("grad_rollout", "relevance")
 #: What :func:`attention_maps` computes when not told: the two that need no backward pass.
@@ -83,6 +83,8 @@ class AttentionMaps:
         head_maps: per-head query rows (B, heads, gh, gw) of the layers named in ``head_layers``, by layer index.
         attention_distance: (B, L, heads) mean attention distance in pixels
             (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``.
+        head_matrices: full per-head (B, heads, N, N) attention of the layers named in ``keep_head_matrices``, by
+            layer index (the interactive report's heads view of a clicked patch).
     """
 
     raw: Tensor | None
@@ -101,6 +103,7 @@ class AttentionMaps:
     attention_distance: Tensor | None = None
     output: Any = None
     layout: TokenLayout | None = None
+    head_matrices: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -172,6 +175,7 @@ class _Reducer:
         head_layers: Iterable[int] = (),
         distance: bool = False,
         keep_steps: bool = False,
+        keep_head_matrices: Iterable[int] = (),
     ) -> None:
         self.layout = layout
         # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
@@ -190,6 +194,9 @@ class _Reducer:
         self.distances: list[Tensor] = []
         self.matrices: dict[int, Tensor] = {}
         self.head_maps: dict[int, Tensor] = {}
+        self.keep_heads = set(keep_head_matrices)
+        self.head_matrices: dict[int, Tensor] = {}
+        self._head_chunks: list[Tensor] = []
         self._product: Tensor | None = None
         self._fused: Tensor | None = None
         self._head_rows: list[Tensor] = []
@@ -217,7 +224,9 @@ class _Reducer:
         """Consume a chunk of heads' (B, h, N, N) float32 attention; the layer is complete after its last head."""
         if first == 0:
             self._check_tokens(index, attention.shape[-1])
-            self._fused, self._head_rows, self._head_distances = None, [], []
+            self._fused, self._head_rows, self._head_distances, self._head_chunks = None, [], [], []
+        if index in self.keep_heads:
+            self._head_chunks.append(attention.clone())  # the chunk's memory is reused for the next heads
         if self.head_fusion == "mean":
             part = attention.sum(dim=1)
             self._fused = part if self._fused is None else self._fused.add_(part)
@@ -234,6 +243,9 @@ class _Reducer:
                 self.head_maps[index] = torch.cat(self._head_rows, dim=1)
             if self._head_distances:
                 self.distances.append(torch.cat(self._head_distances, dim=1))
+            if self._head_chunks:
+                self.head_matrices[index] = torch.cat(self._head_chunks, dim=1)
+                self._head_chunks = []
             fused = self._fused.div_(heads) if self.head_fusion == "mean" else self._fused
             self._fused = None
             self._finish(index, fused)
@@ -415,6 +427,7 @@ def attention_maps(
     head_layers: Iterable[int] = (),
     attention_distance: bool = False,
     memory_budget: int | None = None,
+    keep_head_matrices: Iterable[int] = (),
 ) -> AttentionMaps:
     """Per-layer attention maps of ``images`` on the patch grid, in one forward (plus one backward for the
     gradient methods).
@@ -449,6 +462,8 @@ def attention_maps(
             (B, heads, N, N) softmax when it fits (fastest), else a few heads at a time, down to one; on a CPU,
             also the bound for keeping every layer's (B, N, N) rollout step to the end. None: 256 MiB, on a GPU at
             most half its free memory; 0: one head at a time and nothing kept (least memory, flat in the depth).
+        keep_head_matrices: layer indices whose full per-head (B, heads, N, N) attention to keep in
+            ``.head_matrices``.
 
     Example::
 
@@ -476,6 +491,7 @@ def attention_maps(
         layout = backend.layout((images.shape[-2], images.shape[-1]), query)
     keep = _check_layer_indices("keep_matrices", keep_matrices, len(modules))
     heads = _check_layer_indices("head_layers", head_layers, len(modules))
+    keep_heads = _check_layer_indices("keep_head_matrices", keep_head_matrices, len(modules))
 
     device, dtype = _model_device_dtype(backend.model)
     per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens)
@@ -491,6 +507,7 @@ def attention_maps(
             head_layers=heads,
             attention_distance=attention_distance,
             memory_budget=memory_budget,
+            keep_head_matrices=keep_heads,
         )
         parts = [
             attention_maps(model, images[i : i + per_pass], target=_target_slice(target, i, i + per_pass), **options)
@@ -503,7 +520,9 @@ def attention_maps(
     budget = capture_budget(memory_budget, device)
     n = layout.num_tokens
     keep_steps = device.type == "cpu" and len(modules) * images.shape[0] * n * n * 4 <= budget
-    reducer = _Reducer(layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps)
+    reducer = _Reducer(
+        layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps, keep_heads
+    )
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -560,6 +579,7 @@ def attention_maps(
         target=chosen,
         output=output,
         layout=layout,
+        head_matrices=reducer.head_matrices,
     )
 
 
@@ -621,6 +641,7 @@ def _concatenate(parts: list[AttentionMaps]) -> AttentionMaps:
         setattr(joined, name, None if values[0] is None else _cat(values))
     joined.matrices = {k: _cat([part.matrices[k] for part in parts]) for k in parts[0].matrices}
     joined.head_maps = {k: _cat([part.head_maps[k] for part in parts]) for k in parts[0].head_maps}
+    joined.head_matrices = {k: _cat([part.head_matrices[k] for part in parts]) for k in parts[0].head_matrices}
     return joined
 
 

@@ -15,10 +15,13 @@ from torch import Tensor
 
 from .layout import QUERIES
 from .maps import AGGREGATIONS, GRADIENT_METHODS, METHODS
-from .render import check_cmap
+from .names import PREDICTIONS
+from .render import DEFAULT_COLOUR_RANGE, check_cmap, check_colour_scale
 from .rollout import check_discard_ratio, check_head_fusion
 
-__all__ = ["ProbeOptions", "check_layer_list"]
+__all__ = ["PREDICTIONS", "ProbeOptions", "check_layer_list"]
+
+# PREDICTIONS lives in the torch-free names.py (the command line's --help reads it)
 
 #: Bounds that keep one pass affordable: a tile of 512 px and 100 deletion steps already cost seconds per probe.
 MAX_TILE_SIZE = 512
@@ -98,6 +101,10 @@ class ProbeOptions:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     memory_budget: int | None = None
+    scale: str = "relative"
+    colour_range: float = DEFAULT_COLOUR_RANGE
+    predictions: str = "auto"
+    report_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
@@ -150,6 +157,13 @@ class ProbeOptions:
                 f"once; 0: one head at a time), got {budget!r}"
             )
         set_("memory_budget", None if budget is None else int(budget))
+        check_colour_scale(self.scale, self.colour_range)
+        set_("colour_range", float(self.colour_range))
+        if self.predictions not in PREDICTIONS:
+            raise ValueError(
+                f"`predictions` must be one of {PREDICTIONS} ('auto': shown when they mean something), "
+                f"got {self.predictions!r}"
+            )
         names = self.class_names
         if names is not None:
             if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
@@ -158,6 +172,18 @@ class ProbeOptions:
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError(f"`class_names` must be a non-empty sequence of strings, one per class, got {names!r}")
             set_("class_names", names)
+        set_("report_layers", check_layer_list("report_layers", self.report_layers, allow_none=True))
+
+    @property
+    def render(self) -> dict[str, Any]:
+        """How heatmaps are drawn: the keyword arguments of :func:`~lightning_attn.render.overlay`."""
+        return {
+            "tile_size": self.tile_size,
+            "cmap": self.cmap,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "colour_range": self.colour_range,
+        }
 
     @property
     def film_method(self) -> str:

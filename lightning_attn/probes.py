@@ -79,6 +79,12 @@ def _check_labels(labels: object, batch: int) -> Tensor:
             f"`labels` must be integer class indices, got {values.dtype} (floats would be truncated): pass "
             "`labels.long()` if they hold whole numbers"
         )
+    if values.dim() > 1:
+        # (B, 1) would read as B labels, one-hot (B, C) as B x C: say which shape, not guess
+        raise ValueError(
+            f"`labels` must be 1-D, one class index per probe, got shape {tuple(values.shape)}: pass "
+            "`labels.view(-1)` for (B, 1) labels, `labels.argmax(1)` for one-hot ones"
+        )
     values = values.long().reshape(-1)
     if values.shape[0] != batch:
         raise ValueError(f"`labels` has {values.shape[0]} entries for {batch} probes: pass one per probe")
@@ -164,6 +170,28 @@ def display_stats(
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def _open_image(path: Path) -> Any:
+    """``path`` as an RGB PIL image; a missing, unreadable or oversized file is a ``ValueError`` naming it."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise ValueError(f"probe image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"cannot read an image: {str(path)!r} has more pixels than PIL opens by default ({err}): shrink it, or "
+            "raise `PIL.Image.MAX_IMAGE_PIXELS` if you trust the file"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:  # not an image, empty, truncated
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "empty or cut short"
+        raise ValueError(
+            f"cannot read an image: {str(path)!r} is not an image file PIL can open ({type(err).__name__}: "
+            f"{detail}): pass PNG, JPEG or other image files"
+        ) from None
+
+
 def load_images(images: Iterable[ImageLike], transform: Callable[[Any], Tensor]) -> Tensor:
     """Open paths (or take PIL images), convert to RGB and stack ``transform(image)`` into (B, C, H, W)."""
     from PIL import Image
@@ -171,16 +199,19 @@ def load_images(images: Iterable[ImageLike], transform: Callable[[Any], Tensor])
     out = []
     for item in images:
         if isinstance(item, (str, Path)):
-            path = Path(item)
-            if not path.is_file():
-                raise ValueError(f"probe image {str(path)!r} does not exist")
-            with Image.open(path) as img:
-                item = img.convert("RGB")
+            item = _open_image(Path(item))
         elif isinstance(item, Image.Image):
             item = item.convert("RGB")
         else:
             raise ValueError(f"probes must be image paths or PIL images, got {type(item).__name__}")
-        out.append(transform(item))
+        tensor = transform(item)
+        if not isinstance(tensor, Tensor) or tensor.dim() != 3:
+            got = type(tensor).__name__ if not isinstance(tensor, Tensor) else f"a {tensor.dim()}-d tensor"
+            raise ValueError(
+                f"`transform` returned {got}, not a (C, H, W) tensor: end it with `transforms.ToTensor()` (then "
+                "`transforms.Normalize(mean, std)` as in training)"
+            )
+        out.append(tensor)
     if not out:
         raise ValueError("`probes` is an empty list: pass at least one image")
     return torch.stack(out)
@@ -249,9 +280,12 @@ def _read(batch: Any, batch_to_probes: BatchToProbes | None) -> tuple[Tensor, Te
     if batch_to_probes is None:
         return split_batch(batch)
     out = batch_to_probes(batch)
-    images, labels = (out, None) if isinstance(out, Tensor) else out
-    if not isinstance(images, Tensor):
-        raise ValueError(f"`batch_to_probes` must return images or (images, labels), got {type(out).__name__}")
+    if isinstance(out, Tensor):
+        out = (out, None)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], Tensor)):
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else f"a {len(out)}-item {type(out).__name__}"
+        raise ValueError(f"`batch_to_probes` must return images (a (B, C, H, W) tensor) or (images, labels), got {got}")
+    images, labels = out
     return images, labels, None
 
 

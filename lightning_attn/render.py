@@ -6,6 +6,7 @@ device -> host copy, one per grid. matplotlib is used only to read a colormap's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cache, lru_cache
 
@@ -16,11 +17,19 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .names import DEFAULT_COLOUR_RANGE, SCALES
+
 __all__ = [
+    "COLOUR_BAR_HEIGHT",
+    "DEFAULT_COLOUR_RANGE",
     "LABEL_SIZE",
+    "SCALES",
     "check_cmap",
+    "check_colour_scale",
     "colorize",
     "colormap_lut",
+    "colour_bar",
+    "colour_values",
     "filmstrip",
     "grid_shape",
     "layer_step_image",
@@ -28,14 +37,22 @@ __all__ = [
     "matrix_tiles",
     "normalize_per_map",
     "overlay",
+    "peak_notes",
+    "peak_ratio",
+    "relative_scale",
+    "tile_images",
     "tile_shape",
     "to_display",
+    "with_colour_bar",
 ]
 
 LABEL_SIZE = 24
 """Thickness in pixels of the label strips :func:`make_grid` adds: the header's height, the row strip's width."""
 
+# SCALES and DEFAULT_COLOUR_RANGE live in the torch-free names.py (the command line's --help reads them)
+
 _FONT_SIZE = 14
+_NOTE_WIDTH, _NOTE_HEIGHT = 40, 14  # the box of a tile's note
 _BACKGROUND = 1.0  # white padding and label strips, black text
 _TEXT = (0, 0, 0)
 
@@ -97,6 +114,119 @@ def normalize_per_map(maps: Tensor) -> Tensor:
     return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
 
 
+def check_colour_scale(scale: str, colour_range: float) -> None:
+    """Raise a ValueError unless ``scale`` is one of :data:`SCALES` and ``colour_range`` a finite number > 1."""
+    if scale not in SCALES:
+        raise ValueError(
+            f"`scale` must be one of {SCALES} ('relative': one colour scale centred on uniform attention for every "
+            f"tile; 'per_map': each tile stretched to its own min..max), got {scale!r}"
+        )
+    if (
+        isinstance(colour_range, bool)
+        or not isinstance(colour_range, (int, float))
+        or not 1.0 < colour_range < math.inf
+    ):
+        raise ValueError(
+            f"`colour_range` must be a finite number > 1 (colours run from 1/colour_range to colour_range times "
+            f"uniform attention), got {colour_range!r}"
+        )
+
+
+def _check_finite(maps: Tensor) -> None:
+    # sums propagate NaN and inf, so one reduction checks every entry; one bool read on the host
+    if not bool(torch.isfinite(maps.sum()).item()):
+        raise ValueError("maps contain NaN or inf: check the model's outputs (e.g. overflow under fp16)")
+
+
+def uniform_ratio(maps: Tensor, dims: int = 2) -> Tensor:
+    """Each entry's share of its map divided by the uniform share: ``m / sum(m) * n`` over the last ``dims`` dims
+    (``n`` entries), float32; 1 everywhere on uniform attention. Negative entries count as 0; an all-zero map
+    stays all zeros. Maps are renormalised over what they hold (the patches), as the entropy curves are.
+
+    Example::
+
+        >>> uniform_ratio(torch.tensor([[1.0, 1.0], [2.0, 4.0]])).tolist()
+        [[0.5, 0.5], [1.0, 2.0]]
+    """
+    maps = maps.float().clamp_min(0.0)
+    axes = tuple(range(-dims, 0))
+    total = maps.sum(dim=axes, keepdim=True)
+    count = math.prod(maps.shape[-dims:])
+    return maps * (count / torch.where(total > 0, total, torch.ones_like(total)))
+
+
+def _ratio_to_unit(ratio: Tensor, colour_range: float) -> Tensor:
+    # log2(ratio) / log2(R) in [-1, 1] -> [0, 1]; a zero share is below any range: the bottom colour
+    position = 0.5 + 0.5 * torch.log(ratio.clamp_min(1e-30)) / math.log(colour_range)
+    return position.clamp(0.0, 1.0)
+
+
+def relative_scale(maps: Tensor, colour_range: float = DEFAULT_COLOUR_RANGE) -> Tensor:
+    r"""Colour positions in [0, 1] that mean the same in every map: each patch's share relative to uniform, on a
+    logarithmic scale centred on uniform attention.
+
+    .. math::
+
+        t = \operatorname{clip}\left(\tfrac12 + \tfrac12 \frac{\log (p_i\, n)}{\log R}, 0, 1\right),
+        \qquad p = m / \textstyle\sum_i m_i
+
+    over the ``n`` entries of each map (the last two dims), with ``R = colour_range``: a patch at the uniform share
+    sits mid-scale, one with R times (or more) at the top, 1/R times (or less) at the bottom. Uniform attention is
+    one flat colour however it is reached, and near-uniform attention (normalised entropy 0.9999) is nearly flat.
+
+    Raises:
+        ValueError: bad ``colour_range``, fewer than 2 dims, or NaN or inf in ``maps``.
+
+    Example::
+
+        >>> relative_scale(torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]])).tolist()
+        [[[0.5, 0.5], [0.5, 0.5]], [[0.75, 0.0], [0.0, 0.0]]]
+    """
+    check_colour_scale("relative", colour_range)
+    if maps.dim() < 2:
+        raise ValueError(f"`maps` must have shape (..., h, w), got {tuple(maps.shape)}")
+    _check_finite(maps)
+    return _ratio_to_unit(uniform_ratio(maps), colour_range)
+
+
+def peak_ratio(maps: Tensor) -> Tensor:
+    """The largest share of each map (last two dims) divided by the uniform share: 1 for uniform attention, n
+    when everything is on one of n patches. (...,) float32.
+
+    Example::
+
+        >>> peak_ratio(torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[5.0, 1.0], [1.0, 1.0]]])).tolist()
+        [1.0, 2.5]
+    """
+    return uniform_ratio(maps).amax(dim=(-2, -1))
+
+
+def peak_notes(maps: Tensor) -> list[list[str]]:
+    """The notes of :func:`make_grid` for (B, K, h, w) ``maps`` drawn after an image column: each map's
+    :func:`peak_ratio` (``"3.2x"``), the image column blank. One small device -> host copy.
+
+    Example::
+
+        >>> peak_notes(torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[3.0, 1.0], [0.0, 0.0]]]]))
+        [['', '1x', '3x']]
+    """
+    return [[""] + [f"{v:.3g}x" for v in row] for row in peak_ratio(maps).tolist()]
+
+
+def colour_values(maps: Tensor, scale: str = "relative", colour_range: float = DEFAULT_COLOUR_RANGE) -> Tensor:
+    """Colour positions in [0, 1] of (..., h, w) ``maps`` under ``scale``: :func:`relative_scale` or
+    :func:`normalize_per_map`.
+
+    Example::
+
+        >>> m = torch.tensor([[1.0, 1.1], [1.0, 1.0]])
+        >>> colour_values(m).max().item() < 0.52, colour_values(m, "per_map").max().item()
+        (True, 1.0)
+    """
+    check_colour_scale(scale, colour_range)
+    return relative_scale(maps, colour_range) if scale == "relative" else normalize_per_map(maps)
+
+
 def colorize(maps01: Tensor, lut: Tensor) -> Tensor:
     """Colour (..., h, w) values in [0, 1] with a (256, 3) table: (..., 3, h, w) on the table's device.
 
@@ -131,18 +261,50 @@ def tile_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
     return max(1, round(tile_size * height / width)), tile_size
 
 
+def tile_images(images: Tensor, tile_size: int) -> Tensor:
+    """(B, 3, H, W) images in [0, 1] resized to their tile (:func:`tile_shape`; bilinear, antialiased), float32.
+    Images already at their tile's size are returned as they are, so a caller drawing many grids of the same
+    images resizes them once and hands the result to :func:`overlay`.
+
+    Example::
+
+        >>> tiled = tile_images(torch.rand(2, 3, 64, 96), 48)
+        >>> tuple(tiled.shape), tile_images(tiled, 48) is tiled
+        ((2, 3, 32, 48), True)
+    """
+    size = tile_shape(images.shape[-2], images.shape[-1], tile_size)
+    if tuple(images.shape[-2:]) == size and images.dtype == torch.float32:
+        return images
+    shown = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return shown.clamp(0.0, 1.0)
+
+
 def _check_alpha(alpha: float) -> None:
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be a number in [0, 1] (weight of the heatmap), got {alpha!r}")
 
 
-def overlay(images: Tensor, maps: Tensor, tile_size: int, cmap: str = "jet", alpha: float = 0.5) -> Tensor:
+def overlay(
+    images: Tensor,
+    maps: Tensor,
+    tile_size: int,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    scale: str = "relative",
+    colour_range: float = DEFAULT_COLOUR_RANGE,
+) -> Tensor:
     """Each image followed by each of its maps as a heatmap blended over it: (B, K + 1, 3, tile_h, tile_w).
 
     Tiles keep the image's aspect ratio with ``tile_size`` pixels on the long side (see :func:`tile_shape`).
     Column 0 is the image resized to the tile (bilinear, antialiased); column k + 1 is map k upsampled to the
-    tile (bilinear, ``align_corners=False``), min-max normalised per tile, coloured with ``cmap`` and blended as
+    tile (bilinear, ``align_corners=False``), coloured with ``cmap`` and blended as
     ``alpha * heat + (1 - alpha) * image``. A map is stretched to the whole image whatever its grid.
+
+    With ``scale="relative"`` (the default) the colour of a patch is its share of the map relative to uniform
+    (:func:`relative_scale`: the ratio is taken on the patch grid, then upsampled), one scale for every tile: a
+    uniform map is one flat colour and the same colour means the same share in every tile, probe, layer and step.
+    ``scale="per_map"`` stretches each tile to its own min..max (:func:`normalize_per_map`), which shows the
+    shape of a weak map but not its strength: pair it with :func:`peak_ratio`.
 
     Args:
         images: (B, 3, H, W) display-ready images in [0, 1] (see :func:`to_display`).
@@ -150,6 +312,8 @@ def overlay(images: Tensor, maps: Tensor, tile_size: int, cmap: str = "jet", alp
         tile_size: pixels on the long side of each tile.
         cmap: matplotlib colormap name.
         alpha: weight of the heatmap in [0, 1].
+        scale: one of :data:`SCALES`.
+        colour_range: ``R`` of the relative scale: colours span 1/R to R times uniform.
 
     Returns:
         (B, K + 1, 3, tile_h, tile_w) float32 in [0, 1] on the images' device.
@@ -172,24 +336,41 @@ def overlay(images: Tensor, maps: Tensor, tile_size: int, cmap: str = "jet", alp
         )
     _check_alpha(alpha)
     check_cmap(cmap)
+    check_colour_scale(scale, colour_range)
     size = tile_shape(images.shape[-2], images.shape[-1], tile_size)
-    shown = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-    shown = shown.clamp(0.0, 1.0).unsqueeze(1)
-    up = F.interpolate(maps.float().to(images.device), size=size, mode="bilinear", align_corners=False)
-    heat = colorize(normalize_per_map(up), colormap_lut(cmap, images.device))
+    shown = tile_images(images, tile_size).unsqueeze(1)
+    maps = maps.float().to(images.device)
+    if scale == "relative":
+        _check_finite(maps)
+        # the share relative to uniform is a property of the patch grid: take it there, then smooth it
+        up = F.interpolate(uniform_ratio(maps), size=size, mode="bilinear", align_corners=False)
+        values = _ratio_to_unit(up, colour_range)
+    else:
+        values = normalize_per_map(F.interpolate(maps, size=size, mode="bilinear", align_corners=False))
+    heat = colorize(values, colormap_lut(cmap, images.device))
     return torch.cat([shown, alpha * heat + (1.0 - alpha) * shown], dim=1)
 
 
-def matrix_tiles(matrices: Tensor, tile_size: int, cmap: str = "jet") -> Tensor:
+def matrix_tiles(
+    matrices: Tensor,
+    tile_size: int,
+    cmap: str = "jet",
+    scale: str = "relative",
+    colour_range: float = DEFAULT_COLOUR_RANGE,
+) -> Tensor:
     """Token x token attention matrices as square colour heatmaps: (B, K, 3, tile_size, tile_size).
 
-    Each matrix is min-max normalised on its own and upsampled nearest-neighbour, so every entry is a crisp
-    block (blocks differ by a pixel when ``tile_size`` is not a multiple of N). Nothing is drawn underneath.
+    Each entry is coloured and upsampled nearest-neighbour, so every entry is a crisp block (blocks differ by a
+    pixel when ``tile_size`` is not a multiple of N). Nothing is drawn underneath. With ``scale="relative"`` each
+    row (a query's attention over the N tokens) is on the relative scale of :func:`relative_scale`: entry share
+    times N, 1 = uniform; ``"per_map"`` min-max normalises each matrix on its own.
 
     Args:
         matrices: (B, K, N, N), e.g. K layers' head-fused attention.
         tile_size: side of each square tile in pixels.
         cmap: matplotlib colormap name.
+        scale: one of :data:`SCALES`.
+        colour_range: ``R`` of the relative scale.
 
     Raises:
         ValueError: bad shapes or arguments, or matrices with NaN or inf.
@@ -203,8 +384,14 @@ def matrix_tiles(matrices: Tensor, tile_size: int, cmap: str = "jet") -> Tensor:
         raise ValueError(f"`matrices` must be (B, K, N, N), got {tuple(matrices.shape)}")
     _check_tile_size(tile_size)
     check_cmap(cmap)
+    check_colour_scale(scale, colour_range)
+    if scale == "relative":
+        _check_finite(matrices)
+        values = _ratio_to_unit(uniform_ratio(matrices, dims=1), colour_range)
+    else:
+        values = normalize_per_map(matrices)
     # Nearest upsampling commutes with per-entry colouring: colour the N x N matrix, then enlarge.
-    colour = colorize(normalize_per_map(matrices), colormap_lut(cmap, matrices.device))
+    colour = colorize(values, colormap_lut(cmap, matrices.device))
     b, k = matrices.shape[:2]
     up = F.interpolate(colour.flatten(0, 1), size=(tile_size, tile_size), mode="nearest")
     return up.view(b, k, 3, tile_size, tile_size)
@@ -283,19 +470,21 @@ def make_grid(
     col_labels: Sequence[str] | None = None,
     row_labels: Sequence[str] | None = None,
     padding: int = 2,
+    notes: Sequence[Sequence[str]] | None = None,
 ) -> np.ndarray:
     """Assemble (R, C, 3, tile_h, tile_w) tiles in [0, 1] into one labelled HWC uint8 image.
 
     Tiles are separated by ``padding`` white pixels (also around the border). Column labels go in a white
     header strip of :data:`LABEL_SIZE` pixels, centred over each column; row labels in a strip of the same width
     on the left, rotated to read bottom to top. Labels too long for their tile get a smaller font, then lose
-    whole trailing words (never part of a number). The grid is built
-    and converted to uint8 on the tiles' device and copied to the host once; text is then drawn with PIL.
-    The shape is :func:`grid_shape`.
+    whole trailing words (never part of a number). ``notes`` (R rows of C strings, ``""`` for none) are written
+    in a small white box in the top-left corner of their tile, e.g. a stretched tile's peak-to-uniform ratio.
+    The grid is built and converted to uint8 on the tiles' device and copied to the host once; text is then drawn
+    with PIL. The shape is :func:`grid_shape`.
 
     Raises:
-        ValueError: ``tiles`` is not 5-D with 3 channels, a label count differs from the grid's, or ``padding``
-            is negative.
+        ValueError: ``tiles`` is not 5-D with 3 channels, a label or note count differs from the grid's, or
+            ``padding`` is negative.
 
     Example::
 
@@ -311,18 +500,28 @@ def make_grid(
             raise ValueError(f"`{name}` has {len(labels)} labels but the grid has {count}: pass one per {name[:3]}")
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"`padding` must be a non-negative int, got {padding!r}")
+    if notes is not None and (len(notes) != rows or any(len(line) != cols for line in notes)):
+        raise ValueError(f"`notes` must hold {rows} rows of {cols} strings, one per tile ('' for none)")
     top = LABEL_SIZE if col_labels is not None else 0
     left = LABEL_SIZE if row_labels is not None else 0
 
-    # Pad every tile right and bottom, lay the tiles out by reshaping, then pad the top-left border and strips.
-    padded = F.pad(tiles.float(), (0, padding, 0, padding), value=_BACKGROUND)
-    grid = padded.permute(2, 0, 3, 1, 4).reshape(3, rows * (th + padding), cols * (tw + padding))
-    grid = F.pad(grid, (left + padding, 0, top + padding, 0), value=_BACKGROUND)
-    pixels = (grid.clamp(0.0, 1.0) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy()
+    # The tiles become uint8 HWC on their device (one pass over the floats) and are copied to the host once; the
+    # white canvas with its strips is laid out in numpy, each tile written into a strided view of it.
+    pixels8 = (tiles.float().clamp(0.0, 1.0) * 255).round_().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    step_x, step_y = tw + padding, th + padding
+    height, width = grid_shape(rows, cols, th, tw, col_labels is not None, row_labels is not None, padding)
+    pixels = np.full((height, width, 3), round(_BACKGROUND * 255), np.uint8)
+    body = pixels[top + padding :, left + padding :][: rows * step_y, : cols * step_x]
+    body.reshape(rows, step_y, cols, step_x, 3)[:, :th, :, :tw] = pixels8.transpose(0, 2, 1, 3, 4)
+    for r, line in enumerate(notes or ()):
+        for c, note in enumerate(line):
+            if note:
+                x0, y0 = left + padding + c * step_x, top + padding + r * step_y
+                box = _label(str(note), min(tw, _NOTE_WIDTH), min(th, _NOTE_HEIGHT), False)
+                pixels[y0 : y0 + box.shape[0], x0 : x0 + box.shape[1]] = box  # pasted: readable on any colour
     if col_labels is None and row_labels is None:
         return pixels
 
-    step_x, step_y = tw + padding, th + padding
     for c, label in enumerate(col_labels or ()):
         x0 = left + padding + c * step_x
         _stamp(pixels, (x0, 0, x0 + tw, top), str(label))
@@ -356,6 +555,78 @@ def _label(text: str, width: int, height: int, vertical: bool) -> np.ndarray:
     out = np.asarray(strip).copy()
     out.setflags(write=False)  # shared by every grid that shows it
     return out
+
+
+_BAR_HEIGHT = 10
+#: Height in pixels of :func:`colour_bar`, the key under every grid: caption, bar, tick labels.
+COLOUR_BAR_HEIGHT = 2 * LABEL_SIZE + _BAR_HEIGHT - 4
+
+
+def _ratio_text(ratio: float) -> str:
+    if ratio >= 1:
+        return f"{ratio:.3g}x"
+    return f"1/{1 / ratio:.3g}x"
+
+
+@lru_cache(maxsize=64)
+def colour_bar(
+    width: int, cmap: str = "jet", scale: str = "relative", colour_range: float = DEFAULT_COLOUR_RANGE
+) -> np.ndarray:
+    """The key to a grid's colours, ``width`` pixels wide: a caption, the colormap as a bar, tick labels under it.
+    (H, W, 3) uint8, read-only (cached: the same bar comes back every pass).
+
+    On the relative scale the ticks read multiples of the uniform share (``1/16x ... 1x ... 16x``, log-spaced);
+    on the per-map scale the bar reads each tile's own min to max, and the caption says so.
+
+    Example::
+
+        >>> bar = colour_bar(300)
+        >>> bar.shape[1], bar.dtype, bar.flags.writeable
+        (300, dtype('uint8'), False)
+    """
+    check_cmap(cmap)
+    check_colour_scale(scale, colour_range)
+    if not isinstance(width, int) or width < 16:
+        raise ValueError(f"`width` must be an int >= 16 (pixels), got {width!r}")
+    margin = 6
+    bar_w = width - 2 * margin
+    height = COLOUR_BAR_HEIGHT
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    lut = _lut(cmap)
+    bar = lut[np.linspace(0, 255, bar_w).round().astype(np.int64)]
+    canvas[LABEL_SIZE : LABEL_SIZE + _BAR_HEIGHT, margin : margin + bar_w] = (bar[None] * 255).round()
+    if scale == "relative":
+        caption = "attention share vs uniform (log scale)"
+        # five ticks when there is room for them, else the two ends and uniform
+        fractions = (0.0, 0.25, 0.5, 0.75, 1.0) if bar_w >= 220 else (0.0, 0.5, 1.0)
+        ticks = [(f, _ratio_text(colour_range ** (2 * f - 1))) for f in fractions]
+    else:
+        caption = "each tile stretched: its min to max"
+        ticks = [(0.0, "min"), (1.0, "max")]
+    _stamp(canvas, (0, 0, width, LABEL_SIZE), caption)
+    y = LABEL_SIZE + _BAR_HEIGHT
+    for fraction, text in ticks:
+        x = margin + round(fraction * (bar_w - 1))
+        canvas[y : y + 3, x] = 0  # the tick
+        half = 24
+        x0 = min(max(x - half, 0), width - 2 * half)
+        _stamp(canvas, (x0, y + 3, x0 + 2 * half, height), text)
+    canvas.setflags(write=False)
+    return canvas
+
+
+def with_colour_bar(
+    grid: np.ndarray, cmap: str = "jet", scale: str = "relative", colour_range: float = DEFAULT_COLOUR_RANGE
+) -> np.ndarray:
+    """``grid`` (H, W, 3 uint8) with its :func:`colour_bar` underneath, as wide as the grid.
+
+    Example::
+
+        >>> grid = make_grid(torch.rand(1, 2, 3, 32, 32))
+        >>> with_colour_bar(grid).shape[0] == grid.shape[0] + colour_bar(grid.shape[1]).shape[0]
+        True
+    """
+    return np.concatenate([grid, colour_bar(max(grid.shape[1], 16), cmap, scale, colour_range)[:, : grid.shape[1]]])
 
 
 def to_display(images: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Tensor:
@@ -397,13 +668,17 @@ def filmstrip(
     tile_size: int,
     cmap: str = "jet",
     alpha: float = 0.5,
+    scale: str = "relative",
+    colour_range: float = DEFAULT_COLOUR_RANGE,
 ) -> np.ndarray:
     """One image and its maps over time in one labelled row: HWC uint8, the image then one overlay per frame.
 
-    Built from :func:`overlay` (each frame min-max normalised on its own, so frames show where attention is,
-    not how strong it is relative to other frames) and :func:`make_grid`, whose header reads ``"image"`` then
-    ``labels``. The shape is ``grid_shape(1, T + 1, tile_h, tile_w, has_col_labels=True)`` with
-    ``(tile_h, tile_w) = tile_shape(H, W, tile_size)``.
+    Built from :func:`overlay` and :func:`make_grid`, whose header reads ``"image"`` then ``labels``, with the
+    :func:`colour_bar` underneath. On the default relative scale every frame shares one colour scale, so the strip
+    shows attention forming (a uniform start is one flat colour); ``scale="per_map"`` stretches each frame on its
+    own (where attention is, not how strong) and writes its peak-to-uniform ratio on it. The shape is
+    ``grid_shape(1, T + 1, tile_h, tile_w, has_col_labels=True)`` with ``(tile_h, tile_w) = tile_shape(H, W,
+    tile_size)``, plus the colour bar's height.
 
     Args:
         image: (3, H, W) display-ready image in [0, 1] (see :func:`to_display`).
@@ -412,6 +687,8 @@ def filmstrip(
         tile_size: pixels on the long side of each tile.
         cmap: matplotlib colormap name.
         alpha: weight of the heatmap in [0, 1].
+        scale: one of :data:`SCALES`.
+        colour_range: ``R`` of the relative scale.
 
     Raises:
         ValueError: bad shapes or arguments, or a label count other than T.
@@ -419,8 +696,8 @@ def filmstrip(
     Example::
 
         >>> strip = filmstrip(torch.rand(3, 64, 96), torch.rand(3, 4, 6), ["step 0", "step 50", "step 100"], 48)
-        >>> strip.shape, strip.shape[:2] == grid_shape(1, 4, 32, 48, has_col_labels=True)
-        ((60, 202, 3), True)
+        >>> strip.shape[0] == grid_shape(1, 4, 32, 48, has_col_labels=True)[0] + colour_bar(202).shape[0]
+        True
     """
     if image.dim() != 3:
         raise ValueError(f"`image` must be one (3, H, W) image in [0, 1], got {tuple(image.shape)}")
@@ -428,8 +705,9 @@ def filmstrip(
         raise ValueError(f"`maps` must be (T, gh, gw), one map per frame, got {tuple(maps.shape)}")
     if len(labels) != maps.shape[0]:
         raise ValueError(f"`labels` has {len(labels)} labels but there are {maps.shape[0]} maps: pass one per map")
-    tiles = overlay(image.unsqueeze(0), maps.unsqueeze(0), tile_size, cmap=cmap, alpha=alpha)
-    return make_grid(tiles, col_labels=["image", *labels])
+    tiles = overlay(image.unsqueeze(0), maps.unsqueeze(0), tile_size, cmap, alpha, scale, colour_range)
+    notes = peak_notes(maps.unsqueeze(0)) if scale == "per_map" else None
+    return with_colour_bar(make_grid(tiles, col_labels=["image", *labels], notes=notes), cmap, scale, colour_range)
 
 
 _NAN_GREY = np.array([0.85, 0.85, 0.85], np.float32)
@@ -445,13 +723,16 @@ def layer_step_image(
     title: str,
     cmap: str = "viridis",
     layers: Sequence[int] | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """A whole run of one per-layer metric in one picture: rows = layers (first on top), columns = logged steps,
     colour = value, with a titled header, layer and step axis labels and a colour bar giving the value range.
 
     Built with numpy and the colormap's lookup table (no matplotlib figure): cheap enough to redraw every pass.
     Cells are 6-24 px high and 2-32 px wide, so the picture stays a few hundred pixels wide for any run; NaN
-    (a step that did not log that layer) is light grey. The colours span the values' min..max.
+    (a step that did not log that layer) is light grey. The colours span ``value_range`` when given (a metric's
+    natural bounds, e.g. (0, 1) for normalised entropy: the same colour means the same value in every run and
+    pass), else the values' min..max.
 
     Args:
         values: (layers, steps) values.
@@ -459,6 +740,7 @@ def layer_step_image(
         title: text of the header, e.g. the chart's tag.
         cmap: matplotlib colormap name.
         layers: the layer index of each row (default 0..layers-1).
+        value_range: (low, high) of the colour bar, or None for the values' own min..max.
 
     Returns:
         (H, W, 3) uint8.
@@ -482,7 +764,12 @@ def layer_step_image(
             f"`values` is {rows} layers x {cols} steps but {len(layers)} layers and {len(steps)} steps were given"
         )
     finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if value_range is not None:
+        lo, hi = (float(v) for v in value_range)
+        if not hi > lo:
+            raise ValueError(f"`value_range` must be (low, high) with high > low, got {value_range!r}")
+    else:
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
     lut = _lut(cmap)
     index = np.clip(((np.nan_to_num(values, nan=lo) - lo) / span * 256).astype(np.int64), 0, 255)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .diagnostics import artifact_mask, artifact_tokens, attention_drift, register_share
-from .faithfulness import PerturbationCurves, pixels_to_patches, pointing_game
+from .faithfulness import PerturbationCurves, jaccard_index, pixels_to_patches, pointing_game
 from .maps import AttentionMaps
 from .metrics import normalized_entropy
 
@@ -69,6 +69,8 @@ def scalar_report(
     - ``P_distance/layer_XX`` (mean over heads) and ``P_head_distance/layer_XX/head_YY``: mean attention
       distance in pixels.
     - ``P_pointing_game/M``: share of the final layer's map inside the probes' object masks.
+    - ``P_jaccard/M``: Jaccard index between the patches holding 60 % of the final layer's map and the probes'
+      object patches (:func:`~lightning_attn.faithfulness.jaccard_index`).
     - ``P_faithfulness/{most_first_auc,least_first_auc}/M``: deletion AUCs of the final layer's map (lower /
       higher is more faithful); ``M = random`` is the chance level, on the same chart.
     - ``P_faithfulness/score_drop/mean``: the target score of the whole image minus that with every patch deleted
@@ -89,6 +91,7 @@ def scalar_report(
                 out[f"{p}_{name}/{method}/mean"] = drift.mean()
         if masks is not None:
             out[f"{p}_pointing_game/{method}"] = pointing_game(maps[method][:, -1], masks).mean()
+            out[f"{p}_jaccard/{method}"] = jaccard_index(maps[method][:, -1], masks).mean()
     if artifact_threshold is not None and maps.raw is not None:
         count, share = artifact_tokens(maps.raw, artifact_threshold)
         _per_layer(out, f"{p}_artifacts/count", count)

@@ -23,22 +23,52 @@ from torch import Tensor, nn
 from .animation import GifStream
 from .backends import Backend, backend_for
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
+from .html_report import report_html, report_iframe
 from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
 from .probes import MANY_PROBES, Probes, display_stats
-from .render import layer_step_image, make_grid, matrix_tiles, overlay, to_display
+from .render import (
+    DEFAULT_COLOUR_RANGE,
+    layer_step_image,
+    make_grid,
+    matrix_tiles,
+    overlay,
+    peak_notes,
+    tile_images,
+    to_display,
+    with_colour_bar,
+)
 from .report import layer_series, scalar_layout, scalar_report, tag_prefix
+from .sanity import SanityCheck, sanity_check
 
 if TYPE_CHECKING:
     from .writers import AttentionWriter
 
-__all__ = ["FORMAT_VERSION", "Panel", "ProbePass", "ProbeRunner", "redraw", "resolve_layers", "row_labels"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Panel",
+    "ProbePass",
+    "ProbeRunner",
+    "overlay_grid",
+    "redraw",
+    "resolve_layers",
+    "row_labels",
+]
 
 #: Version of :meth:`ProbeRunner.state_dict`'s layout; a newer reader converts older states.
 FORMAT_VERSION = 2
 #: Probes that get an evolution animation: a GIF each, so a few hundred probes must not mean hundreds of files.
 MAX_ANIMATED = 16
+#: With ``report_layers=None``, every layer's head-fused token x token attention is kept for the interactive report
+#: when it takes at most this many bytes per pass (float16): 4 layers x 8 probes x 65^2 tokens (the example) take
+#: 0.27 MB; 12 layers x 16 probes x 197^2 (ViT-S/16 at 224) would take 15 MB, so none is kept there unless asked.
+REPORT_MATRIX_BYTES = 4 * 2**20
+#: Passes whose token x token attention stays in :attr:`ProbeRunner.report_history` (and so in the checkpoint):
+#: between half of it and all of it, every k-th pass (k doubling as the run grows) plus the latest, so that a long
+#: run holds at most this many passes' matrices, evenly spread: 1000 passes cost what 32 do (the maps of every
+#: method and layer, a few KB a pass, are kept for every pass).
+REPORT_ROW_PASSES = 32
 
 
 @dataclass
@@ -94,9 +124,11 @@ def row_labels(
     method: str = "raw",
     class_names: Sequence[str] | None = None,
     start: int = 0,
+    predictions: bool = True,
 ) -> list[str]:
     """Row captions: ``#i y<label> p<prediction>``; for class-targeted maps ``#i t<class explained>``. With
-    ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``. Probes are numbered from ``start``."""
+    ``class_names``, ``#i y=<name> p=<name>`` and ``#i t=<name>``. Probes are numbered from ``start``; the
+    prediction is left out when ``predictions`` is False (it would mean nothing, see :class:`ProbeRunner`)."""
 
     def name(index: int) -> str:
         if class_names is None:
@@ -105,7 +137,7 @@ def row_labels(
 
     if method in GRADIENT_METHODS and maps.target is not None:
         return [f"#{start + i} t{name(t)}" for i, t in enumerate(maps.target.tolist())]  # the class explained
-    predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None else None
+    predicted = maps.logits.argmax(-1).tolist() if maps.logits is not None and predictions else None
     known = labels.tolist() if labels is not None else None
     rows = []
     for i in range(count):
@@ -119,12 +151,22 @@ def row_labels(
     return rows
 
 
+def _classifier(model: nn.Module, classes: int) -> nn.Module | None:
+    """The module whose outputs are the class logits: the last linear layer with one output per class (timm's
+    ``head``, Hugging Face's ``classifier``, torchvision's ``heads.head``; registered after the blocks)."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    return found[-1] if found else None
+
+
 def _checked(
     model: nn.Module, options: ProbeOptions, layout: TokenLayout | None
 ) -> tuple[Backend, tuple[list[int], list[int], list[int]]]:
     """The model's backend and the ``layers``, ``matrix_layers`` and ``head_layers`` indices as 0..L-1, once the
     model and the options are checked against each other."""
     backend = backend_for(model, layout)
+    # the query against the model's tokens (`cls` on a GAP ViT, `cls_dist` without a distillation token): at setup,
+    # not at every pass
+    backend.layout(backend.input_size() or (224, 224), options.query)
     num_layers = len(backend.attention_layers())
     indices = tuple(
         resolve_layers(getattr(options, n), num_layers, n) for n in ("layers", "matrix_layers", "head_layers")
@@ -202,6 +244,7 @@ class ProbeRunner:
                 stacklevel=2,
             )
         self._display: Tensor | None = None
+        self._tiled: dict[int, Tensor] = {}  # the display at each tile size drawn
         self.baseline: dict[str, Tensor] | None = None
         self.previous: dict[str, Tensor] | None = None
         #: (step, final-layer map (B, gh, gw)) of every pass, for the filmstrip and the animations
@@ -212,6 +255,35 @@ class ProbeRunner:
         self.animate = False
         self._gifs: dict[str, GifStream] = {}
         self._gif_frames = 0  # passes of `history` already in `_gifs`
+        #: the classifier's parameters at the baseline, and whether they have moved since (sticky)
+        self._head_at_baseline: list[Tensor] | None = None
+        self.head_moved = False
+        self._show_predictions = True
+        self.report_layers, self.report_head_layers = self._report_layers()
+        #: per recorded pass, what the interactive report shows (:mod:`lightning_attn.html_report`): float16 maps
+        #: of every method and layer, per-head query rows, and the token x token attention of ``report_layers``
+        self.report_history: list[dict[str, Any]] = []
+        self._row_stride = 1  # every how many recorded passes keep their token x token attention
+
+    def _report_layers(self) -> tuple[list[int], list[int]]:
+        """The layers whose head-fused token x token attention each pass keeps for the report, and those of them
+        whose per-head attention is kept too (the ``head_layers`` among them)."""
+        num_layers = len(self.backend.attention_layers())
+        requested = self.options.report_layers
+        layers = resolve_layers(requested, num_layers, "report_layers")
+        height, width = self.probes.images.shape[-2:]
+        layout = self._layout or self.backend.layout((int(height), int(width)), self.options.query)
+        self._report_meta = {
+            "grid_size": list(layout.grid_size),
+            "num_prefix_tokens": layout.num_prefix_tokens,
+            "query": layout.query,
+            "num_layers": num_layers,
+        }
+        if requested is None:
+            n = layout.num_tokens
+            if num_layers * len(self.probes) * n * n * 2 > REPORT_MATRIX_BYTES:
+                layers = []  # too big to keep by default: the report shows the logged maps without clicking
+        return layers, [layer for layer in self.head_layers if layer in layers]
 
     @staticmethod
     def check_model(model: nn.Module, options: ProbeOptions, layout: TokenLayout | None = None) -> Backend:
@@ -231,7 +303,15 @@ class ProbeRunner:
             self._display = None
         if self._display is None:
             self._display = to_display(self.probes.images.float(), *self.stats)
+            self._tiled = {}
         return self._display
+
+    def _display_at(self, tile_size: int) -> Tensor:
+        """The probes resized to their tiles once, not once per grid and pass."""
+        display = self.display()
+        if tile_size not in self._tiled:
+            self._tiled[tile_size] = tile_images(display, tile_size)
+        return self._tiled[tile_size]
 
     def compute(
         self,
@@ -252,12 +332,13 @@ class ProbeRunner:
                 head_fusion=options.head_fusion,
                 discard_ratio=options.discard_ratio,
                 query=options.query,
-                keep_matrices=self.matrix_layers,
+                keep_matrices=sorted({*self.matrix_layers, *self.report_layers}),
                 target=target,
                 head_layers=self.head_layers,
                 attention_distance=options.diagnostics,
                 layout=self._layout,
                 memory_budget=options.memory_budget,
+                keep_head_matrices=self.report_head_layers,
             )
         for method in options.methods:
             bad = (~torch.isfinite(maps[method])).flatten(2).any(-1).any(0)
@@ -292,6 +373,7 @@ class ProbeRunner:
         ``record=False`` leaves the baseline and the histories alone (a pass outside the run, e.g. ``validate``)."""
         options = self.options
         maps, curves = self.compute(forward_context, convert_input)
+        self._show_predictions = self._predictions_mean_something(maps, baseline=record and self.baseline is None)
         scalars = scalar_report(
             maps,
             options.methods,
@@ -310,6 +392,8 @@ class ProbeRunner:
                 self.baseline = current
             self.previous = current
             self.history.append((step, maps[options.film_method][:, -1].detach()))
+            self.report_history.append(self._report_entry(step, maps))
+            self._thin_report_rows()
             if scalars:
                 self.scalar_history.append((step, dict(scalars)))
         # a pass outside the history still shows itself at the end of the filmstrip
@@ -318,6 +402,83 @@ class ProbeRunner:
         if record and render and self.animate:
             self._extend_animations()
         return ProbePass(step, maps, scalars, panels, curves)
+
+    def _predictions_mean_something(self, maps: AttentionMaps, baseline: bool) -> bool:
+        """Whether the rows should name the prediction (``options.predictions``; see :class:`ProbeOptions`)."""
+        mode = self.options.predictions
+        if maps.logits is None or mode == "never":
+            return False
+        if mode == "always":
+            return True
+        head = _classifier(self.model, maps.logits.shape[-1])
+        if head is None:  # no way to tell whether the training uses it: what the labels say is all there is
+            return self.probes.labels is not None
+        params = [p.detach() for p in head.parameters()]
+        if baseline or self._head_at_baseline is None:
+            self._head_at_baseline = [p.clone() for p in params]
+        elif not self.head_moved:
+            before = self._head_at_baseline
+            self.head_moved = len(before) != len(params) or any(
+                a.shape != b.shape or not torch.equal(a, b.to(a.device)) for a, b in zip(params, before)
+            )
+        # at the baseline the classifier has not been trained yet: it means something when labels are given
+        # (pretrained classes to compare with); later only a classifier the training moves does
+        return self.head_moved or (baseline and self.probes.labels is not None)
+
+    def _report_entry(self, step: int, maps: AttentionMaps) -> dict[str, Any]:
+        """What the interactive report keeps of one pass, in float16 on the host (one copy for all of it)."""
+        parts: dict[tuple[str, Any], Tensor] = {("maps", m): maps[m] for m in self.options.methods}
+        parts.update({("heads", layer): maps.head_maps[layer] for layer in self.head_layers})
+        parts.update({("matrices", layer): maps.matrices[layer] for layer in self.report_layers})
+        parts.update({("head_matrices", layer): maps.head_matrices[layer] for layer in self.report_head_layers})
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float16) for t in parts.values()]).cpu()
+        entry: dict[str, Any] = {"step": step, "maps": {}, "heads": {}, "matrices": {}, "head_matrices": {}}
+        start = 0
+        for (kind, key), tensor in parts.items():
+            entry[kind][key] = flat[start : start + tensor.numel()].reshape(tensor.shape).clone()
+            start += tensor.numel()
+        # the prediction only where the grids name it (``predictions``): a classifier the training leaves alone says
+        # nothing
+        shown = maps.logits is not None and self._show_predictions
+        entry["predicted"] = maps.logits.argmax(-1).cpu() if maps.logits is not None and shown else None
+        return entry
+
+    def _thin_report_rows(self) -> None:
+        """Keep the token x token attention of every ``_row_stride``-th recorded pass and of the latest; double
+        the stride when more than :data:`REPORT_ROW_PASSES` would keep it."""
+        history = self.report_history
+        last = len(history) - 1
+        if last > 0 and (last - 1) % self._row_stride:
+            history[last - 1] = _without_rows(history[last - 1])  # kept only as the latest, until now
+        while sum(bool(e["matrices"] or e["head_matrices"]) for e in history) > REPORT_ROW_PASSES:
+            self._row_stride *= 2
+            for index in range(last):
+                if index % self._row_stride:
+                    history[index] = _without_rows(history[index])
+
+    def report_meta(self) -> dict[str, Any]:
+        """How to read :attr:`report_history`: the grid, the query, the layers kept, the options the maps used."""
+        options = self.options
+        return {
+            **self._report_meta,
+            "methods": list(options.methods),
+            "layers": list(self.report_layers),
+            "head_layers": list(self.head_layers),
+            "head_matrix_layers": list(self.report_head_layers),
+            "head_fusion": options.head_fusion,
+            "discard_ratio": options.discard_ratio,
+            "class_names": None if options.class_names is None else list(options.class_names),
+        }
+
+    def report_html(self, title: str | None = None, alerts: Sequence[Any] = ()) -> str:
+        """The interactive report of the recorded passes (:func:`~lightning_attn.report_html`)."""
+        return report_html(self.state_dict(), alerts, title or f"{self.prefix}: {type(self.model).__name__}")
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the report inline (in a frame of its own)."""
+        if not self.report_history:
+            return "<p>ProbeRunner: no probe pass recorded yet.</p>"
+        return report_iframe(self.report_html())
 
     # ------------------------------------------------------------------ pictures
 
@@ -330,42 +491,45 @@ class ProbeRunner:
     ) -> list[Panel]:
         """The pictures of one pass, in the order they are logged."""
         options, p = self.options, self.prefix
-        display = self.display()
-        names = options.class_names
-        rows = row_labels(len(self.probes), self.probes.labels, maps, class_names=names, start=self.first_index)
-        render: dict[str, Any] = dict(tile_size=options.tile_size, cmap=options.cmap, alpha=options.alpha)
+        display = self._display_at(options.tile_size)
+        names, shown = options.class_names, self._show_predictions
+        rows = row_labels(len(self.probes), self.probes.labels, maps, "raw", names, self.first_index, shown)
+        render = options.render
         out: list[Panel] = []
+
+        def grid(tag: str, maps_: Tensor, header: Sequence[str], labels: list[str]) -> None:
+            out.append(Panel(tag, overlay_grid(display, maps_, header, labels, render), labels))
+
         columns = ["image"] + [f"L{layer}" for layer in self.layers]
         for method in options.methods:
-            tiles = overlay(display, maps[method][:, self.layers], **render)
-            labels = row_labels(len(self.probes), self.probes.labels, maps, method, names, self.first_index)
-            out.append(Panel(f"{p}/{method}", make_grid(tiles, columns, labels), labels))
+            labels = row_labels(len(self.probes), self.probes.labels, maps, method, names, self.first_index, shown)
+            grid(f"{p}/{method}", maps[method][:, self.layers], columns, labels)
         if options.aggregates and "raw" in options.methods:
             stacked = torch.stack([maps.aggregate(r, "raw") for r in options.aggregates], dim=1)
-            tiles = overlay(display, stacked, **render)
-            out.append(Panel(f"{p}/raw_aggregates", make_grid(tiles, ["image", *options.aggregates], rows), rows))
+            grid(f"{p}/raw_aggregates", stacked, ["image", *options.aggregates], rows)
         if self.matrix_layers:
             matrices = torch.stack([maps.matrices[layer] for layer in self.matrix_layers], dim=1)
-            tiles = matrix_tiles(matrices, options.tile_size * 2, options.cmap)
+            tiles = matrix_tiles(matrices, options.tile_size * 2, options.cmap, options.scale, options.colour_range)
             header = [f"L{layer}" for layer in self.matrix_layers]
-            out.append(Panel(f"{p}/matrix", make_grid(tiles, header, rows), rows))
+            out.append(Panel(f"{p}/matrix", _keyed(make_grid(tiles, header, rows), render), rows))
         for layer in self.head_layers:
             heads = maps.head_maps[layer]
-            tiles = overlay(display, heads, **render)
-            header = ["image"] + [f"h{h}" for h in range(heads.shape[1])]
-            out.append(Panel(f"{p}/heads/layer_{layer:02d}", make_grid(tiles, header, rows), rows))
+            grid(f"{p}/heads/layer_{layer:02d}", heads, ["image"] + [f"h{h}" for h in range(heads.shape[1])], rows)
         if not history:
             return out
         # baseline plus the most recent passes of the final-layer map, one row per probe
-        frames = self.history[:1] + self.history[1:][-options.filmstrip_length :] + list(extra_frames)
-        tiles = overlay(display, torch.stack([m.to(display.device) for _, m in frames], dim=1), **render)
-        header = ["image"] + [f"s{s}" for s, _ in frames]
-        out.append(Panel(f"{p}/filmstrip", make_grid(tiles, header, rows), rows))
+        # a pass outside the history at a recorded step (validate from that step's checkpoint) takes its column
+        outside = {s for s, _ in extra_frames}
+        recorded = [frame for frame in self.history if frame[0] not in outside]
+        frames = recorded[:1] + recorded[1:][-options.filmstrip_length :] + list(extra_frames)
+        stacked = torch.stack([m.to(display.device) for _, m in frames], dim=1)
+        grid(f"{p}/filmstrip", stacked, ["image"] + [f"s{s}" for s, _ in frames], rows)
         if scalars and self.scalar_history:
             # the whole run of each per-layer metric in one picture (rows = layers, columns = logged steps)
-            for chart, (layers, steps, values) in layer_series(self.scalar_history).items():
+            for chart, (layers, steps, values) in layer_series(_thinned(self.scalar_history)).items():
                 section, _, rest = chart.partition("/")
-                picture = layer_step_image(values, steps, chart, layers=layers)
+                bounds = _bounds(section[len(p) + 1 :]) if options.scale == "relative" else None
+                picture = layer_step_image(values, steps, chart, layers=layers, value_range=bounds)
                 out.append(Panel(f"{p}_layers_steps/{section[len(p) + 1 :]}" + (f"/{rest}" if rest else ""), picture))
         return out
 
@@ -383,10 +547,10 @@ class ProbeRunner:
         if not new:
             return
         o = self.options
-        display = self.display()
+        display = self._display_at(2 * o.tile_size)  # the frames' tiles are twice the grids'
         tags = _animation_tags(len(display), self.prefix, o.film_method)
         for step, frame_maps in new:  # encoded pass by pass: only one pass's frames exist as pixels at a time
-            for tag, frame in zip(tags, _frames(display, step, frame_maps, o.tile_size, o.cmap, o.alpha)):
+            for tag, frame in zip(tags, _frames(display, step, frame_maps, o.render)):
                 self._gifs.setdefault(tag, GifStream()).append(frame)
         self._gif_frames = len(self.history)
 
@@ -408,14 +572,37 @@ class ProbeRunner:
             "labels": None if self.probes.labels is None else self.probes.labels.cpu(),
             "prefix": self.prefix,
             "film_method": options.film_method,
-            "render": {"tile_size": options.tile_size, "cmap": options.cmap, "alpha": options.alpha},
+            "render": options.render,
+            "head_moved": self.head_moved,
             "comparable": options.comparable(),
+            "report": list(self.report_history),
+            "report_row_stride": self._row_stride,
+            "report_meta": self.report_meta(),
         }
+
+    def sanity(self, seed: int = 0) -> SanityCheck:
+        """The model-randomisation check (:func:`~lightning_attn.sanity_check`) on the probes, with this runner's
+        methods, map options and target (the labels when known, else each probe's prediction)."""
+        options = self.options
+        self.display()  # moves the probes to the model's device
+        return sanity_check(
+            self.model,
+            self.probes.images,
+            methods=options.methods,
+            target=options.target if options.target is not None else self.probes.labels,
+            seed=seed,
+            head_fusion=options.head_fusion,
+            discard_ratio=options.discard_ratio,
+            query=options.query,
+            memory_budget=options.memory_budget,
+        )
 
     def restart(self) -> None:
         """Forget the baseline and the map history: the next pass is a new baseline (scalar curves are kept)."""
         self.baseline = self.previous = None
         self.history = []
+        self.report_history = []
+        self._row_stride = 1
         self._gifs, self._gif_frames = {}, 0
 
     def differences(self, state: Mapping[str, Any]) -> list[str]:
@@ -425,7 +612,7 @@ class ProbeRunner:
         if display is not None:
             now = (self.display() * 255).round().to(torch.uint8).cpu()
             if tuple(display.shape) != tuple(now.shape) or not torch.equal(display, now):
-                found.append(f"the probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
+                found.append(f"probes ({tuple(display.shape)[0]} then, {tuple(now.shape)[0]} now, or other images)")
         before = state.get("comparable")
         if before is not None:
             found += [
@@ -434,8 +621,8 @@ class ProbeRunner:
                 if k in before and before[k] != v
             ]
         history = state.get("history") or []
-        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]):
-            found.append("the number of probes")
+        if history and tuple(history[0][1].shape) != (len(self.probes), *history[0][1].shape[1:]) and not found:
+            found.append(f"a number of probes ({history[0][1].shape[0]} then, {len(self.probes)} now)")
         return found
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -445,6 +632,16 @@ class ProbeRunner:
         self.history = list(state.get("history") or [])
         self._gifs, self._gif_frames = {}, 0
         self.scalar_history = [(s, dict(v)) for s, v in state.get("scalar_history") or []]
+        self.head_moved = bool(state.get("head_moved", False))
+        self.report_history = list(state.get("report") or [])
+        self._row_stride = int(state.get("report_row_stride", 1))
+
+
+def _without_rows(entry: dict[str, Any]) -> dict[str, Any]:
+    """A report entry without its token x token attention (a new dict: states handed out earlier keep theirs)."""
+    if not entry["matrices"] and not entry["head_matrices"]:
+        return entry
+    return {**entry, "matrices": {}, "head_matrices": {}}
 
 
 def _animation_tags(count: int, prefix: str, method: str) -> list[str]:
@@ -452,25 +649,71 @@ def _animation_tags(count: int, prefix: str, method: str) -> list[str]:
     return [f"{prefix}/{method}_evolution/probe_{i:02d}" for i in range(min(count, MAX_ANIMATED))]
 
 
-def _frames(display: Tensor, step: int, maps: Tensor, tile_size: int, cmap: str, alpha: float) -> list[np.ndarray]:
-    """Each animated probe's frame of one pass: its one-frame filmstrip, every probe in one overlay."""
+#: The most logged steps a layers x steps picture shows: beyond it the columns are spread evenly over the run (the
+#: first and the latest always in), so drawing a pass costs the same at pass 1000 as at pass 100.
+MAX_STEP_COLUMNS = 120
+
+
+def _thinned(history: Sequence[tuple[int, Mapping[str, float]]]) -> Sequence[tuple[int, Mapping[str, float]]]:
+    """At most :data:`MAX_STEP_COLUMNS` entries of ``history``, evenly spaced, the first and the last included."""
+    count = len(history)
+    if count <= MAX_STEP_COLUMNS:
+        return history
+    picks = np.unique(np.linspace(0, count - 1, MAX_STEP_COLUMNS).round().astype(np.int64))
+    return [history[i] for i in picks]
+
+
+#: Natural bounds of the per-layer metrics drawn as layers x steps pictures, by section (after the prefix): with
+#: the relative colour scale their colours mean the same value in every run and pass (normalised entropy 0.99 is
+#: near the top, not stretched to look like 0.5); unbounded metrics (distance, counts) span their own min..max.
+_METRIC_BOUNDS = {"entropy": (0.0, 1.0), "drift_baseline": (0.0, 1.0), "drift_previous": (0.0, 1.0)}
+
+
+def _bounds(metric: str) -> tuple[float, float] | None:
+    if metric.startswith("artifacts"):
+        return None  # count, and shares whose useful range is small
+    return _METRIC_BOUNDS.get(metric, (0.0, 1.0) if metric.endswith("share") else None)
+
+
+def _notes(maps: Tensor, scale: str) -> list[list[str]] | None:
+    """On the per-map scale, each stretched tile's peak-to-uniform ratio for (B, K, gh, gw) ``maps`` shown after
+    an image column (left blank)."""
+    return peak_notes(maps) if scale == "per_map" else None
+
+
+def _keyed(grid: np.ndarray, render: Mapping[str, Any]) -> np.ndarray:
+    """``grid`` with the colour bar of its scale underneath."""
+    return with_colour_bar(grid, render["cmap"], render["scale"], render["colour_range"])
+
+
+def overlay_grid(
+    display: Tensor, maps: Tensor, header: Sequence[str], rows: Sequence[str], render: Mapping[str, Any]
+) -> np.ndarray:
+    """(B, K, gh, gw) ``maps`` over (B, 3, H, W) ``display`` images as one labelled grid with its colour bar, drawn
+    with ``render`` (:attr:`ProbeOptions.render`); per-map tiles carry their peak-to-uniform ratio."""
+    tiles = overlay(display, maps, **render)
+    return _keyed(make_grid(tiles, header, rows, notes=_notes(maps, render["scale"])), render)
+
+
+def _frames(display: Tensor, step: int, maps: Tensor, render: Mapping[str, Any]) -> list[np.ndarray]:
+    """Each animated probe's frame of one pass: its one-frame filmstrip with the colour bar, every probe in one
+    overlay (double-size tiles)."""
     count = min(len(display), MAX_ANIMATED)
-    tiles = overlay(display[:count], maps[:count, None].to(display.device), tile_size * 2, cmap, alpha)
-    return [make_grid(tiles[i : i + 1], ["image", f"step {step}"]) for i in range(count)]
+    big = {**render, "tile_size": render["tile_size"] * 2}
+    tiles = overlay(display[:count], maps[:count, None].to(display.device), **big)
+    notes = _notes(maps[:count, None], render.get("scale", "relative"))
+    return [
+        _keyed(make_grid(tiles[i : i + 1], ["image", f"step {step}"], notes=notes and notes[i : i + 1]), render)
+        for i in range(count)
+    ]
 
 
 def _animations(
-    display: Tensor,
-    history: Sequence[tuple[int, Tensor]],
-    prefix: str,
-    method: str,
-    tile_size: int,
-    cmap: str,
-    alpha: float,
+    display: Tensor, history: Sequence[tuple[int, Tensor]], prefix: str, method: str, render: Mapping[str, Any]
 ) -> dict[str, list[np.ndarray]]:
     out: dict[str, list[np.ndarray]] = {tag: [] for tag in _animation_tags(len(display), prefix, method)}
     for step, maps in history:
-        for frames, frame in zip(out.values(), _frames(display, step, maps, tile_size, cmap, alpha)):
+        for frames, frame in zip(out.values(), _frames(display, step, maps, render)):
             frames.append(frame)
     return out
 
@@ -491,13 +734,13 @@ def redraw(state: Mapping[str, Any]) -> tuple[Panel, dict[str, list[np.ndarray]]
         )
     display = state["display"].float() / 255
     history = state["history"]
-    render = state["render"]  # tile_size, cmap, alpha
+    # tile_size, cmap, alpha (and, from 0.x on, scale and colour_range; older states draw on today's default)
+    render = {"scale": "relative", "colour_range": DEFAULT_COLOUR_RANGE, **state["render"]}
     prefix, method = state.get("prefix", "attention"), state.get("film_method", "rollout")
     maps = torch.stack([m for _, m in history], dim=1)
     count = display.shape[0]
     labels = state.get("labels")
     rows = [f"#{i}" + (f" y{int(labels[i])}" if labels is not None else "") for i in range(count)]
-    tiles = overlay(display, maps, render["tile_size"], render["cmap"], render["alpha"])
     header = ["image"] + [f"s{s}" for s, _ in history]
-    strip = Panel(f"{prefix}/filmstrip", make_grid(tiles, header, rows), rows)
-    return strip, _animations(display, history, prefix, method, render["tile_size"], render["cmap"], render["alpha"])
+    strip = Panel(f"{prefix}/filmstrip", overlay_grid(display, maps, header, rows, render), rows)
+    return strip, _animations(display, history, prefix, method, render)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lightning_attn import AttentionMonitor, find_attention_modules
-from lightning_attn.render import grid_shape
+from lightning_attn.render import COLOUR_BAR_HEIGHT, grid_shape
 
 import lit
 
@@ -37,6 +37,7 @@ def test_fit_logs_grids_and_entropy_at_the_trainers_steps(tmp_path):
         events = acc.Images(tag)
         assert [e.step for e in events] == steps
         height, width = grid_shape(3, cols, 32, 32, has_col_labels=True, has_row_labels=True)
+        height += COLOUR_BAR_HEIGHT  # the key to the colours under every grid
         assert all((e.height, e.width) == (height, width) for e in events)
     for method in ("raw", "rollout"):
         for layer in range(3):
@@ -50,7 +51,9 @@ def test_fit_logs_grids_and_entropy_at_the_trainers_steps(tmp_path):
 def test_grid_pixels_are_the_overlay_of_the_probe(tmp_path):
     # one probe, constant grey: every image tile pixel is grey; every heat tile is a blend with it
     probes = torch.zeros(1, 3, lit.IMG, lit.IMG)  # normalised 0 -> display 0.5
-    monitor = AttentionMonitor(probes, mean=MEAN, std=STD, tile_size=32, methods=("raw",), aggregates=())
+    monitor = AttentionMonitor(
+        probes, mean=MEAN, std=STD, tile_size=32, methods=("raw",), aggregates=(), scale="per_map"
+    )
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=1, logger=False)
     trainer.fit(lit.LitViT(), *lit.loaders())
     grid = np.asarray(Image.open(tmp_path / "attention" / "attention__raw_step0000004.png"))
@@ -58,8 +61,9 @@ def test_grid_pixels_are_the_overlay_of_the_probe(tmp_path):
     image_tile = grid[top + pad : top + pad + 32, 24 + pad : 24 + pad + 32]
     assert np.abs(image_tile.astype(int) - 128).max() <= 1
     heat = grid[top + pad : top + pad + 32, 24 + 2 * pad + 32 : 24 + 2 * pad + 64].astype(float)
-    # jet at 0 is dark blue, at 1 dark red: blended 50/50 with grey, the extremes are both present per tile
-    assert heat[..., 2].max() > 150 and heat[..., 0].max() > 150
+    # stretched per tile, jet at 0 is dark blue, at 1 dark red: blended 50/50 with grey, both extremes are present
+    # (the top-left corner holds the tile's peak-ratio note: white box, dark text)
+    assert heat[14:, ..., 2].max() > 150 and heat[14:, ..., 0].max() > 150
 
 
 def test_probes_from_image_paths_use_the_models_transform(tmp_path):
@@ -75,7 +79,7 @@ def test_probes_from_image_paths_use_the_models_transform(tmp_path):
     assert monitor._probes.images.shape == (2, 3, lit.IMG, lit.IMG)
     events = lit.read_events(trainer.logger.log_dir).Images("attention/rollout")
     assert [e.step for e in events] == [0, 4]
-    assert events[0].height == grid_shape(2, 3, 32, 32, True, True)[0]
+    assert events[0].height == grid_shape(2, 3, 32, 32, True, True)[0] + COLOUR_BAR_HEIGHT
 
 
 def test_probes_from_the_validation_loader_are_taken_once_and_kept(tmp_path):
@@ -112,7 +116,8 @@ def test_logger_false_writes_pngs_under_default_root_dir(tmp_path):
         trainer.fit(lit.LitViT(), *lit.loaders())
     png = tmp_path / "attention" / "attention__rollout_step0000004.png"
     assert png.is_file()
-    assert Image.open(png).size[::-1] == grid_shape(2, 3, 32, 32, True, True)
+    height, width = grid_shape(2, 3, 32, 32, True, True)
+    assert Image.open(png).size[::-1] == (height + COLOUR_BAR_HEIGHT, width)
     with open(tmp_path / "attention" / "scalars.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r["tag"] == "attention_entropy/rollout/layer_00"] == [0, 4]
@@ -171,7 +176,8 @@ def test_matrix_view_and_chosen_layers(tmp_path):
     raw = acc.Images("attention/raw")[-1]
     assert raw.width == grid_shape(2, 3, 32, 32, True, True)[1]  # image + 2 chosen layers
     matrix = acc.Images("attention/matrix")[-1]
-    assert (matrix.height, matrix.width) == grid_shape(2, 1, 64, 64, True, True)
+    height, width = grid_shape(2, 1, 64, 64, True, True)
+    assert (matrix.height, matrix.width) == (height + COLOUR_BAR_HEIGHT, width)
 
 
 def _nan_model() -> lit.LitViT:
@@ -331,7 +337,7 @@ def test_a_failing_writer_warns_and_the_other_writers_get_the_whole_pass(tmp_pat
     trainer = lit.trainer(tmp_path, [monitor], max_epochs=2)
     with pytest.warns(
         RuntimeWarning,
-        match=r"skipped the probe pass at step 0: RuntimeError: Collect\.add_grid failed: OSError: disk full",
+        match=r"could not write the pass at step 0: Collect\.add_grid failed: OSError: disk full",
     ):
         trainer.fit(lit.LitViT(), *lit.loaders())
     assert trainer.global_step == 8  # training went on

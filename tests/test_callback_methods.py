@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, pointing_game
-from lightning_attn.render import grid_shape
+from lightning_attn import AttentionMonitor, attention_maps, find_attention_modules, jaccard_index, pointing_game
+from lightning_attn.render import COLOUR_BAR_HEIGHT, grid_shape
 from lightning_attn.runner import row_labels
 
 import lit
@@ -52,6 +52,7 @@ def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     for method in ALL:
         assert [e.step for e in acc.Images(f"attention/{method}")] == [0, 4, 8]
         assert [s.step for s in acc.Scalars(f"attention_pointing_game/{method}")] == [0, 4, 8]
+        assert [s.step for s in acc.Scalars(f"attention_jaccard/{method}")] == [0, 4, 8]
         for curve in ("most_first_auc", "least_first_auc"):
             values = [s.value for s in acc.Scalars(f"attention_faithfulness/{curve}/{method}")]
             assert len(values) == 3 and all(0 <= v <= 1 for v in values)
@@ -61,6 +62,8 @@ def test_class_targeted_maps_faithfulness_and_localisation_are_logged(tmp_path):
     expected = attention_maps(model.model, _probes(), methods=("relevance",), target=labels)
     game = pointing_game(expected.relevance[:, -1], _masks()).mean().item()
     assert monitor.last_metrics["attention_pointing_game/relevance"] == pytest.approx(game, abs=1e-5)
+    jaccard = jaccard_index(expected.relevance[:, -1], _masks()).mean().item()
+    assert monitor.last_metrics["attention_jaccard/relevance"] == pytest.approx(jaccard, abs=1e-5)
 
 
 def test_gradient_methods_leave_grads_alone_under_fit_and_validate(tmp_path):
@@ -133,7 +136,8 @@ def test_diagnostic_scalars_heads_filmstrip_and_gif(tmp_path):
     for layer in (0, 1):
         heads = acc.Images(f"attention/heads/layer_{layer:02d}")
         assert [e.step for e in heads] == [0, 4, 8, 12]
-        assert (heads[-1].height, heads[-1].width) == grid_shape(2, 4, 16, 16, True, True)  # image + 3 heads
+        height, width = grid_shape(2, 4, 16, 16, True, True)  # image + 3 heads, and the colour bar under them
+        assert (heads[-1].height, heads[-1].width) == (height + COLOUR_BAR_HEIGHT, width)
     strips = acc.Images("attention/filmstrip")
     # image, baseline, then at most `filmstrip_length` recent passes
     assert [e.width for e in strips] == [grid_shape(2, c, 16, 16, True, True)[1] for c in (2, 3, 3, 3)]
@@ -142,7 +146,8 @@ def test_diagnostic_scalars_heads_filmstrip_and_gif(tmp_path):
     assert [g.name for g in gifs] == [f"attention__rollout_evolution__probe_{i:02d}.gif" for i in range(2)]
     with Image.open(gifs[0]) as gif:
         assert gif.n_frames == 4  # baseline + 3 epochs
-        assert gif.size[::-1] == grid_shape(1, 2, 32, 32, has_col_labels=True)
+        height, width = grid_shape(1, 2, 32, 32, has_col_labels=True)
+        assert gif.size[::-1] == (height + COLOUR_BAR_HEIGHT, width)
     # the same animation in TensorBoard's images tab, at the final step
     (animation,) = lit.read_events(trainer.logger.log_dir).Images("attention/rollout_evolution/probe_00")
     assert animation.step == 12 and animation.encoded_image_string == gifs[0].read_bytes()

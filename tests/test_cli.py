@@ -3,6 +3,7 @@ input ends with one line and exit status 2."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -94,7 +95,8 @@ def test_render_writes_the_runners_grids_scalars_and_index(run_dir, tmp_path):
     vit = _vit_of(ckpt)
     paths = sorted((run_dir / "images").glob("*.png"))
     images = load_images(paths, backend_for(vit).transform())
-    options = ProbeOptions(methods=("raw", "rollout", "relevance"), tile_size=16)
+    # the command renders a given (trained) model: rows name its predictions whenever it has class logits
+    options = ProbeOptions(methods=("raw", "rollout", "relevance"), tile_size=16, predictions="always")
     saved = json.loads((out / "scalars.json").read_text())
     assert [b["images"] for b in saved["batches"]] == [[str(p) for p in paths[:2]], [str(paths[2])]]
     for index, batch in enumerate((images[:2], images[2:])):
@@ -179,10 +181,44 @@ def test_replay_redraws_the_history_without_the_model(run_dir, tmp_path):
         assert gif.n_frames == len(animations[next(iter(animations))])
 
 
+def _page_data(path: Path) -> dict:
+    page = path.read_text(encoding="utf-8")
+    return json.loads(page.split("id='la-data'>", 1)[1].split("</script>", 1)[0].replace("<\\/", "</"))
+
+
+def _half(array: dict) -> np.ndarray:
+    data = np.frombuffer(base64.b64decode(array["data"]), dtype="<f2")
+    return data.reshape(array["shape"]).astype(np.float32)
+
+
+def test_report_reads_the_run_without_the_model_or_runs_a_model(run_dir, tmp_path):
+    done = _run("report", str(run_dir), "-o", str(tmp_path / "run.html"))
+    assert done.returncode == 0, done.stderr
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]
+    runner = next(v for k, v in state.items() if k.startswith("AttentionMonitor"))["runner"]
+    data = _page_data(tmp_path / "run.html")
+    assert [p["step"] for p in data["passes"]] == [0, 4, 8] and data["meta"]["layers"] == [0, 1]
+    for kept, shown in zip(runner["report"], data["passes"]):
+        np.testing.assert_array_equal(_half(shown["matrices"]["1"]), kept["matrices"][1].float().numpy())
+        np.testing.assert_array_equal(_half(shown["maps"]["rollout"]), kept["maps"]["rollout"].float().numpy())
+    assert {c["title"] for c in data["curves"]} >= {"attention_entropy/raw", "attention_drift_baseline/rollout"}
+    # a model and images: one pass, every layer's rows
+    ckpt, images = run_dir / "ckpt" / "last.ckpt", run_dir / "images"
+    sys.path.insert(0, str(TESTS))
+    out = tmp_path / "model.html"
+    assert main(["report", str(ckpt), str(images), "--model-class", "lit.LitViT", "-o", str(out), "--quiet"]) == 0
+    data = _page_data(out)
+    model = _vit_of(ckpt)
+    expected = attention_maps(model, load_images(sorted(images.iterdir()), backend_for(model).transform()))
+    (shown,) = data["passes"]
+    np.testing.assert_allclose(_half(shown["maps"]["raw"]), expected.raw.numpy(), rtol=1e-3, atol=1e-6)
+    assert sorted(shown["matrices"]) == ["0", "1"] and data["meta"]["head_matrix_layers"] == [1]
+
+
 def test_help_has_an_example_per_subcommand():
     done = _run("render", "--help")
     assert done.returncode == 0 and "example:" in done.stdout and "lightning-attn render" in done.stdout
-    for command in ("compare", "replay"):
+    for command in ("compare", "replay", "report", "sanity"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
@@ -203,6 +239,8 @@ def test_help_has_an_example_per_subcommand():
         (["render", "timm:resnet10t", "{images}", "-o", "{out}"], "not a supported Vision Transformer"),
         (["render", "timm:no_such_model", "{images}", "-o", "{out}"], "timm has no model"),
         (["replay", "{out}", "-o", "{out}"], "no checkpoint"),
+        (["report", "{ckpt}", "-o", "{out}/report.png"], "must name an .html file"),
+        (["report", "{out}", "-o", "{out}/report.html"], "no checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(run_dir, tmp_path, capsys, args, message):
@@ -253,3 +291,141 @@ def test_render_a_hugging_face_folder_and_a_timm_name(run_dir, tmp_path):
         == 0
     )
     assert (tmp_path / "b" / "attention__rollout_000.png").is_file()
+
+
+class _Payload:
+    """Unpickled, it creates a file: what a hostile checkpoint would do with a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("command", ["render", "compare", "replay", "replay-folder"])
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(run_dir, tmp_path, capsys, command):
+    marker = tmp_path / "ran"
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)
+    state["hyper_parameters"] = {"lr": 0.1, "evil": _Payload(marker)}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    evil = folder / "evil.ckpt"
+    torch.save(state, evil)
+    images, out = str(run_dir / "images"), str(tmp_path / "out")
+    args = {
+        "render": ["render", str(evil), "--model-class", "lit.LitViT", images, "-o", out],
+        "compare": [
+            "compare",
+            "timm:vit_tiny_patch16_224",
+            str(evil),
+            "--model-class",
+            "lit.LitViT",
+            images,
+            "-o",
+            out,
+        ],
+        "replay": ["replay", str(evil), "-o", out],
+        "replay-folder": ["replay", str(folder), "-o", out],
+    }[command]
+    sys.path.insert(0, str(TESTS))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists(), "the checkpoint ran code"
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "evil.ckpt" in err and "`io.open`" in err
+    assert "--trust-checkpoint" in err
+
+
+def test_trust_checkpoint_loads_a_trusted_file_with_other_objects(run_dir, tmp_path, capsys):
+    import argparse
+
+    state = torch.load(run_dir / "ckpt" / "last.ckpt", weights_only=True)
+    state["extra"] = argparse.Namespace(seed=1)  # no code, but not plain values
+    torch.save(state, tmp_path / "trusted.ckpt")
+    args = ["replay", str(tmp_path / "trusted.ckpt"), "-o", str(tmp_path / "out")]
+    assert main(args) == 2 and "argparse.Namespace" in capsys.readouterr().err
+    assert main([*args, "--trust-checkpoint"]) == 0
+    assert (tmp_path / "out" / "index.html").is_file()
+    render = ["render", str(tmp_path / "trusted.ckpt"), "--model-class", "lit.LitViT", str(run_dir / "images")]
+    assert main([*render, "-o", str(tmp_path / "r"), "--quiet", "--trust-checkpoint", "--tile-size", "16"]) == 0
+
+
+def test_replay_skips_an_unreadable_newest_checkpoint_with_a_note(run_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir / "ckpt", folder)
+    cut = folder / "epoch=9-step=99.ckpt"  # newest, cut short as by a crash while it was written
+    cut.write_bytes((folder / "last.ckpt").read_bytes()[:1000])
+    os.utime(cut, (cut.stat().st_atime, cut.stat().st_mtime + 60))
+    assert main(["replay", str(folder), "-o", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "note: skipped a newer checkpoint" in captured.err and "epoch=9-step=99.ckpt" in captured.err
+    assert "epoch=9-step=99.ckpt" not in captured.out and (tmp_path / "out" / "index.html").is_file()
+    assert main(["replay", str(cut), "-o", str(tmp_path / "out")]) == 2  # the file itself, named: no fallback
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    # `lightning-attn --help` must answer at once: the heavy modules come with the commands that use them
+    code = (
+        "import sys\nfrom lightning_attn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'timm', 'numpy', 'PIL'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_every_exported_name_resolves_lazily():
+    import lightning_attn
+
+    assert sorted(lightning_attn._EXPORTS) == sorted(lightning_attn.__all__)
+    for name in lightning_attn.__all__:
+        value = getattr(lightning_attn, name)
+        assert getattr(value, "__name__", name) == name or not callable(value), name
+
+
+def test_pages_name_the_files_and_classes_and_say_when_weights_are_random(run_dir, tmp_path, capsys):
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nbird\n")
+    images = sorted((run_dir / "images").glob("*.png"))
+    ckpt = str(run_dir / "ckpt" / "last.ckpt")
+    args = ["render", ckpt, "--model-class", "lit.LitViT", str(run_dir / "images"), "--tile-size", "16", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "a"), "--class-names", str(names)]) == 0
+    vit = _vit_of(run_dir / "ckpt" / "last.ckpt")
+    logits = vit(load_images(images, backend_for(vit).transform()))
+    page = (tmp_path / "a" / "index.html").read_text()
+    for i, (path, k) in enumerate(zip(images, logits.argmax(-1).tolist())):
+        expected = f"<tr><td>#{i}</td><td>{path}</td><td>{['cat', 'dog', 'bird'][k]} ({k})</td></tr>"
+        assert expected in page
+    assert "random weights" not in page + capsys.readouterr().err
+    image = str(images[0])
+    assert main(["render", "timm:vit_tiny_patch16_224", image, "-o", str(tmp_path / "b"), "--layers", "-1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: timm:vit_tiny_patch16_224 has random weights (no `--pretrained`)" in err
+    assert (
+        "<p class='note'><strong>note:</strong> timm:vit_tiny_patch16_224 has random weights"
+        in (tmp_path / "b" / "index.html").read_text()
+    )
+
+
+def test_sanity_writes_the_functions_correlations_picture_and_index(run_dir, tmp_path, capsys):
+    from lightning_attn import sanity_check
+
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    out = tmp_path / "sanity"
+    args = ["sanity", str(ckpt), "--model-class", "lit.LitViT", str(run_dir / "images"), "-o", str(out)]
+    assert main([*args, "--methods", "rollout", "relevance", "--tile-size", "16", "--seed", "3"]) == 0
+    vit = _vit_of(ckpt)
+    images = load_images(sorted((run_dir / "images").glob("*.png")), backend_for(vit).transform())
+    expected = sanity_check(vit, images, methods=("rollout", "relevance"), seed=3)
+    saved = json.loads((out / "sanity.json").read_text())
+    assert list(saved) == ["rollout", "relevance"] and all(len(v) == 2 for v in saved.values())  # 2 blocks
+    for method, values in saved.items():
+        assert values == pytest.approx(expected.cascading[method], abs=1e-6)
+    independent = json.loads((out / "sanity_independent.json").read_text())
+    assert independent["relevance"] == pytest.approx(expected.independent["relevance"], abs=1e-6)
+    picture = np.asarray(Image.open(out / "sanity.png"))
+    assert picture.shape == expected.picture(torch.rand(3, 3, lit.IMG, lit.IMG), 16)[0].shape  # 6 rows x 4 columns
+    page = (out / "index.html").read_text()
+    assert "sanity.png" in page and "blocks 0-1" in page and "| relevance | cascading |" in capsys.readouterr().out

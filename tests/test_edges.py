@@ -116,15 +116,21 @@ def _resume(tmp_path, first: AttentionMonitor, second: AttentionMonitor, **val) 
 @pytest.mark.parametrize(
     "first, second, what",
     [
-        (dict(probes=_probes(2)), dict(probes=_probes(3)), "the probes"),
-        (dict(probes=2), dict(probes=4), "the probes"),
-        (dict(probes=_probes(2)), dict(probes=_probes(2), head_fusion="max"), "`head_fusion`"),
+        (dict(probes=_probes(2)), dict(probes=_probes(3)), r"probes \(2 then, 3 now, or other images\)"),
+        (dict(probes=2), dict(probes=4), r"probes \(2 then, 4 now, or other images\)"),
+        (
+            dict(probes=_probes(2)),
+            dict(probes=_probes(2), head_fusion="max"),
+            r"`head_fusion` \('mean' then, 'max' now\)",
+        ),
     ],
 )
 def test_resume_with_other_probes_or_map_options_starts_a_new_baseline(tmp_path, first, second, what):
     a = AttentionMonitor(**first, tile_size=16)
     b = AttentionMonitor(**second, tile_size=16)
-    with pytest.warns(RuntimeWarning, match=f"resumed with other {what}.*new baseline at this step"):
+    # one reason, said once, in a sentence that reads
+    match = f"resumed with other settings than the checkpoint's \\({what}\\): drift .*new baseline at this step"
+    with pytest.warns(RuntimeWarning, match=match):
         trainer = _resume(tmp_path, a, b)
     # the new baseline is taken at the resume step (8) and every later pass logs; nothing skipped
     assert [s for s, _ in b.runner.history] == [8, 12]
@@ -250,17 +256,26 @@ def test_class_names_on_the_rows(tmp_path):
 # ----------------------------------------------------------------------------- validate from a checkpoint
 
 
-def test_validate_with_ckpt_path_logs_at_the_checkpoints_step_outside_the_history(tmp_path):
+def test_validate_with_ckpt_path_logs_at_the_checkpoints_step_outside_the_history(tmp_path, caplog):
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    lit.trainer(
+    fit = lit.trainer(
         tmp_path / "fit", [AttentionMonitor(_probes(), tile_size=16), ckpt], enable_checkpointing=True, max_epochs=2
-    ).fit(lit.LitViT(), *lit.loaders())
+    )
+    model = lit.LitViT()
+    fit.fit(model, *lit.loaders())
+    with caplog.at_level("INFO"):
+        fit.validate(model, lit.loaders()[1], verbose=False)  # right after fit: nothing new, and it says so
+    assert "AttentionMonitor logs nothing for this validate at step 8" in caplog.text
     monitor = AttentionMonitor(_probes(), tile_size=16)
     trainer = lit.trainer(tmp_path / "val", [monitor])
     trainer.validate(lit.LitViT(), lit.loaders()[1], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
     assert _raw_steps(trainer.logger.log_dir) == [8]  # the checkpoint's step, not 0
     # the run's history came back with the checkpoint; the validate-only pass did not add to it
     assert [s for s, _ in monitor.runner.history] == [0, 4, 8]
+    # its filmstrip column replaces the recorded step 8 (s0 s4 s8), not repeats it (s0 s4 s8 s8)
+    (during_fit,) = [e for e in lit.read_events(fit.logger.log_dir).Images("attention/filmstrip") if e.step == 8]
+    (validated,) = lit.read_events(trainer.logger.log_dir).Images("attention/filmstrip")
+    assert (validated.width, validated.height) == (during_fit.width, during_fit.height)
 
 
 # ----------------------------------------------------------------------------- batches of every shape
@@ -378,7 +393,10 @@ def test_a_custom_vit_on_multihead_attention_works_with_layout(tmp_path):
     trainer.fit(_LitTutorial(), *lit.loaders())
     assert _raw_steps(trainer.logger.log_dir) == [0, 4]
     assert monitor.last_metrics["attention_entropy/relevance/layer_01"] >= 0
-    with pytest.raises(ValueError, match="not a supported Vision Transformer"):  # without layout: what to do
+    # without layout: what to do, `layout=` included
+    with pytest.raises(
+        ValueError, match=r"not a supported Vision Transformer.*`nn\.MultiheadAttention`.*layout=TokenLayout"
+    ):
         lit.trainer(tmp_path / "b", [AttentionMonitor(_probes())]).fit(_LitTutorial(), *lit.loaders())
 
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from lightning_attn import report_html  # noqa: E402
 
 import lit  # noqa: E402
 import train_vit  # noqa: E402
@@ -21,6 +31,45 @@ def test_example_fast_run_logs_every_method(tmp_path, capsys):
         assert len(acc.Scalars(f"attention_pointing_game/{method}")) == 2
         assert len(acc.Scalars(f"attention_faithfulness/most_first_auc/{method}")) == 2
     assert len(list((Path(trainer.log_dir) / "attention").glob("*.gif"))) == 8
+    # the interactive report beside the logs; a default run (the baseline and 6 epochs: 7 passes) stays under 20 MB
+    page = (Path(trainer.log_dir) / "attention" / "attention__report.html").read_bytes()
+    (monitor,) = [c for c in trainer.callbacks if type(c).__name__ == "AttentionMonitor"]
+    state = monitor.runner.state_dict()
+    first = report_html({**state, "report": state["report"][:1], "scalar_history": state["scalar_history"][:1]})
+    per_pass = len(page) - len(first.encode())
+    assert 0 < per_pass and len(page) + 5 * per_pass < 20e6
+    # a last.ckpt, which docs/cli.md's command for the example's own checkpoint renders
+    last = Path(trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert f"Last checkpoint: {last}" in out
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        "lightning-attn",
+        "render",
+        str(last),
+        "--model-class",
+        "train_vit.ViTClassifier",
+        str(tmp_path / "a.png"),
+    ]
+    done = subprocess.run(
+        [*command, "-o", str(tmp_path / "maps")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "maps" / "attention__rollout_000.png").is_file()
+
+
+def test_example_logger_choice(tmp_path, capsys, monkeypatch):
+    assert isinstance(train_vit.make_logger("csv", tmp_path, "shapes"), pl.loggers.CSVLogger)
+    assert isinstance(train_vit.make_logger("tensorboard", tmp_path, "shapes"), pl.loggers.TensorBoardLogger)
+    assert train_vit.parse_args([]).logger == "tensorboard"
+    # MLflow 3's local file store needs its opt-in: refused with the fix before anything trains
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit):
+        train_vit.parse_args(["--logger", "mlflow"])
+    assert "MLFLOW_ALLOW_FILE_STORE=true python examples/train_vit.py --logger mlflow" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert train_vit.parse_args(["--logger", "mlflow"]).logger == "mlflow"
 
 
 def test_example_trains_the_same_weights_with_and_without_the_monitor_and_reports(tmp_path, capsys):
@@ -48,3 +97,24 @@ def test_finetune_example_fast_healthy_run_fires_no_alert(tmp_path, capsys):
     assert healthy.alerts == []
     assert len(healthy.runner.scalar_history) == 3  # baseline + 2 fine-tuning epochs: the rules were read
     assert "finetune_lr0.0001: " in capsys.readouterr().out and too_high.runner.scalar_history
+
+
+def test_findings_smoke_run_prints_mean_and_std_over_seeds_and_reads_runs_back(tmp_path, capsys):
+    import statistics
+
+    import findings
+
+    argv = ["--seeds", "0", "1", "--fast", "--threads", "1", "--out", str(tmp_path)]
+    text = findings.main(argv)
+    capsys.readouterr()
+    values = []
+    for seed in (0, 1):
+        scalars = findings.load(tmp_path / f"seed{seed}")[0]["scalars"]["attention_jaccard/relevance"]
+        values.append(scalars[max(scalars)])
+    cell = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+    row = next(line for line in text.splitlines() if line.startswith("| relevance | ") and "±" in line)
+    assert row.split(" | ")[2].split(" / ")[-1] == cell  # Jaccard, last step: the mean and std of the two runs
+    assert "| cascading: method | block 3 | blocks 2-3 | blocks 1-3 | blocks 0-3 |" in text
+    assert "| independent: method | block 3 | block 2 | block 1 | block 0 |" in text
+    assert findings.main(argv) == text  # read back, not trained again
+    assert "seed 0: read back" in capsys.readouterr().out

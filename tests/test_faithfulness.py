@@ -8,11 +8,13 @@ from torch import nn
 
 from lightning_attn import attention_maps
 from lightning_attn.faithfulness import (
+    jaccard_index,
     patches_to_pixels,
     perturbation_curves,
     pixels_to_patches,
     pointing_game,
     random_perturbation_curves,
+    top_mass_patches,
 )
 
 import reference
@@ -169,6 +171,37 @@ def test_pointing_game_known_values_and_reference():
     soft = torch.rand(4, 18, 17, generator=torch.Generator().manual_seed(1))  # not multiples of the grid
     np.testing.assert_allclose(pointing_game(maps, soft).numpy(), reference.pointing_game(maps, soft), rtol=1e-5)
     assert pointing_game(torch.zeros(1, *GRID), masks[:1]).tolist() == [0.0]
+
+
+def test_jaccard_hand_computed_case():
+    # 16 x 16 images in a 4 x 4 grid of 4 x 4 pixel patches. The mask covers rows 0-5 and columns 0-9: patch row 0
+    # fully, patch row 1 at half its rows (counted: >= half), patch column 2 at half its columns (counted), patch
+    # row 1 x column 2 at a quarter (not counted). Object patches: (0,0) (0,1) (0,2) (1,0) (1,1) = 5 patches.
+    masks = torch.zeros(1, 16, 16, dtype=torch.bool)
+    masks[:, 0:6, 0:10] = True
+    assert (pixels_to_patches(masks, GRID)[0] >= 0.5).sum() == 5
+    # the map: 0.3 on (0,0), 0.2 on (3,3), 0.15 on (0,1), 0.35 / 13 elsewhere. Largest first: 0.3 + 0.2 = 0.5 <
+    # 0.6, + 0.15 = 0.65 >= 0.6: the set is {(0,0), (3,3), (0,1)}; intersection 2, union 5 + 3 - 2 = 6 -> 1/3.
+    m = torch.full((1, 4, 4), 0.35 / 13)
+    m[0, 0, 0], m[0, 3, 3], m[0, 0, 1] = 0.3, 0.2, 0.15
+    chosen = top_mass_patches(m)[0]
+    assert sorted(map(tuple, chosen.nonzero().tolist())) == [(0, 0), (0, 1), (3, 3)]
+    assert jaccard_index(m, masks).tolist() == pytest.approx([1 / 3])
+    assert jaccard_index(10 * m, masks.float()).tolist() == pytest.approx([1 / 3])  # scale-free, soft masks too
+    # the object's 5 patches holding 0.13 each (0.52 < 0.6 before the fifth, 0.65 after): exactly the object, 1
+    on_object = torch.full((1, 4, 4), 0.35 / 11)
+    on_object[0, 0, :3], on_object[0, 1, :2] = 0.13, 0.13
+    assert jaccard_index(on_object, masks).tolist() == [1.0]
+    assert jaccard_index(torch.zeros(1, 4, 4), masks).tolist() == [0.0]  # no mass: nothing chosen
+    # a uniform map keeps ceil(0.6 * 16) = 10 patches, the first in patch order: 5 on the object, 10 -> 5 / 10
+    assert top_mass_patches(torch.ones(1, 4, 4)).sum() == 10
+    assert jaccard_index(torch.ones(1, 4, 4), masks).tolist() == pytest.approx([0.5])
+    with pytest.raises(ValueError, match="mass"):
+        top_mass_patches(m, mass=0.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        jaccard_index(-m, masks)
+    with pytest.raises(ValueError, match="same B"):
+        jaccard_index(m, masks.expand(2, -1, -1))
 
 
 def test_patch_pixel_mapping():

@@ -157,6 +157,19 @@ def test_tensorboard_wandb_mlflow_and_csv_at_once(offline):
     captions = [r["attention/raw/captions"] for r in rows if "attention/raw/captions" in r]
     assert len(captions[0]) == 1 and captions[0][0].startswith("rows: #0 y0 p") and " | #1 y1 p" in captions[0][0]
 
+    # the interactive report at the end of fit: a W&B HTML panel, an MLflow artifact, a file beside TensorBoard's and
+    # the CSV logger's files; each the same page, with every pass and the alert
+    page = monitor.report_html()
+    assert [(r["trainer/global_step"], r["attention/report/_type"]) for r in rows if "attention/report/_type" in r] == [
+        (8, "html-file")
+    ]
+    (panel,) = (media / "html" / "attention").glob("report_*.html")
+    local = client.download_artifacts(run_id, "attention__report.html", str(tmp / "dl"))
+    for path in (panel, local, *(Path(lg.log_dir) / "attention" / "attention__report.html" for lg in loggers[::3])):
+        assert Path(path).read_text(encoding="utf-8") == page, path
+    assert '"step":8' in page and message[:40] in page
+    assert monitor._repr_html_().startswith("<iframe srcdoc=")  # a notebook shows the same page inline
+
 
 def test_custom_scalars_layout_one_chart_per_metric_and_method_one_line_per_layer(tmp_path):
     monitor = AttentionMonitor(

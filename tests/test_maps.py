@@ -161,6 +161,9 @@ def test_per_layer_extras_equal_the_recorded_attention(key):
         model(x)
     layout = token_layout(model, tuple(x.shape[-2:]))
     torch.testing.assert_close(maps.head_maps[2], head_query_rows(rec.attentions[2], layout))
+    kept = attention_maps(model, x, keep_head_matrices=[1], memory_budget=0)  # one head at a time, joined
+    torch.testing.assert_close(kept.head_matrices[1], rec.attentions[1], atol=1e-6, rtol=1e-5)
+    assert set(kept.head_matrices) == {1}
     # per-head rows average to the mean-fused raw map
     torch.testing.assert_close(maps.head_maps[2].mean(1), maps.raw[:, 2])
     expected = torch.stack(
@@ -216,7 +219,12 @@ def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
     n = token_layout(model, tuple(x.shape[-2:])).num_tokens
     two_heads = 2 * 4 * x.shape[0] * n * n * 2
     kw = dict(
-        head_fusion=head_fusion, discard_ratio=0.5, head_layers=(0, 2), attention_distance=True, keep_matrices=(1,)
+        head_fusion=head_fusion,
+        discard_ratio=0.5,
+        head_layers=(0, 2),
+        attention_distance=True,
+        keep_matrices=(1,),
+        keep_head_matrices=(2,),
     )
     score = lambda output: output.flatten(1).sum(-1)  # noqa: E731 (some tiny models have no class head)
     recorded = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout"), target=score, **kw)
@@ -227,6 +235,7 @@ def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
         for index in (0, 2):
             torch.testing.assert_close(got.head_maps[index], recorded.head_maps[index], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got.matrices[1], recorded.matrices[1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.head_matrices[2], recorded.head_matrices[2], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got.logits, recorded.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -245,6 +254,7 @@ def test_probes_split_into_cpu_batches_give_the_same_maps(key, monkeypatch):
         keep_matrices=(1,),
         attention_distance=True,
         target=labels,
+        keep_head_matrices=(1,),
     )
     whole = attention_maps(model, x, **kw)
     n = token_layout(model, tuple(x.shape[-2:])).num_tokens
@@ -269,6 +279,7 @@ def test_probes_split_into_cpu_batches_give_the_same_maps(key, monkeypatch):
     for index in (0, 2):
         torch.testing.assert_close(split.head_maps[index], whole.head_maps[index], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(split.matrices[1], whole.matrices[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(split.head_matrices[1], whole.head_matrices[1], atol=1e-6, rtol=1e-5)
     # a callable target scores each batch's own output: class 1's logit explains what class index 1 does
     by_callable = attention_maps(model, x, methods=("relevance",), target=lambda output: output[:, 1])
     by_index = attention_maps(model, x, methods=("relevance",), target=1)

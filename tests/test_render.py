@@ -5,6 +5,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from lightning_attn.render import (
+    COLOUR_BAR_HEIGHT,
     LABEL_SIZE,
     check_cmap,
     colorize,
@@ -17,6 +18,7 @@ from lightning_attn.render import (
     overlay,
     tile_shape,
     to_display,
+    with_colour_bar,
 )
 
 
@@ -100,7 +102,7 @@ def hot_patch_maps():
 def test_overlay_blends_heat_over_image(alpha):
     grey = 0.4
     images = torch.full((1, 3, 64, 64), grey)
-    tiles = overlay(images, hot_patch_maps(), tile_size=32, cmap="jet", alpha=alpha)
+    tiles = overlay(images, hot_patch_maps(), tile_size=32, cmap="jet", alpha=alpha, scale="per_map")
     assert tiles.shape == (1, 2, 3, 32, 32) and tiles.dtype == torch.float32
     torch.testing.assert_close(tiles[0, 0], torch.full((3, 32, 32), grey))
     # Patch (1, 2) covers rows 8..15, cols 16..23; bilinear upsampling peaks at its centre, (11..12, 19..20).
@@ -118,15 +120,17 @@ def test_overlay_image_column_is_the_image_at_tile_size():
     torch.testing.assert_close(tiles[:, 0], images)
 
 
-def test_overlay_normalises_each_tile():
+def test_overlay_per_map_normalises_each_tile():
     maps = torch.rand(2, 1, 4, 4)
     scaled = torch.cat([maps * 2.0**-12, maps * 2.0**10], dim=1)  # exact rescalings: identical after min-max
-    tiles = overlay(torch.rand(2, 3, 16, 16), scaled, tile_size=16)
+    tiles = overlay(torch.rand(2, 3, 16, 16), scaled, tile_size=16, scale="per_map")
     assert torch.equal(tiles[:, 1], tiles[:, 2])
 
 
-def test_overlay_constant_map_is_cold_not_nan():
-    tiles = overlay(torch.full((1, 3, 8, 8), 0.2), torch.full((1, 2, 2, 2), 0.25), tile_size=8, alpha=0.5)
+def test_overlay_per_map_constant_map_is_cold_not_nan():
+    tiles = overlay(
+        torch.full((1, 3, 8, 8), 0.2), torch.full((1, 2, 2, 2), 0.25), tile_size=8, alpha=0.5, scale="per_map"
+    )
     assert torch.isfinite(tiles).all()
     expected = torch.tensor(0.5 * mpl_rgb("jet", 0.0) + 0.5 * 0.2, dtype=torch.float32).view(3, 1, 1)
     torch.testing.assert_close(tiles[0, 1:], expected.expand(2, 3, 8, 8))
@@ -169,15 +173,15 @@ def test_overlay_bad_arguments(kwargs, match):
 
 def test_matrix_tiles_crisp_blocks_in_cmap_colours():
     matrix = torch.tensor([[0.0, 4.0], [2.0, 1.0]])
-    tiles = matrix_tiles(matrix.view(1, 1, 2, 2), tile_size=8, cmap="viridis")
+    tiles = matrix_tiles(matrix.view(1, 1, 2, 2), tile_size=8, cmap="viridis", scale="per_map")
     assert tiles.shape == (1, 1, 3, 8, 8)
     expected = np.kron(mpl_rgb("viridis", (matrix / 4).numpy()).transpose(2, 0, 1), np.ones((1, 4, 4)))
     np.testing.assert_allclose(tiles[0, 0].numpy(), expected, atol=1e-6)
 
 
-def test_matrix_tiles_normalise_each_matrix():
+def test_matrix_tiles_per_map_normalise_each_matrix():
     m = torch.rand(1, 1, 5, 5)
-    tiles = matrix_tiles(torch.cat([m, m * 2.0**8], dim=1), tile_size=12)
+    tiles = matrix_tiles(torch.cat([m, m * 2.0**8], dim=1), tile_size=12, scale="per_map")
     assert tiles.shape == (1, 2, 3, 12, 12)
     assert torch.equal(tiles[0, 0], tiles[0, 1])
 
@@ -281,8 +285,8 @@ def test_one_host_copy_per_grid(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
     tiles = overlay(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 4, 4), tile_size=32)
     assert calls == []
-    grid = make_grid(tiles, col_labels=["image", "L0", "L1", "L2"], row_labels=["0", "1"])
-    assert calls == [grid.shape]
+    make_grid(tiles, col_labels=["image", "L0", "L1", "L2"], row_labels=["0", "1"])
+    assert calls == [(2, 4, 32, 32, 3)]  # the tiles as uint8, once; the canvas is laid out on the host
 
 
 # --- to_display ---------------------------------------------------------------------------------------------------
@@ -327,9 +331,11 @@ def test_filmstrip_is_one_labelled_row_of_overlays(size, frames):
     labels = [f"step {120 * t}" for t in range(frames)]
     strip = filmstrip(image, maps, labels, tile_size=48, cmap="viridis", alpha=0.3)
     th, tw = tile_shape(*size, 48)
-    assert strip.dtype == np.uint8 and strip.shape == (*grid_shape(1, frames + 1, th, tw, has_col_labels=True), 3)
+    height, width = grid_shape(1, frames + 1, th, tw, has_col_labels=True)
+    assert strip.dtype == np.uint8 and strip.shape == (height + COLOUR_BAR_HEIGHT, width, 3)
     tiles = overlay(image[None], maps[None], tile_size=48, cmap="viridis", alpha=0.3)
-    np.testing.assert_array_equal(strip, make_grid(tiles, col_labels=["image", *labels]))
+    grid = make_grid(tiles, col_labels=["image", *labels])
+    np.testing.assert_array_equal(strip, with_colour_bar(grid, "viridis"))
 
 
 def test_filmstrip_bad_arguments():

@@ -112,9 +112,18 @@ def unsupported_message(model: nn.Module) -> str:
         layers = sorted({why for m in model.modules() for b in _loaded() for why in [b.unsupported_layer(m)] if why})
         reasons = [f"its attention layers are {', '.join(layers)}: not token self-attention"] if layers else []
     detail = f" ({'; '.join(reasons)})" if reasons else ""
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        # a ViT of one's own, as in Lightning's tutorials: recordable once its token layout is known
+        custom = (
+            " Its attention layers are `nn.MultiheadAttention`: a ViT of your own on them works with "
+            "`AttentionMonitor(layout=TokenLayout(num_prefix_tokens=1, grid_size=(gh, gw), query='cls'), mean=..., "
+            "std=...)` (see docs/options.md)."
+        )
+    else:
+        custom = " If your model wraps one, pass the wrapped ViT itself (e.g. `AttentionMonitor(module='backbone')`)."
     return (
-        f"{type(model).__name__} is not a supported Vision Transformer{detail}. Supported: {supported_models()}. "
-        "If your model wraps one, pass the wrapped ViT itself (e.g. `AttentionMonitor(module='backbone')`)."
+        f"{type(model).__name__} is not a supported Vision Transformer{detail}. Supported: {supported_models()}."
+        + custom
     )
 
 

@@ -257,6 +257,33 @@ class Backend(ABC):
         """How many classes the logits have, when known without a forward."""
         return None
 
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` of the transformer block holding each attention layer, in forward order:
+        the layer or its nearest ancestor that is an element of an ``nn.ModuleList`` or ``nn.Sequential``
+        (timm's ``blocks.3``, Hugging Face's ``vit.layers.3``, torchvision's ``encoder.layers.encoder_layer_3``), else
+        the layer itself. What :func:`~lightning_attn.sanity.sanity_check` randomises."""
+        modules = dict(self.model.named_modules())
+        found: list[tuple[str, nn.Module]] = []
+        for name, layer in self.attention_layers():
+            block = (name, layer)
+            parts = name.split(".")
+            for cut in range(len(parts), 0, -1):  # the layer itself, then its ancestors, nearest first
+                if isinstance(modules.get(".".join(parts[: cut - 1])), (nn.ModuleList, nn.Sequential)):
+                    block = (".".join(parts[:cut]), modules[".".join(parts[:cut])])
+                    break
+            if all(block[1] is not other for _, other in found):
+                found.append(block)
+        return found
+
+    def reinitialise(self, block: nn.Module) -> None:
+        """Draw ``block``'s parameters afresh from the global RNG, as when the model was built: by default each
+        submodule's own ``reset_parameters()`` (``nn.MultiheadAttention``'s ``_reset_parameters()``), i.e.
+        PyTorch's default initialisation. Parameters of modules with neither keep their values."""
+        for module in block.modules():
+            reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+
     def _check_query(self, query: str, has_cls: bool) -> None:
         from ..layout import QUERIES
 

@@ -221,7 +221,8 @@ class TimmBackend(Backend):
         self._check_query(query, has_cls)
         if query == "cls_dist" and not distilled:
             raise ValueError(
-                f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token"
+                f"`query='cls_dist'` needs a distilled model; {type(model).__name__} has no distillation token: "
+                "use query='auto' (the token its head reads) or 'cls'"
             )
         if query == "auto":
             if not has_cls or getattr(model, "global_pool", "token") != "token":
@@ -236,6 +237,14 @@ class TimmBackend(Backend):
                 "layout is not timm's [class][registers][patches]"
             )
         return TokenLayout(num_prefix, (int(grid[0]), int(grid[1])), query, (ph, pw), registers)
+
+    def reinitialise(self, block: nn.Module) -> None:
+        """timm's ViT initialisation (``init_weights_vit_timm``): linear weights from a normal of std 0.02
+        truncated at ±2, biases 0, layer scales back to their ``init_values``, norms reset to 1 and 0."""
+        from timm.models.vision_transformer import init_weights_vit_timm
+
+        for module in block.modules():
+            init_weights_vit_timm(module)
 
     def _num_registers(self) -> int:
         count = getattr(self.model, "num_reg_tokens", None)
@@ -264,6 +273,15 @@ class TimmBackend(Backend):
             raise ValueError(
                 f"images are {images.shape[-2]}x{images.shape[-1]} but {type(model).__name__} takes "
                 f"{img_size[0]}x{img_size[1]} inputs: resize them (or build the model with `dynamic_img_size=True`)"
+            )
+        patch = to_pair(getattr(patch_embed, "patch_size", 1))
+        padded = getattr(patch_embed, "dynamic_img_pad", False)
+        h, w = images.shape[-2:]
+        if not strict and not padded and (h % patch[0] or w % patch[1]):
+            fit_h, fit_w = max(h // patch[0], 1) * patch[0], max(w // patch[1], 1) * patch[1]
+            raise ValueError(
+                f"images are {h}x{w} but {type(model).__name__} cuts {patch[0]}x{patch[1]} patches: resize them to a "
+                f"multiple of the patch (e.g. {fit_h}x{fit_w}), or build the model with `dynamic_img_pad=True`"
             )
 
     def _data_config(self) -> dict[str, Any]:

@@ -156,7 +156,10 @@ class TorchvisionBackend(Backend):
     def layout(self, image_size: tuple[int, int], query: str = "auto") -> TokenLayout:
         self._check_query(query, True)
         if query == "cls_dist":
-            raise ValueError("`query='cls_dist'` needs a distillation token; torchvision's VisionTransformer has none")
+            raise ValueError(
+                "`query='cls_dist'` needs a distillation token; torchvision's VisionTransformer has none: use "
+                "query='auto' (the token its head reads) or 'cls'"
+            )
         p = self.model.patch_size
         # the head reads the class token (x[:, 0])
         return TokenLayout(1, (image_size[0] // p, image_size[1] // p), "cls" if query == "auto" else query, (p, p))

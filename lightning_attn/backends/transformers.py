@@ -274,7 +274,10 @@ class TransformersBackend(Backend):
         cls_tokens, dist_tokens, registers = self._prefix()
         self._check_query(query, bool(cls_tokens))
         if query == "cls_dist" and not dist_tokens:
-            raise ValueError(f"`query='cls_dist'` needs a distillation token; {type(self.model).__name__} has none")
+            raise ValueError(
+                f"`query='cls_dist'` needs a distillation token; {type(self.model).__name__} has none: use "
+                "query='auto' (the token its head reads) or 'cls'"
+            )
         if query == "auto":
             if not cls_tokens:
                 query = "mean"  # SigLIP pools every patch with an attention head

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .background import BackgroundWriter, in_background
-from .base import Animation, AttentionWriter, ChartLayout, check_image
+from .base import Animation, AttentionWriter, ChartLayout, WriteError, check_image
 from .files import PNGWriter, gif_bytes, save_gif
 from .mlflow import MLflowWriter
 from .select import WriterSet
@@ -31,6 +31,7 @@ __all__ = [
     "PNGWriter",
     "TensorBoardWriter",
     "WandbWriter",
+    "WriteError",
     "WriterSet",
     "check_image",
     "encode_image",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .base import Animation, AttentionWriter, ChartLayout
+from .base import Animation, AttentionWriter, ChartLayout, WriteError
 
 __all__ = ["BackgroundWriter", "in_background"]
 
@@ -30,9 +31,12 @@ class BackgroundWriter(AttentionWriter):
     The calls of a pass are collected and handed over at :meth:`flush` (the end of a pass); at most
     ``max_pending`` passes wait for the worker, after which :meth:`flush` blocks until one is written, so memory
     stays bounded however slow the destination. A call that fails does not stop the ones after it; its error is
-    raised on the caller's thread at the next :meth:`flush` or :meth:`drain`. :meth:`drain` waits until everything
-    handed over is written (the callback drains at the end of fit, before each checkpoint, on an exception and at
-    teardown, so nothing is lost); :meth:`close` drains and stops the thread.
+    raised on the caller's thread at the next :meth:`flush` or :meth:`drain` (any ``BaseException`` of the writer's,
+    ``SystemExit`` included: the worker goes on). :meth:`drain` waits until everything handed over is written (the
+    callback drains at the end of fit and before each checkpoint, so nothing is lost); :meth:`close` drains and
+    stops the thread. Both take a ``timeout``: past it they stop waiting, drop what is left and raise a
+    :class:`~lightning_attn.writers.WriteError` saying what was not written (the callback bounds its waits on an
+    exception and at teardown, so a hanging destination cannot keep a run from ending).
 
     Example::
 
@@ -55,72 +59,115 @@ class BackgroundWriter(AttentionWriter):
             raise ValueError(f"`max_pending` must be an int >= 1 (passes waiting to be written), got {max_pending!r}")
         self.writer = writer
         self.max_pending = max_pending
-        self._calls: list[tuple[str, Callable[[], Any]]] = []
+        self._calls: list[tuple[str, Callable[[], Any], int | None]] = []
         # created with the thread, so a writer that never wrote pickles (ddp_spawn sends callbacks to workers)
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        self._errors: list[tuple[str, BaseException]] = []
+        self._errors: list[tuple[str, int | None, BaseException]] = []
+        self._abandoned = False  # set when a bounded wait gave up: the worker drops what is left and stops
+        self._current: tuple[str, int | None] | None = None  # the call the worker is in, for the messages
 
     # ------------------------------------------------------------------ the caller's side
 
-    def _defer(self, method: str, *args: Any) -> None:
-        self._calls.append((method, functools.partial(getattr(self.writer, method), *args)))
+    def _defer(self, method: str, *args: Any, step: int | None = None) -> None:
+        self._calls.append((method, functools.partial(getattr(self.writer, method), *args), step))
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
-        self._defer("add_image", tag, image, step)
+        self._defer("add_image", tag, image, step, step=step)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._defer("add_scalar", tag, value, step)
+        self._defer("add_scalar", tag, value, step, step=step)
 
     def add_scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        self._defer("add_scalars", dict(metrics), step)  # a copy: the caller may go on changing its dict
+        self._defer("add_scalars", dict(metrics), step, step=step)  # a copy: the caller may go on changing its dict
 
     def add_grid(self, tag: str, image: np.ndarray, step: int, rows: Sequence[str]) -> None:
-        self._defer("add_grid", tag, image, step, list(rows))
+        self._defer("add_grid", tag, image, step, list(rows), step=step)
 
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
-        self._defer("add_animation", tag, frames, step, duration_ms)
+        self._defer("add_animation", tag, frames, step, duration_ms, step=step)
 
     def add_layout(self, layout: ChartLayout) -> None:
         self._defer("add_layout", layout)
 
     def add_text(self, tag: str, text: str, step: int) -> None:
-        self._defer("add_text", tag, text, step)
+        self._defer("add_text", tag, text, step, step=step)
 
-    def flush(self) -> None:
-        """Hand this pass's calls (and the writer's own flush) to the worker; raise an earlier pass's error."""
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        self._defer("add_html", tag, page, step, step=step)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Hand this pass's calls (and the writer's own flush) to the worker; raise an earlier pass's error.
+
+        Blocks while ``max_pending`` passes wait, ``timeout`` seconds at most (None: no limit)."""
         self._defer("flush")
         calls, self._calls = self._calls, []
         if self._thread is None or not self._thread.is_alive():
             self._queue = queue.Queue(maxsize=self.max_pending)
+            self._abandoned = False
             self._thread = threading.Thread(target=self._work, name="lightning-attn-writer", daemon=True)
             self._thread.start()
         assert self._queue is not None
-        self._queue.put(calls)  # blocks while `max_pending` passes wait
-        self._raise_errors()
-
-    def drain(self) -> None:
-        """Wait until every call handed over is written; raise the first error one met."""
-        if self._calls:
-            self.flush()
-        if self._queue is not None:
-            self._queue.join()
-        self._raise_errors()
-
-    def close(self) -> None:
-        """Drain, then stop the worker thread (a later :meth:`flush` starts a new one)."""
         try:
-            self.drain()
+            self._queue.put(calls, timeout=timeout)  # blocks while `max_pending` passes wait
+        except queue.Full:
+            raise self._gave_up(timeout, [calls]) from None
+        self._raise_errors()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every call handed over is written, ``timeout`` seconds at most (None: no limit); raise the
+        first error one met, or a :class:`~lightning_attn.writers.WriteError` naming what was not written."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._calls:
+            self.flush(timeout)
+        work_queue = self._queue
+        if work_queue is not None:
+            with work_queue.all_tasks_done:  # Queue.join, with a time limit
+                while work_queue.unfinished_tasks:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise self._gave_up(timeout, list(work_queue.queue))
+                    work_queue.all_tasks_done.wait(left)
+        self._raise_errors()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain (``timeout`` seconds at most), then stop the worker thread (a later :meth:`flush` starts a new
+        one). A thread stuck inside a call of the writer cannot be stopped: it ends when that call returns."""
+        try:
+            self.drain(timeout)
         finally:
-            if self._thread is not None and self._queue is not None:
-                self._queue.put(_STOP)
-                self._thread.join()
+            thread, work_queue = self._thread, self._queue
             self._thread = self._queue = None
+            if thread is not None and work_queue is not None:
+                self._abandoned = True  # anything still queued is dropped, not written after close
+                try:
+                    work_queue.put_nowait(_STOP)
+                except queue.Full:  # a stuck worker: it sees `_abandoned` once its call returns
+                    pass
+                thread.join(timeout)
+
+    def _gave_up(self, timeout: float | None, waiting: list[Any]) -> WriteError:
+        """Stop waiting: drop what is queued, and say what was not written."""
+        self._abandoned = True
+        name, current = type(self.writer).__name__, self._current
+        passes = [calls for calls in waiting if calls is not _STOP]
+        steps = {s for calls in passes for _, _, s in calls if s is not None}
+        if current is not None and current[1] is not None:
+            steps.add(current[1])
+        where = f" (still in {name}.{current[0]})" if current is not None else ""
+        return WriteError(
+            f"{name} did not finish writing within {timeout:g} s{where}: the passes at steps {sorted(steps)} are "
+            "not (completely) written",
+            step=min(steps, default=None),
+        )
 
     def _raise_errors(self) -> None:
         if self._errors:
-            (method, err), self._errors = self._errors[0], []
-            raise RuntimeError(f"{type(self.writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
+            (method, step, err), self._errors = self._errors[0], []
+            at = "" if step is None else f" (step {step})"
+            raise WriteError(
+                f"{type(self.writer).__name__}.{method} failed: {type(err).__name__}: {err}{at}", step=step
+            ) from err
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -130,13 +177,18 @@ class BackgroundWriter(AttentionWriter):
         while True:
             calls = work_queue.get()
             try:
-                if calls is _STOP:
+                if calls is _STOP or self._abandoned:
                     return
-                for method, call in calls:
+                for method, call, step in calls:
+                    if self._abandoned:
+                        break
+                    self._current = (method, step)
                     try:
                         call()
-                    except Exception as err:  # noqa: BLE001 - raised on the caller's thread at its next flush
-                        self._errors.append((method, err))
+                    except BaseException as err:  # noqa: BLE001 - SystemExit too: raised on the caller's thread at its next flush
+                        self._errors.append((method, step, err))
+                    finally:
+                        self._current = None
             finally:
                 work_queue.task_done()
 

@@ -10,7 +10,15 @@ import numpy as np
 
 from ..animation import GifStream
 
-__all__ = ["Animation", "AttentionWriter", "ChartLayout", "LoggerWriter", "animation_size", "check_image"]
+__all__ = [
+    "Animation",
+    "AttentionWriter",
+    "ChartLayout",
+    "LoggerWriter",
+    "WriteError",
+    "animation_size",
+    "check_image",
+]
 
 #: What :meth:`AttentionWriter.add_animation` takes: the frames, or a :class:`~lightning_attn.animation.GifStream`
 #: that already holds them encoded (the callback's, built pass by pass).
@@ -60,6 +68,15 @@ def check_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
     return frames
 
 
+class WriteError(RuntimeError):
+    """A writer could not store records: its call failed, or a bounded wait for it ran out. ``step`` is the pass
+    the records belonged to (None when unknown), which may be an earlier pass than the one running now."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class AttentionWriter(ABC):
     """Destination for the callback's images and scalars.
 
@@ -100,6 +117,10 @@ class AttentionWriter(ABC):
 
     def add_text(self, tag: str, text: str, step: int) -> None:
         """Record a message (an alert) under ``tag`` at ``step``; by default nothing (no place for text)."""
+
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """Record a self-contained HTML page (the interactive report, at the end of fit) under ``tag``; by
+        default nothing (no place for it)."""
 
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""

@@ -102,6 +102,11 @@ class PNGWriter(LoggerWriter):
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         save_gif(frames, self.animation_path(tag), duration_ms)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """Written to ``directory/<tag>.html``."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"{file_name(tag)}.html").write_text(page, encoding="utf-8")
+
     def flush(self) -> None:
         save = getattr(self.logger, "save", None)
         if callable(save):

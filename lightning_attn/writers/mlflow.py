@@ -61,6 +61,10 @@ class MLflowWriter(LoggerWriter):
         artifact = f"alerts/{file_name(tag)}_step{step:07d}.txt"
         self.logger.experiment.log_text(self.logger.run_id, text, artifact_file=artifact)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """An artifact ``<tag with / as __>.html`` (``MlflowClient.log_text``): MLflow's artifact view shows it."""
+        self.logger.experiment.log_text(self.logger.run_id, page, artifact_file=f"{file_name(tag)}.html")
+
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_gif(frames, Path(tmp) / f"{file_name(tag)}.gif", duration_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -9,7 +10,8 @@ from typing import Any, Protocol
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .base import Animation, AttentionWriter, ChartLayout
+from .background import BackgroundWriter
+from .base import Animation, AttentionWriter, ChartLayout, WriteError
 from .files import PNGWriter
 
 __all__ = ["WriterSet", "writers_for"]
@@ -70,22 +72,40 @@ class WriterSet(AttentionWriter):
     def add_text(self, tag: str, text: str, step: int) -> None:
         self._each("add_text", tag, text, step)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        self._each("add_html", tag, page, step)
+
     def flush(self) -> None:
         self._each("flush")
         self._raise_errors()
 
-    def drain(self) -> None:
-        self._each("drain")
-        self._raise_errors()
+    def drain(self, timeout: float | None = None) -> None:
+        """Drain every writer; writers on a thread wait ``timeout`` seconds at most in all (None: no limit)."""
+        self._bounded("drain", timeout)
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self, timeout: float | None = None) -> None:
+        """Close every writer; writers on a thread wait ``timeout`` seconds at most in all (None: no limit)."""
+        self._bounded("close", timeout)
+
+    def _bounded(self, method: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for writer in self.writers:
+            try:
+                if isinstance(writer, (BackgroundWriter, WriterSet)):  # the only waits: on a writer thread
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    getattr(writer, method)(timeout=left)
+                else:
+                    getattr(writer, method)()
+            except Exception as err:  # noqa: BLE001 - raised below, after the others had their turn
+                self._errors.append((writer, method, err))
         self._raise_errors()
 
     def _raise_errors(self) -> None:
         if self._errors:
             (writer, method, err), self._errors = self._errors[0], []
-            raise RuntimeError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
+            if isinstance(err, WriteError):  # already says which writer and which pass
+                raise err
+            raise WriteError(f"{type(writer).__name__}.{method} failed: {type(err).__name__}: {err}") from err
 
 
 def writers_for(loggers: Sequence[Any], directory: str | Path, registry: Sequence[_LoggerWriter] = ()) -> WriterSet:

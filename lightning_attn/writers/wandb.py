@@ -65,6 +65,12 @@ class WandbWriter(LoggerWriter):
         if callable(log_text):
             log_text(key=tag, columns=["step", "text"], data=[[step, text]], step=step)
 
+    def add_html(self, tag: str, page: str, step: int) -> None:
+        """An HTML panel: ``wandb.Html(page)`` through the logger's ``log_metrics`` (as its ``log_image`` does)."""
+        import wandb
+
+        self.logger.log_metrics({tag: wandb.Html(page, inject=False)}, step=step)
+
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
         path = save_gif(frames, self.directory / f"{file_name(tag)}.gif", duration_ms)
         self.logger.log_video(key=tag, videos=[str(path)], step=step, format=["gif"])
