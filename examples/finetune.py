@@ -107,8 +107,14 @@ def fit(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, train, val)
     accuracy = float(trainer.callback_metrics.get("val/acc", float("nan")))
+    # how far the run was from the uniform rule: it needs every layer (raw and rollout) near uniform
+    last = monitor.runner.scalar_history[-1][1] if monitor.runner and monitor.runner.scalar_history else {}
+    entropies = [
+        v for tag, v in last.items() if tag.startswith(("attention_entropy/raw/", "attention_entropy/rollout/"))
+    ]
+    lowest = f", most selective layer's entropy {min(entropies):.3f}" if entropies else ""
     print(
-        f"{name}: {trainer.global_step} steps, validation accuracy {accuracy:.3f}, "
+        f"{name}: {trainer.global_step} steps, validation accuracy {accuracy:.3f}{lowest}, "
         f"{len(monitor.alerts)} alert(s){':' if monitor.alerts else ''}"
     )
     for alert in monitor.alerts:

@@ -7,20 +7,25 @@ A pure core with no Lightning in it. Each rule is a small object that reads the 
 condition clears). :class:`AlertThresholds` holds every threshold and patience, checked once.
 
 No rule can fire on the first pass alone: a fresh model's attention is near uniform by construction, so every
-rule reads the passes after it (the first pass is only a reference).
+rule reads the passes after it (the first pass is only a reference). Rules reason about the state of training,
+not the count of passes: a condition must hold at every pass over ``patience`` optimiser steps (from the first
+pass where it held to the last), so validating more often does not make a rule fire sooner. The thresholds are
+calibrated on a corpus of healthy and broken runs (``benchmarks/calibrate_alerts.py``).
 
 Example::
 
-    >>> book = AlertBook(rules_for(AlertThresholds(collapse_patience=2)))
+    >>> book = AlertBook(rules_for(AlertThresholds(collapse_patience=8)))
     >>> pass_ = lambda step, h: (step, {"attention_entropy/raw/layer_00": 0.9, "attention_entropy/raw/layer_01": h,
     ...                                  "attention_entropy_median/raw": h})
-    >>> history = [pass_(0, 0.99), pass_(4, 0.01)]
-    >>> book.update(history)                     # one collapsed pass: not yet (patience 2)
+    >>> history = [pass_(0, 0.99), pass_(4, 0.01), pass_(8, 0.01)]
+    >>> book.update(history)                     # collapsed for 4 steps: not yet (patience 8 steps)
     []
-    >>> [(a.rule, a.step, a.layers) for a in book.update(history + [pass_(8, 0.01)])]
-    [('collapse', 8, (1,))]
-    >>> book.update(history + [pass_(8, 0.01), pass_(12, 0.02)])   # the same episode: said once
+    >>> [(a.rule, a.step, a.layers) for a in book.update(history + [pass_(12, 0.01)])]
+    [('collapse', 12, (1,))]
+    >>> book.update(history + [pass_(12, 0.01), pass_(16, 0.02)])   # the same episode: said once
     []
+    >>> sorted(book.markers([]))                 # marker curves: only the rules that can fire in this run
+    ['attention_alerts/collapse', 'attention_alerts/uniform']
 """
 
 from __future__ import annotations
@@ -77,9 +82,11 @@ def check_alerts_mode(alerts: Any) -> bool | str:
 
 @dataclass(frozen=True)
 class AlertThresholds:
-    """Every threshold and patience of the rules (patience: consecutive passes after the baseline the condition
-    must hold before the alert fires). Checked on construction; pass the ones to change as a dict,
-    ``AttentionMonitor(alert_thresholds={"collapse_entropy": 0.1})``.
+    """Every threshold and patience of the rules. A patience is in optimiser steps: the condition must hold at
+    every pass from one at least that many steps back to the last (so at two passes or more; 0: one pass after
+    the baseline is enough), however often the passes come. Checked on construction; pass the ones to change as a
+    dict, ``AttentionMonitor(alert_thresholds={"collapse_entropy": 0.1})``. The defaults are calibrated on the
+    runs of ``benchmarks/calibrate_alerts.py`` (no alert on its healthy runs, every fault caught).
 
     Example::
 
@@ -89,33 +96,39 @@ class AlertThresholds:
         Traceback (most recent call last):
         ...
         ValueError: `alert_thresholds` has unknown keys ['colapse_entropy']; valid keys: artifact_growth, \
-artifact_patience, artifact_share, chance_margin, chance_patience, collapse_entropy, collapse_patience, \
-overwrite_min_drift, overwrite_patience, overwrite_ratio, pointing_drop, pointing_patience, uniform_entropy, \
-uniform_patience
+artifact_patience, artifact_share, chance_margin, chance_min_drop, chance_patience, collapse_entropy, \
+collapse_patience, overwrite_min_drift, overwrite_patience, overwrite_ratio, pointing_drop, pointing_patience, \
+uniform_change, uniform_entropy, uniform_patience
     """
 
-    #: collapse: the final layer's normalised entropy, median over probes, at most this
+    #: collapse: a layer's mean normalised entropy, or the final layer's median over probes, at most this
     collapse_entropy: float = 0.05
-    collapse_patience: int = 2
-    #: never learned where to look: every late layer's mean normalised entropy at least this
+    collapse_patience: int = 20
+    #: never learned where to look: every layer's mean normalised entropy, raw and rollout, at least this ...
     uniform_entropy: float = 0.98
-    uniform_patience: int = 3
+    uniform_patience: int = 100
     #: pretrained features overwritten: early-layer drift >= this x late-layer drift ...
     overwrite_ratio: float = 1.0
     #: ... and at least this many bits (below it both are noise)
     overwrite_min_drift: float = 0.05
-    overwrite_patience: int = 2
+    overwrite_patience: int = 20
     #: artifact tokens: a middle/late layer's artifact share at least this ...
-    artifact_share: float = 0.3
+    artifact_share: float = 0.6
     #: ... and this much above the same layer's share at the first pass
     artifact_growth: float = 0.1
-    artifact_patience: int = 2
+    artifact_patience: int = 50
     #: map leaves the object: the pointing game below (1 - this) x its best value so far
     pointing_drop: float = 0.5
-    pointing_patience: int = 2
-    #: map no better than chance: deletion AUC (most important first) above the random map's minus this
+    pointing_patience: int = 50
+    #: map no better than chance: deletion AUC (most important first) above the random map's minus this ...
     chance_margin: float = 0.02
-    chance_patience: int = 3
+    chance_patience: int = 100
+    #: ... (uniform) while the most selective layer's entropy did not fall by this much over the last patience steps:
+    #: attention still forming is not "never learned"
+    uniform_change: float = 0.002
+    #: ... (chance) while deleting every patch lowers the target score by at least this: a model whose score does
+    #: not depend on the image (not learned yet) cannot tell a good map from a random one
+    chance_min_drop: float = 0.2
 
     _BOUNDS: ClassVar[dict[str, tuple[float, float, str]]] = {
         # name: (low, high, what the interval means); "(" open, "[" closed
@@ -127,14 +140,18 @@ uniform_patience
         "artifact_growth": (0.0, 1.0, "[)"),
         "pointing_drop": (0.0, 1.0, "()"),
         "chance_margin": (0.0, 1.0, "[)"),
+        "uniform_change": (0.0, 1.0, "[)"),
+        "chance_min_drop": (0.0, 1.0, "[]"),
     }
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_patience"):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"`alert_thresholds['{f.name}']` must be an int >= 1 (passes), got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(
+                        f"`alert_thresholds['{f.name}']` must be an int >= 0 (optimiser steps), got {value!r}"
+                    )
                 continue
             low, high, closed = self._BOUNDS[f.name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -247,6 +264,13 @@ def _streak(flags: Sequence[bool]) -> int:
     return count
 
 
+def _lasted(history: History, flags: Sequence[bool], patience: int) -> bool:
+    """Whether ``flags`` (one per pass after the baseline) hold at every pass from one at least ``patience``
+    optimiser steps before the last pass to the last: the streak's duration in steps, not in passes."""
+    count = _streak(flags)
+    return count > 0 and history[-1][0] - history[len(history) - count][0] >= patience
+
+
 def _value(metrics: Mapping[str, float], tag: str) -> float | None:
     value = metrics.get(tag)
     return None if value is None or not math.isfinite(value) else float(value)
@@ -276,6 +300,11 @@ class Rule:
         """A finding at the last pass of ``history`` (whose first entry is the baseline), or None."""
         raise NotImplementedError
 
+    def applies(self, history: History) -> bool:
+        """Whether the rule can fire in this run's configuration: the curves it reads are logged (``chance``
+        needs faithfulness, ``pointing`` masks), and for ``overwrite`` the first pass shows learned attention."""
+        raise NotImplementedError
+
     def probes(self, maps: Any, finding: Finding) -> tuple[int, ...]:
         """The probes showing the finding, from the pass's :class:`~lightning_attn.maps.AttentionMaps`; empty
         when the rule reads means over probes only."""
@@ -284,11 +313,12 @@ class Rule:
 
 @dataclass(frozen=True)
 class CollapseRule(Rule):
-    """The final layer's normalised entropy, median over probes (so: on at least half of them), at most
-    ``entropy`` for ``patience`` passes: all attention on one token. Reads ``<prefix>_entropy_median/<method>``."""
+    """A layer's normalised entropy, mean over probes, or the final layer's median over probes (so: on at least half
+    of them), at most ``entropy`` over ``patience`` optimiser steps: all attention on one token. Reads
+    ``<prefix>_entropy/<method>/layer_XX`` and ``<prefix>_entropy_median/<method>``."""
 
     entropy: float = 0.05
-    patience: int = 2
+    patience: int = 20
     name: ClassVar[str] = "collapse"
     title: ClassVar[str] = "attention collapsed onto one token"
     advice: ClassVar[str] = (
@@ -296,71 +326,114 @@ class CollapseRule(Rule):
         "look at the grids: if the token is always the same background patch, see the artifact rule"
     )
 
+    def applies(self, history: History) -> bool:
+        return bool(history) and any(f"{self.prefix}_entropy_median/{m}" in history[-1][1] for m in METHODS)
+
+    def _collapsed(self, metrics: Mapping[str, float], method: str) -> list[int]:
+        """The collapsed layers of one pass (the final one when its median is)."""
+        chart = f"{self.prefix}_entropy/{method}"
+        layers = _layers_of(metrics, chart)
+        out = [l for l in layers if (v := _value(metrics, f"{chart}/layer_{l:02d}")) is not None and v <= self.entropy]
+        median = _value(metrics, f"{self.prefix}_entropy_median/{method}")
+        if layers and median is not None and median <= self.entropy and layers[-1] not in out:
+            out.append(layers[-1])
+        return out
+
     def check(self, history: History) -> Finding | None:
         if len(history) < 2:
             return None
-        chart = f"{self.prefix}_entropy_median"
-        methods = [m for m in METHODS if f"{chart}/{m}" in history[-1][1]]
+        methods = [m for m in METHODS if f"{self.prefix}_entropy_median/{m}" in history[-1][1]]
         collapsed = []
         for method in methods:
-            flags = [(v := _value(h, f"{chart}/{method}")) is not None and v <= self.entropy for _, h in history[1:]]
-            if _streak(flags) >= self.patience:
+            flags = [bool(self._collapsed(h, method)) for _, h in history[1:]]
+            if _lasted(history, flags, self.patience):
                 collapsed.append(method)
         if not collapsed:
             return None
         last = history[-1][1]
-        layers = _layers_of(last, f"{self.prefix}_entropy/{collapsed[0]}")
-        values = ", ".join(f"{m} {last[f'{chart}/{m}']:.3f}" for m in collapsed)
+        layers = self._collapsed(last, collapsed[0])
+        chart = f"{self.prefix}_entropy/{collapsed[0]}"
+        values = ", ".join(f"layer {l} {last.get(f'{chart}/layer_{l:02d}', math.nan):.3f}" for l in layers)
+        median = f"{self.prefix}_entropy_median/{collapsed[0]}"
         return Finding(
-            layers=tuple(layers[-1:]),
-            curve=f"{chart}/{collapsed[0]}",
+            layers=tuple(layers),
+            curve=median if layers == _layers_of(last, chart)[-1:] else chart,
             methods=tuple(collapsed),
-            detail=f"the final layer's normalised entropy (median over probes) is {values} (<= {self.entropy:g}) "
-            f"for {self.patience}+ passes",
+            detail=f"the normalised entropy is {values} (mean over probes; the final layer's median over probes "
+            f"{last.get(median, math.nan):.3f}), <= {self.entropy:g}, over {self.patience}+ steps",
         )
 
     def probes(self, maps: Any, finding: Finding) -> tuple[int, ...]:
         from .metrics import normalized_entropy
 
-        entropy = normalized_entropy(maps[finding.methods[0]][:, -1])
+        entropy = normalized_entropy(maps[finding.methods[0]][:, list(finding.layers)]).min(-1).values
         return tuple((entropy <= self.entropy).nonzero().flatten().tolist())
 
 
 @dataclass(frozen=True)
 class UniformRule(Rule):
-    """Every late layer (last third) near uniform, normalised entropy at least ``entropy``, for ``patience``
-    passes after the baseline: the model never learned where to look. Reads ``<prefix>_entropy/<method>``."""
+    """Attention that never formed: every layer near uniform (normalised entropy at least ``entropy``, mean over
+    probes), in the raw maps and in the rollout when logged, at every pass over ``patience`` optimiser steps, and
+    not forming: the most selective layer's entropy fell by less than ``change`` over the last ``patience``
+    steps. A network that attends selectively in some layer, or in its rollout, has learned where to look, even if
+    its late layers average (they can pass on what an early layer gathered). Reads
+    ``<prefix>_entropy/{raw,rollout}``."""
 
     entropy: float = 0.98
-    patience: int = 3
+    patience: int = 100
+    change: float = 0.002
     name: ClassVar[str] = "uniform"
-    title: ClassVar[str] = "the late layers never learned where to look (attention stays uniform)"
+    title: ClassVar[str] = "no layer learned where to look (attention stays uniform and is not forming)"
     advice: ClassVar[str] = (
         "check that the attention receives gradient (frozen or zeroed q/k weights, a too-small learning rate for "
         "the blocks, a head that reads only the patch mean), train longer, or start from pretrained weights"
     )
 
+    def _methods(self, history: History) -> list[str]:
+        last = history[-1][1] if history else {}
+        return [m for m in ("raw", "rollout") if f"{self.prefix}_entropy/{m}/layer_00" in last] or (
+            [m] if (m := _method(history, f"{self.prefix}_entropy")) else []
+        )
+
+    def applies(self, history: History) -> bool:
+        return bool(self._methods(history))
+
+    def _lowest(self, metrics: Mapping[str, float], methods: Sequence[str]) -> float | None:
+        """The lowest layer entropy of one pass over ``methods`` (None when one is missing)."""
+        values = [
+            _value(metrics, f"{self.prefix}_entropy/{m}/layer_{l:02d}")
+            for m in methods
+            for l in _layers_of(metrics, f"{self.prefix}_entropy/{m}")
+        ]
+        return None if not values or any(v is None for v in values) else min(values)  # type: ignore[type-var]
+
     def check(self, history: History) -> Finding | None:
-        method = _method(history, f"{self.prefix}_entropy") if history else None
-        if method is None or len(history) < 2:
+        methods = self._methods(history)
+        if not methods or len(history) < 2:
             return None
-        chart = f"{self.prefix}_entropy/{method}"
-        _, late = _early_late(_layers_of(history[-1][1], chart))
-
-        def uniform(metrics: Mapping[str, float]) -> bool:
-            values = [_value(metrics, f"{chart}/layer_{layer:02d}") for layer in late]
-            return all(v is not None and v >= self.entropy for v in values)
-
-        if _streak([uniform(h) for _, h in history[1:]]) < self.patience:
+        lowest = [self._lowest(h, methods) for _, h in history[1:]]
+        flags = [v is not None and v >= self.entropy for v in lowest]
+        if not _lasted(history, flags, self.patience):
             return None
-        last = history[-1][1]
-        values = ", ".join(f"{last[f'{chart}/layer_{layer:02d}']:.3f}" for layer in late)
+        # the pass `patience` steps back (the streak covers it): how much attention formed since
+        back = max(i for i, (step, _) in enumerate(history[1:]) if step <= history[-1][0] - self.patience)
+        first, now = lowest[back], lowest[-1]
+        assert first is not None and now is not None  # flagged
+        if first - now >= self.change:
+            return None  # attention is forming: not "never learned"
+        layers = _layers_of(history[-1][1], f"{self.prefix}_entropy/{methods[0]}")
         return Finding(
-            layers=tuple(late),
-            curve=chart,
-            methods=(method,),
-            detail=f"late layers {_fmt(late)} have normalised entropy {values} (>= {self.entropy:g}) "
-            f"for the {self.patience}+ passes since the baseline",
+            layers=tuple(layers),
+            curve=f"{self.prefix}_entropy/{methods[0]}",
+            methods=tuple(methods),
+            detail=f"every layer's normalised entropy ({' and '.join(methods)}) is >= {self.entropy:g} (lowest "
+            f"{now:.4f})"
+            + (
+                f" at every pass over {self.patience}+ steps, and fell by {max(first - now, 0.0):.4f} "
+                f"(< {self.change:g}) over the last {self.patience} steps"
+                if self.patience
+                else ""
+            ),
         )
 
     def probes(self, maps: Any, finding: Finding) -> tuple[int, ...]:
@@ -379,7 +452,7 @@ class OverwriteRule(Rule):
 
     ratio: float = 1.0
     min_drift: float = 0.05
-    patience: int = 2
+    patience: int = 20
     uniform_entropy: float = 0.98
     name: ClassVar[str] = "overwrite"
     title: ClassVar[str] = "pretrained features are being overwritten (early layers drift as much as late ones)"
@@ -397,14 +470,19 @@ class OverwriteRule(Rule):
         values = [_value(baseline, f"{chart}/layer_{layer:02d}") for layer in late]
         return all(v is not None for v in values) and sum(values) / len(values) < self.uniform_entropy  # type: ignore[arg-type]
 
-    def check(self, history: History) -> Finding | None:
+    def applies(self, history: History) -> bool:
         method = _method(history, f"{self.prefix}_drift_baseline") if history else None
-        if method is None or len(history) < 2 or not self._pretrained(history[0][1], method):
+        if method is None or not self._pretrained(history[0][1], method):
+            return False  # from scratch: every layer moves, nothing pretrained to lose
+        early, late = _early_late(_layers_of(history[-1][1], f"{self.prefix}_drift_baseline/{method}"))
+        return not set(early) & set(late)  # a one-layer model has no early and late
+
+    def check(self, history: History) -> Finding | None:
+        if len(history) < 2 or not self.applies(history):
             return None
+        method = _method(history, f"{self.prefix}_drift_baseline")
         chart = f"{self.prefix}_drift_baseline/{method}"
         early, late = _early_late(_layers_of(history[-1][1], chart))
-        if set(early) & set(late):  # a one-layer model has no early and late
-            return None
 
         def drifts(metrics: Mapping[str, float]) -> tuple[float, float] | None:
             e = [_value(metrics, f"{chart}/layer_{layer:02d}") for layer in early]
@@ -417,15 +495,15 @@ class OverwriteRule(Rule):
             d = drifts(metrics)
             return d is not None and d[0] >= self.min_drift and d[0] >= self.ratio * d[1]
 
-        if _streak([overwritten(h) for _, h in history[1:]]) < self.patience:
+        if not _lasted(history, [overwritten(h) for _, h in history[1:]], self.patience):
             return None
         e, l_ = drifts(history[-1][1])  # type: ignore[misc]
         return Finding(
             layers=tuple(early),
             curve=chart,
-            methods=(method,),
+            methods=(method,),  # type: ignore[arg-type]  # found by applies()
             detail=f"early layers {_fmt(early)} drifted {e:.3f} bits from the baseline, late layers {_fmt(late)} "
-            f"{l_:.3f} (early >= {self.ratio:g} x late and >= {self.min_drift:g}) for {self.patience}+ passes",
+            f"{l_:.3f} (early >= {self.ratio:g} x late and >= {self.min_drift:g}) over {self.patience}+ steps",
         )
 
 
@@ -437,9 +515,9 @@ class ArtifactRule(Rule):
     tokens sit on background: on a small grid the object's own patches are outsized too), else
     ``<prefix>_artifacts/share``."""
 
-    share: float = 0.3
+    share: float = 0.6
     growth: float = 0.1
-    patience: int = 2
+    patience: int = 50
     name: ClassVar[str] = "artifacts"
     title: ClassVar[str] = "a few patches take a growing share of attention (artifact tokens)"
     advice: ClassVar[str] = (
@@ -447,12 +525,17 @@ class ArtifactRule(Rule):
         "with registers (timm `*_reg4_*`, DINOv2 with registers), or accept them and read rollout/relevance maps"
     )
 
-    def check(self, history: History) -> Finding | None:
-        if len(history) < 2:
-            return None
+    def _chart(self, history: History) -> str:
         chart = f"{self.prefix}_artifacts/background_share"
-        if f"{chart}/layer_00" not in history[-1][1]:
-            chart = f"{self.prefix}_artifacts/share"
+        return chart if f"{chart}/layer_00" in history[-1][1] else f"{self.prefix}_artifacts/share"
+
+    def applies(self, history: History) -> bool:
+        return bool(history) and bool(_layers_of(history[-1][1], self._chart(history)))
+
+    def check(self, history: History) -> Finding | None:
+        if len(history) < 2 or not self.applies(history):
+            return None
+        chart = self._chart(history)
         layers = _layers_of(history[-1][1], chart)
         early, _ = _early_late(layers)
         watched = [layer for layer in layers if layer not in early] or layers
@@ -467,7 +550,7 @@ class ArtifactRule(Rule):
                     out.append(layer)
             return out
 
-        if _streak([bool(hot(h)) for _, h in history[1:]]) < self.patience:
+        if not _lasted(history, [bool(hot(h)) for _, h in history[1:]], self.patience):
             return None
         last = history[-1][1]
         found = hot(last)
@@ -476,7 +559,7 @@ class ArtifactRule(Rule):
             layers=tuple(found),
             curve=chart,
             detail=f"artifact tokens take {values} of the attention (>= {self.share:g}, and >= {self.growth:g} "
-            f"more than at the first pass) for {self.patience}+ passes",
+            f"more than at the first pass) over {self.patience}+ steps",
         )
 
 
@@ -488,13 +571,16 @@ class PointingRule(Rule):
     healthy runs (rollout and the class-targeted maps show what the whole stack uses)."""
 
     drop: float = 0.5
-    patience: int = 2
+    patience: int = 50
     name: ClassVar[str] = "pointing"
     title: ClassVar[str] = "the map left the object (pointing game well below its best)"
     advice: ClassVar[str] = (
         "check the grids and the filmstrip: a shortcut in the data (background, a watermark) or overfitting; "
         "compare with the validation loss, consider augmentation or an earlier checkpoint"
     )
+
+    def applies(self, history: History) -> bool:
+        return bool(history) and any(f"{self.prefix}_pointing_game/{m}" in history[-1][1] for m in METHODS)
 
     def check(self, history: History) -> Finding | None:
         chart = f"{self.prefix}_pointing_game"
@@ -509,7 +595,7 @@ class PointingRule(Rule):
             for v in values[1:]:
                 flags.append(v is not None and best is not None and v < (1 - self.drop) * best)
                 best = v if best is None or (v is not None and v > best) else best
-            if _streak(flags) >= self.patience:
+            if _lasted(history, flags, self.patience):
                 fallen.append(method)
                 numbers.append(f"{method} {values[-1]:.3f} (best {max(v for v in values if v is not None):.3f})")
         if not fallen:
@@ -520,18 +606,22 @@ class PointingRule(Rule):
             curve=f"{chart}/{fallen[0]}",
             methods=tuple(fallen),
             detail=f"the share of the final map inside the object masks is {', '.join(numbers)}, below "
-            f"{1 - self.drop:g} x the best, for {self.patience}+ passes",
+            f"{1 - self.drop:g} x the best, over {self.patience}+ steps",
         )
 
 
 @dataclass(frozen=True)
 class ChanceRule(Rule):
     """(With faithfulness.) A method's deletion AUC, most important patches first, is not below the random
-    map's by at least ``margin``, for ``patience`` passes after the baseline: the map is no better than chance at
-    finding what the model uses. Reads ``<prefix>_faithfulness/most_first_auc``."""
+    map's by at least ``margin``, while deleting every patch lowers the target score by at least ``min_drop``,
+    at every pass over ``patience`` optimiser steps: the map is no better than chance at finding what the model
+    uses. (A model whose score hardly depends on the image, one that has not learned yet, cannot tell a good map
+    from a random one: no verdict then.) Reads ``<prefix>_faithfulness/most_first_auc`` and
+    ``<prefix>_faithfulness/score_drop/mean``."""
 
     margin: float = 0.02
-    patience: int = 3
+    patience: int = 100
+    min_drop: float = 0.2
     name: ClassVar[str] = "chance"
     title: ClassVar[str] = "the map is no better than chance (deletion AUC not below a random map's)"
     advice: ClassVar[str] = (
@@ -539,10 +629,14 @@ class ChanceRule(Rule):
         "`grad_rollout`), and check that the model has learned the task (validation accuracy)"
     )
 
+    def applies(self, history: History) -> bool:
+        return bool(history) and f"{self.prefix}_faithfulness/most_first_auc/random" in history[-1][1]
+
     def check(self, history: History) -> Finding | None:
         chart = f"{self.prefix}_faithfulness/most_first_auc"
-        if len(history) < 2 or f"{chart}/random" not in history[-1][1]:
+        if len(history) < 2 or not self.applies(history):
             return None
+        drop = f"{self.prefix}_faithfulness/score_drop/mean"
         bad, numbers = [], []
         for method in METHODS:
             tag = f"{chart}/{method}"
@@ -550,9 +644,10 @@ class ChanceRule(Rule):
                 continue
             flags = []
             for _, h in history[1:]:
-                v, r = _value(h, tag), _value(h, f"{chart}/random")
-                flags.append(v is not None and r is not None and v > r - self.margin)
-            if _streak(flags) >= self.patience:
+                v, r, d = _value(h, tag), _value(h, f"{chart}/random"), _value(h, drop)
+                flags.append(v is not None and r is not None and d is not None and v > r - self.margin)
+                flags[-1] = flags[-1] and d >= self.min_drop  # type: ignore[operator]  # d checked above
+            if _lasted(history, flags, self.patience):
                 bad.append(method)
                 numbers.append(f"{method} {history[-1][1][tag]:.3f}")
         if not bad:
@@ -564,7 +659,8 @@ class ChanceRule(Rule):
             curve=chart,
             methods=tuple(bad),
             detail=f"deletion AUC {', '.join(numbers)} against the random map's {last[f'{chart}/random']:.3f} "
-            f"(not lower by {self.margin:g}) for {self.patience}+ passes",
+            f"(not lower by {self.margin:g}; deleting the image lowers the score by {last[drop]:.3f}) over "
+            f"{self.patience}+ steps",
         )
 
 
@@ -577,11 +673,11 @@ def rules_for(thresholds: AlertThresholds | None = None, prefix: str = "attentio
     t = thresholds or AlertThresholds()
     return [
         CollapseRule(prefix, t.collapse_entropy, t.collapse_patience),
-        UniformRule(prefix, t.uniform_entropy, t.uniform_patience),
+        UniformRule(prefix, t.uniform_entropy, t.uniform_patience, t.uniform_change),
         OverwriteRule(prefix, t.overwrite_ratio, t.overwrite_min_drift, t.overwrite_patience, t.uniform_entropy),
         ArtifactRule(prefix, t.artifact_share, t.artifact_growth, t.artifact_patience),
         PointingRule(prefix, t.pointing_drop, t.pointing_patience),
-        ChanceRule(prefix, t.chance_margin, t.chance_patience),
+        ChanceRule(prefix, t.chance_margin, t.chance_patience, t.chance_min_drop),
     ]
 
 
@@ -604,6 +700,9 @@ class AlertBook:
     active: set[str] = field(default_factory=set)
     #: index in the history of the current baseline (a resume with other probes starts a new one)
     start: int = 0
+    #: names of the rules that can fire in this run (:meth:`Rule.applies`), as of the last :meth:`update`; None
+    #: before the first
+    applicable: list[str] | None = None
 
     def update(self, history: History, maps: Any = None) -> list[Alert]:
         """Check every rule against ``history`` (the last entry is the new pass) and return the new alerts.
@@ -618,8 +717,9 @@ class AlertBook:
             return []
         step = int(history[-1][0])
         new = []
+        self.applicable = [rule.name for rule in self.rules if rule.applies(history)]
         for rule in self.rules:
-            finding = rule.check(history)
+            finding = rule.check(history) if rule.name in self.applicable else None
             if finding is None:
                 self.active.discard(rule.name)
                 continue
@@ -633,10 +733,12 @@ class AlertBook:
         return new
 
     def markers(self, new: Sequence[Alert], prefix: str = "attention") -> dict[str, float]:
-        """``{<prefix>_alerts/<rule>: 1.0 if it fired in ``new`` else 0.0}`` for every rule: a curve to read the
-        others against."""
+        """``{<prefix>_alerts/<rule>: 1.0 if it fired in ``new`` else 0.0}``, a curve to read the others against,
+        for every rule that can fire in this run (:attr:`applicable`: no ``chance`` curve without faithfulness, no
+        ``pointing`` curve without masks, no ``overwrite`` curve from scratch)."""
         fired = {a.rule for a in new}
-        return {f"{prefix}_alerts/{rule.name}": float(rule.name in fired) for rule in self.rules}
+        names = [r.name for r in self.rules if self.applicable is None or r.name in self.applicable]
+        return {f"{prefix}_alerts/{name}": float(name in fired) for name in names}
 
     def restart(self, start: int) -> None:
         """The history's entry ``start`` is a new baseline: the rules read from there, and episodes start anew."""

@@ -73,6 +73,8 @@ def scalar_report(
       object patches (:func:`~lightning_attn.faithfulness.jaccard_index`).
     - ``P_faithfulness/{most_first_auc,least_first_auc}/M``: deletion AUCs of the final layer's map (lower /
       higher is more faithful); ``M = random`` is the chance level, on the same chart.
+    - ``P_faithfulness/score_drop/mean``: the target score of the whole image minus that with every patch deleted
+      (the same for every map), mean over probes: how much the deletion curves can say.
     """
     p = prefix
     out: dict[str, Tensor] = {}
@@ -113,6 +115,9 @@ def scalar_report(
     for method, curves in (faithfulness or {}).items():
         out[f"{p}_faithfulness/most_first_auc/{method}"] = curves.most_first_auc.mean()
         out[f"{p}_faithfulness/least_first_auc/{method}"] = curves.least_first_auc.mean()
+    for curves in list((faithfulness or {}).values())[:1]:  # every map's curve starts and ends at the same scores
+        # how much deleting the whole image lowers the target score: below some, no map can beat a random one
+        out[f"{p}_faithfulness/score_drop/mean"] = (curves.most_first[:, 0] - curves.most_first[:, -1]).mean()
     if not out:
         return {}
     device = next(iter(out.values())).device
