@@ -3,8 +3,11 @@
     python benchmarks/bench_families.py            # ~4 min on 2 CPU cores
     python benchmarks/bench_families.py --quick    # fewer repeats
 
+    python benchmarks/bench_families.py --only swin    # the Swin-T rows alone
+
 For a ViT-S-sized timm model, a ViT-S-sized Hugging Face ``ViTForImageClassification`` (default ``sdpa``) and
-torchvision's ``vit_b_16``, all with random weights at 224x224 and 16 probes: the probe pass (capture + raw and
+torchvision's ``vit_b_16``, and Swin-T in each of the three (windowed, 4 stages), all with random weights at
+224x224 and 16 probes: the probe pass (capture + raw and
 rollout maps, ``attention_maps``) against a plain forward of the same probes, timed alternately (median), and the
 peak extra memory of each beyond the plain forward, measured in fresh subprocesses as ``bench_monitor.py`` does.
 """
@@ -28,11 +31,35 @@ from lightning_attn import attention_maps, backend_for
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_monitor import _alternate, _rss_kib  # noqa: E402  (the same timing and memory probes)
 
-FAMILIES = ("timm vit_small_patch16_224", "transformers ViTForImageClassification (ViT-S size)", "torchvision vit_b_16")
+FAMILIES = (
+    "timm vit_small_patch16_224",
+    "transformers ViTForImageClassification (ViT-S size)",
+    "torchvision vit_b_16",
+    "timm swin_tiny_patch4_window7_224",
+    "transformers SwinForImageClassification (Swin-T size)",
+    "torchvision swin_t",
+)
+
+
+def _swin(name: str) -> torch.nn.Module:
+    """Swin-T in each stack: 4 stages of (2, 2, 6, 2) windowed blocks, windows of 7 x 7 tokens, 56 x 56 at stage 1."""
+    if name.startswith("timm"):
+        import timm
+
+        return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    if name.startswith("transformers"):
+        from transformers import SwinConfig, SwinForImageClassification
+
+        return SwinForImageClassification(SwinConfig(num_labels=1000)).eval()  # the defaults are Swin-T's
+    from torchvision.models import swin_t
+
+    return swin_t().eval()
 
 
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if "swin" in name.lower():
+        return _swin(name)
     if name.startswith("timm"):
         import timm
 
@@ -60,7 +87,7 @@ def _images(n: int) -> torch.Tensor:
 
 
 def _child(spec: dict) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(spec.get("threads", 2))
     model = _model(spec["family"])
     backend = backend_for(model)
     x = _images(spec["probes"])
@@ -86,22 +113,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--probes", type=int, default=16)
+    parser.add_argument("--only", default="", help="only the families whose name contains this (e.g. swin)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a shared, busy machine)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(json.loads(args.child))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
     import transformers
 
     print(
-        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (2 threads), "
+        f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({args.threads} threads), "
         f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n"
     )
     print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
     print("|---|---|---|---|---|---|")
-    for family in FAMILIES:
+    for family in (f for f in FAMILIES if args.only.lower() in f.lower()):
         model = _model(family)
         backend = backend_for(model)
         x = _images(args.probes)
@@ -113,7 +143,8 @@ def main() -> None:
         ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
         memory = {
             what: statistics.median(
-                _peak(dict(family=family, probes=args.probes, what=what)) for _ in range(1 if args.quick else 3)
+                _peak(dict(family=family, probes=args.probes, what=what, threads=args.threads))
+                for _ in range(1 if args.quick else 3)
             )
             for what in ("plain", "maps")
         }

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # what type checkers and documentation tools read; at run tim
         top_mass_patches,
     )
     from .html_report import report_html
-    from .layout import TokenLayout, query_row
+    from .layout import TokenLayout, WindowGrid, query_row
     from .maps import GRADIENT_METHODS, METHODS, AttentionMaps, attention_maps
     from .metrics import normalized_entropy
     from .options import ProbeOptions
@@ -95,6 +95,7 @@ _EXPORTS = {
     "spearman": "sanity",
     "report_html": "html_report",
     "TokenLayout": "layout",
+    "WindowGrid": "layout",
     "query_row": "layout",
     "GRADIENT_METHODS": "maps",
     "METHODS": "maps",
@@ -167,6 +168,7 @@ __all__ = [
     "TensorBoardWriter",
     "TokenLayout",
     "WandbWriter",
+    "WindowGrid",
     "WriterSet",
     "artifact_mask",
     "artifact_tokens",

@@ -41,7 +41,7 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     (a bare layer, a wrapper).
 
     Raises:
-        ValueError: if ``model`` has no such layer (a CNN, Swin window attention, XCiT channel attention, ...),
+        ValueError: if ``model`` has no such layer (a CNN, XCiT channel attention, CaiT class attention, ...),
             with what is supported.
 
     Example::

@@ -10,13 +10,71 @@ row is the mean over patch-token rows (``"mean"``). Reading a model's layout is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .names import QUERIES
 
-__all__ = ["QUERIES", "TokenLayout", "query_row", "query_vector"]
+__all__ = ["QUERIES", "TokenLayout", "WindowGrid", "query_row", "query_vector"]
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """How one block of a windowed, hierarchical model (Swin) cuts its stage's token grid into windows.
+
+    A stage's token ``(r, c)`` covers the finest (stage-1) patches ``(i, j)`` with ``i // stride == r`` and
+    ``j // stride == c`` (patch merging halves the grid, padding odd sides at the bottom and right, so the stage
+    grid is ``ceil(fine / stride)``). The block pads its grid to whole windows at the bottom and right, rolls it
+    by ``-shift`` (``roll_first``: timm rolls the unpadded grid, then pads; torchvision and Hugging Face pad, then
+    roll the padded grid) and hands the windows, row-major, to its attention as the batch dimension.
+
+    Attributes:
+        grid: (h, w) tokens of the block's stage for the actual input, before padding.
+        window: (wh, ww) tokens per window side.
+        shift: (sh, sw) cyclic shift of the shifted-window blocks, (0, 0) for the others.
+        stride: finest patches per stage token side (1 at stage 1, 2 at stage 2, ...).
+        roll_first: the block rolls its grid before padding it (timm) rather than after (torchvision, HF).
+
+    Example::
+
+        >>> WindowGrid((3, 3), (2, 2), (0, 0)).tokens().tolist()  # padded to 4x4: -1 marks padding
+        [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1], [8, -1, -1, -1]]
+    """
+
+    grid: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int] = (0, 0)
+    stride: int = 1
+    roll_first: bool = False
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """The grid padded to whole windows."""
+        (h, w), (wh, ww) = self.grid, self.window
+        return math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+
+    def tokens(self, device: torch.device | str = "cpu") -> Tensor:
+        """(windows, wh * ww) int64: the stage token (row-major index into ``grid``) at each position of each
+        window as the attention sees them, ``-1`` for padding."""
+        (h, w), (hp, wp), (wh, ww), (sh, sw) = self.grid, self.padded, self.window, self.shift
+        r = torch.arange(hp, device=device)[:, None]
+        c = torch.arange(wp, device=device)[None, :]
+        if self.roll_first:  # torch.roll(x, -s)[i] = x[(i + s) % n] over the unpadded grid; padding after it
+            real = (r < h) & (c < w)
+            src_r, src_c = (r + sh) % h, (c + sw) % w
+        else:
+            src_r, src_c = (r + sh) % hp, (c + sw) % wp
+            real = (src_r < h) & (src_c < w)
+        index = torch.where(real, src_r * w + src_c, torch.full_like(src_r * src_c, -1))
+        return index.reshape(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+    @property
+    def num_windows(self) -> int:
+        (hp, wp), (wh, ww) = self.padded, self.window
+        return (hp // wh) * (wp // ww)
 
 
 @dataclass(frozen=True)
@@ -30,6 +88,9 @@ class TokenLayout:
             tokens) or ``"mean"`` (mean over patch-token rows).
         patch_size: (ph, pw) pixels per patch, when known (needed for distances in pixels).
         num_registers: register tokens, the last of the prefix tokens.
+        windows: for a windowed, hierarchical model (Swin), each attention layer's :class:`WindowGrid`, in forward
+            order; ``grid_size`` is then the finest (stage-1) patch grid every map lies on, and there are no prefix
+            tokens. None for a ViT (one token sequence through every layer).
     """
 
     num_prefix_tokens: int
@@ -37,6 +98,7 @@ class TokenLayout:
     query: str
     patch_size: tuple[int, int] | None = None
     num_registers: int = 0
+    windows: tuple[WindowGrid, ...] | None = field(default=None, repr=False)  # a long tuple: not in the repr
 
     def __post_init__(self) -> None:
         if self.query not in QUERIES[1:]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import windows
 from .backends import Backend, backend_for
 from .backends.base import capture_budget
 from .capture import record_attention, stream_attention, supports_head_streaming
@@ -82,7 +83,8 @@ class AttentionMaps:
             distillation, registers); None without ``"raw"``.
         head_maps: per-head query rows (B, heads, gh, gw) of the layers named in ``head_layers``, by layer index.
         attention_distance: (B, L, heads) mean attention distance in pixels
-            (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``.
+            (:func:`~lightning_attn.diagnostics.mean_attention_distance`) when ``attention_distance=True``; NaN
+            for heads a layer does not have (Swin's later stages have more heads than its first).
         head_matrices: full per-head (B, heads, N, N) attention of the layers named in ``keep_head_matrices``, by
             layer index (the interactive report's heads view of a clicked patch).
     """
@@ -162,8 +164,8 @@ class _ModeGuard:
             module.training = True
 
 
-class _Reducer:
-    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+class _Collected:
+    """What a reducer keeps of a pass, whatever the grid: per-layer rows, distances, matrices and head maps."""
 
     def __init__(
         self,
@@ -174,13 +176,9 @@ class _Reducer:
         keep_matrices: Iterable[int],
         head_layers: Iterable[int] = (),
         distance: bool = False,
-        keep_steps: bool = False,
         keep_head_matrices: Iterable[int] = (),
     ) -> None:
         self.layout = layout
-        # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
-        # (B, N, N) @ (B, N, N) product per layer
-        self.keep_steps = keep_steps
         self._steps: list[Tensor] = []
         self.methods = methods
         self.head_fusion = head_fusion
@@ -196,6 +194,22 @@ class _Reducer:
         self.head_maps: dict[int, Tensor] = {}
         self.keep_heads = set(keep_head_matrices)
         self.head_matrices: dict[int, Tensor] = {}
+
+    def stack(self, rows: list[Tensor]) -> Tensor | None:
+        if not rows:
+            return None
+        b = rows[0].shape[0]
+        return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+
+class _Reducer(_Collected):
+    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+
+    def __init__(self, *args: Any, keep_steps: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
+        # (B, N, N) @ (B, N, N) product per layer
+        self.keep_steps = keep_steps
         self._head_chunks: list[Tensor] = []
         self._product: Tensor | None = None
         self._fused: Tensor | None = None
@@ -283,11 +297,68 @@ class _Reducer:
         self.rollout = [pending[:, l, p:] for l in range(pending.shape[1])]
         return self.rollout
 
-    def stack(self, rows: list[Tensor]) -> Tensor | None:
-        if not rows:
-            return None
-        b = rows[0].shape[0]
-        return torch.stack(rows, dim=1).reshape(b, len(rows), *self.layout.grid_size)
+
+class _WindowReducer(_Collected):
+    """The reduction of a windowed model (Swin): each block's (B * windows, heads, w, w) weights as its hook fires,
+    read as the whole-image matrix on the finest patch grid without building it (:mod:`lightning_attn.windows`);
+    the fused windows of every block are kept (O(B N w) each) for the rollout rows at the end."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert self.layout.windows is not None, "a windowed layout"
+        self.windows = self.layout.windows
+        self._chunks: list[Tensor] = []
+
+    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
+        """Consume a chunk of heads' (B * windows, h, w, w) weights; the block is complete after its last head."""
+        self._chunks = [] if first == 0 else self._chunks
+        self._chunks.append(attention)
+        if first + attention.shape[1] == heads:
+            whole, self._chunks = torch.cat(self._chunks, dim=1), []
+            self(index, whole)
+
+    def __call__(self, index: int, attention: Tensor) -> None:
+        """Consume block ``index``'s (B * windows, heads, w, w) weights."""
+        if index >= len(self.windows):
+            raise ValueError(
+                f"attention layer {index} ran but the layout describes {len(self.windows)} windowed blocks: pass "
+                "a layout read from this model"
+            )
+        grid, fine = self.windows[index], self.layout.grid_size
+        windows.check_grid(grid, fine)
+        with torch.no_grad(), torch.autocast(device_type=attention.device.type, enabled=False):
+            blocks = windows.place_windows(attention.detach(), grid)  # (B, windows, heads, w, w)
+            b, heads = blocks.shape[0], blocks.shape[2]
+            first = windows.mean_query(b, fine, blocks.device)
+            if self.distance:
+                self.distances.append(windows.window_distance(blocks, grid, self.layout.patch_size or (1, 1)))
+            if index in self.head_layers:
+                per_head = blocks.transpose(1, 2).flatten(0, 1)  # heads folded into the batch
+                rows = windows.rows_times(first.repeat_interleave(heads, dim=0), per_head, grid, fine)
+                self.head_maps[index] = rows.reshape(b, heads, *fine)
+            if self.head_fusion == "mean":
+                fused = blocks.mean(dim=2)
+            else:
+                fused = blocks.amax(dim=2) if self.head_fusion == "max" else blocks.amin(dim=2)
+            if index in self.keep:
+                self.matrices[index] = windows.whole_image(fused, grid, fine)
+            if index in self.keep_heads:
+                per_head = windows.whole_image(blocks.transpose(1, 2).flatten(0, 1), grid, fine)
+                self.head_matrices[index] = per_head.reshape(b, heads, *per_head.shape[1:])
+            if "raw" in self.methods:
+                self.raw.append(windows.rows_times(first, fused, grid, fine)[:, 0])
+                self.prefix.append(fused.new_zeros(b, 0))
+            if "rollout" in self.methods:
+                self._steps.append(residual_transition(windows.discard_in_windows(fused, self.discard_ratio)))
+
+    def rollout_rows(self) -> list[Tensor]:
+        """The rollout's query row after every block, (B, N) each."""
+        if self._steps:
+            first = windows.mean_query(self._steps[0].shape[0], self.layout.grid_size, self._steps[0].device)
+            chained = windows.chain_rows(self._steps, self.layout, first)
+            self.rollout = [chained[:, l].flatten(1) for l in range(chained.shape[1])]
+            self._steps = []
+        return self.rollout
 
 
 def _check_layer_indices(name: str, layers: Iterable[int], num_layers: int) -> list[int]:
@@ -361,6 +432,25 @@ def _query_rows(matrices: Tensor, layout: TokenLayout) -> Tensor:
     b, num_layers = matrices.shape[:2]
     rows = torch.stack([query_row(matrices[:, l], layout) for l in range(num_layers)], dim=1)
     return rows.reshape(b, num_layers, *layout.grid_size)
+
+
+def _stack_heads(per_layer: list[Tensor]) -> Tensor:
+    """Per-layer (B, heads) values as (B, L, heads); NaN pads the layers with fewer heads (Swin's heads grow by
+    stage)."""
+    most = max(v.shape[-1] for v in per_layer)
+    padded = [torch.nn.functional.pad(v, (0, most - v.shape[-1]), value=float("nan")) for v in per_layer]
+    return torch.stack(padded, dim=1)
+
+
+def _gradient_rows(
+    method: str, attentions: list[Tensor], gradients: list[Tensor], layout: TokenLayout, discard_ratio: float
+) -> Tensor:
+    """(B, L, gh, gw) query rows of ``"grad_rollout"`` or ``"relevance"``."""
+    if layout.windows is not None:
+        return windows.window_gradient_rows(method, attentions, gradients, layout, discard_ratio)
+    if method == "grad_rollout":
+        return _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
+    return _query_rows(relevance_propagation(attentions, gradients), layout)
 
 
 def _check_calls(calls: int, num_modules: int) -> None:
@@ -494,7 +584,9 @@ def attention_maps(
     keep_heads = _check_layer_indices("keep_head_matrices", keep_head_matrices, len(modules))
 
     device, dtype = _model_device_dtype(backend.model)
-    per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens)
+    # a windowed block's query attends the w tokens of its window, not every token
+    keys = max(g.window[0] * g.window[1] for g in layout.windows) if layout.windows else layout.num_tokens
+    per_pass = _probes_per_pass(device, modules[0][1], layout.num_tokens, keys)
     if images.shape[0] > per_pass:
         # On a CPU, a few probes at a time: past a few MiB per layer the attention math leaves the caches, and even
         # a plain forward of 64 probes took 1.2x the time of four forwards of 16 (benchmarks/bench_monitor.py)
@@ -520,9 +612,12 @@ def attention_maps(
     budget = capture_budget(memory_budget, device)
     n = layout.num_tokens
     keep_steps = device.type == "cpu" and len(modules) * images.shape[0] * n * n * 4 <= budget
-    reducer = _Reducer(
-        layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_steps, keep_heads
-    )
+    reducer: _Reducer | _WindowReducer
+    shared = (layout, methods, head_fusion, discard_ratio, keep, heads, attention_distance, keep_heads)
+    if layout.windows is not None:  # windowed, hierarchical (Swin): the backend's WindowGrids say what each block saw
+        reducer = _WindowReducer(*shared)
+    else:
+        reducer = _Reducer(*shared, keep_steps=keep_steps)
     gradient_maps: dict[str, Tensor] = {}
     chosen = None
     if any(m in GRADIENT_METHODS for m in methods):
@@ -533,10 +628,8 @@ def attention_maps(
             # the same reducer as the streaming path, fed the stored matrices: identical raw/rollout maps
             for index, attention in enumerate(attentions):
                 reducer(index, attention)
-            if "grad_rollout" in methods:
-                gradient_maps["grad_rollout"] = _query_rows(grad_rollout(attentions, gradients, discard_ratio), layout)
-            if "relevance" in methods:
-                gradient_maps["relevance"] = _query_rows(relevance_propagation(attentions, gradients), layout)
+            for method in (m for m in GRADIENT_METHODS if m in methods):
+                gradient_maps[method] = _gradient_rows(method, attentions, gradients, layout, discard_ratio)
         del attentions, gradients
     else:
         layers = [m for _, m in modules]
@@ -573,7 +666,7 @@ def attention_maps(
         matrices=reducer.matrices,
         prefix_attention=torch.stack(reducer.prefix, dim=1) if reducer.prefix else None,
         head_maps=reducer.head_maps,
-        attention_distance=torch.stack(reducer.distances, dim=1) if reducer.distances else None,
+        attention_distance=_stack_heads(reducer.distances) if reducer.distances else None,
         grad_rollout=gradient_maps.get("grad_rollout"),
         relevance=gradient_maps.get("relevance"),
         target=chosen,
@@ -589,7 +682,7 @@ def attention_maps(
 CPU_ATTENTION_ENTRIES = 16 * 6 * 197 * 197
 
 
-def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int) -> int:
+def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int, num_keys: int | None = None) -> int:
     """How many probes go through the model at once: all of them on an accelerator; on a CPU as many as keep a
     layer's attention within :data:`CPU_ATTENTION_ENTRIES`."""
     if device.type != "cpu":
@@ -597,7 +690,7 @@ def _probes_per_pass(device: torch.device, layer: nn.Module, num_tokens: int) ->
     config = getattr(layer, "config", None)
     heads = getattr(layer, "num_heads", None) or getattr(layer, "num_attention_heads", None)
     heads = heads or getattr(config, "num_attention_heads", None) or 6
-    return max(1, CPU_ATTENTION_ENTRIES // (int(heads) * num_tokens * num_tokens))
+    return max(1, CPU_ATTENTION_ENTRIES // (int(heads) * num_tokens * (num_keys or num_tokens)))
 
 
 def _target_slice(target: Target, start: int, stop: int) -> Target:

@@ -107,9 +107,10 @@ def scalar_report(
         _per_layer(out, f"{p}_register_share", register_share(rows, registers))
     if maps.attention_distance is not None:
         distance = maps.attention_distance.mean(0)  # (L, heads)
-        _per_layer(out, f"{p}_distance", distance.mean(-1))
+        _per_layer(out, f"{p}_distance", distance.nanmean(-1))
+        counts = (~distance.isnan()).sum(-1).tolist()  # NaN pads layers with fewer heads (Swin's stages)
         for layer, heads in enumerate(distance):
-            for head, value in enumerate(heads):
+            for head, value in enumerate(heads[: counts[layer]]):
                 out[f"{p}_head_distance/layer_{layer:02d}/head_{head:02d}"] = value
     for method, curves in (faithfulness or {}).items():
         out[f"{p}_faithfulness/most_first_auc/{method}"] = curves.most_first_auc.mean()

@@ -106,11 +106,7 @@ def test_streaming_callback_receives_layer_indices_without_storing():
     "name, kwargs, match",
     [
         ("resnet10t", {}, "ResNet is not a supported Vision Transformer"),
-        (
-            "swin_tiny_patch4_window7_224",
-            dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)),
-            "Swin uses window",
-        ),
+        ("cait_xxs24_224", dict(img_size=32, depth=1, depth_token_only=1), "CaiT mixes heads"),
         ("xcit_nano_12_p16_224", dict(depth=1), "XCiT attends over channels"),
     ],
 )

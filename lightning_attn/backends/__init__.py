@@ -29,8 +29,12 @@ __all__ = [
 #: Registered families: module name under ``lightning_attn.backends`` -> (class name, top-level library).
 BACKENDS: dict[str, tuple[str, str]] = {
     "timm": ("TimmBackend", "timm"),
+    # before "transformers": Swin V2's attention layer would otherwise look like a ViT layer to its is_attention_layer
+    "transformers_swin": ("TransformersSwinBackend", "transformers"),
     "transformers": ("TransformersBackend", "transformers"),
     "torchvision": ("TorchvisionBackend", "torchvision"),
+    "timm_swin": ("TimmSwinBackend", "timm"),
+    "torchvision_swin": ("TorchvisionSwinBackend", "torchvision"),
 }
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
 
@@ -33,6 +34,8 @@ __all__ = [
     "capture_budget",
     "output_from_weights",
     "stream_softmax",
+    "take_calls",
+    "take_softmax",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -157,6 +160,62 @@ def additive_bias(
             extra = mask.float()
         bias = extra if bias is None else bias + extra
     return bias
+
+
+class _TakeCall(TorchFunctionMode):
+    """Routes calls of the torch function ``func`` to ``handler``; every other torch function runs as usual.
+    Pushed only while one layer runs (inside the handler the mode is off, so the real function runs)."""
+
+    def __init__(self, func: Callable[..., Any], handler: Callable[..., Any]) -> None:
+        super().__init__()
+        self.func = func
+        self.handler = handler
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is self.func:
+            return self.handler(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def take_calls(module: nn.Module, func: Callable[..., Any], handler: Callable[..., Any], undo: Undo) -> None:
+    """While ``module`` runs, route its calls of the torch function ``func`` (``F.scaled_dot_product_attention``,
+    ``F.softmax``) to ``handler``: a torch function mode pushed by a forward pre-hook and popped by a forward hook
+    that fires even when the layer raises; ``undo`` removes both and pops a mode left pushed."""
+    mode = _TakeCall(func, handler)
+    active: list[bool] = []
+
+    def enter(*_: Any) -> None:
+        mode.__enter__()
+        active.append(True)
+
+    def leave(*_: Any) -> None:
+        if active:
+            active.pop()
+            mode.__exit__(None, None, None)
+
+    undo.append(module.register_forward_pre_hook(enter).remove)
+    # always_call: the mode is popped even when the layer raises
+    undo.append(module.register_forward_hook(leave, always_call=True).remove)
+
+    def leave_all() -> None:
+        while active:
+            leave()
+
+    undo.append(leave_all)
+
+
+def take_softmax(module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
+    """Hand every ``F.softmax`` result computed while ``module`` runs to ``emit``, for layers that compute their
+    softmax once by hand (torchvision's and Hugging Face Swin V2's window attention): the tensor handed over is the
+    one the layer goes on to use, in the autograd graph."""
+    import torch.nn.functional as F
+
+    def softmax(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        weights = F.softmax(input, *args, **kwargs)
+        emit(module, weights)
+        return weights
+
+    take_calls(module, F.softmax, softmax, undo)
 
 
 class Backend(ABC):

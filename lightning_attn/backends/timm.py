@@ -17,7 +17,6 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from ..layout import TokenLayout
 from .base import (
@@ -28,6 +27,7 @@ from .base import (
     additive_bias,
     output_from_weights,
     stream_softmax,
+    take_calls,
     to_pair,
 )
 
@@ -36,7 +36,8 @@ __all__ = ["TimmBackend"]
 # timm layers that follow the `fused_attn`/`attn_drop` pattern but are not token self-attention, so rollout over a
 # token sequence does not apply to them; keyed by class name, the reason goes into the error message.
 NOT_TOKEN_SELF_ATTENTION = {
-    "WindowAttention": "Swin window attention (per local window, no global token)",
+    # inside a Swin model the timm_swin backend reads it with the model's windows; alone it has no token grid
+    "WindowAttention": "Swin window attention outside a Swin model (its windows need the model's stages)",
     "XCA": "XCiT cross-covariance attention (over channels, not tokens)",
     "ClassAttn": "CaiT/XCiT class attention (a single class query over the patches)",
     "TalkingHeadAttn": "CaiT talking-heads attention (heads mixed after the softmax)",
@@ -58,8 +59,6 @@ UNSUPPORTED_MODELS = {
     "MaxxVit": "MaxViT uses block and grid window attention, not global token self-attention",
     "MaxxVitCfg": "MaxViT uses block and grid window attention",
     "Twins": "Twins uses locally grouped and sub-sampled attention, not global token self-attention",
-    "SwinTransformer": "Swin uses window attention (per local window, no global token)",
-    "SwinTransformerV2": "Swin uses window attention (per local window, no global token)",
     "Xcit": "XCiT attends over channels, not tokens",
     "Cait": "CaiT mixes heads after the softmax and adds class attention",
     "VisionTransformerRelPos": "relative-position ViTs hide the position bias from the softmax hooks",
@@ -75,20 +74,6 @@ STREAMABLE = {
     ("timm.models.eva", "EvaAttention"),
     ("timm.models.beit", "Attention"),
 }
-
-
-class _TakeAttentionCall(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls to ``handler``; every other torch function runs as usual.
-    Pushed only while one attention layer runs (inside the handler the mode is off, so the real kernel runs)."""
-
-    def __init__(self, handler: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.handler = handler
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func is F.scaled_dot_product_attention:
-            return self.handler(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 def _is_timm(module: nn.Module) -> bool:
@@ -120,9 +105,10 @@ class TimmBackend(Backend):
 
     @classmethod
     def attach_recording(cls, module: nn.Module, emit: EmitAttention, undo: Undo) -> None:
-        flag = module.fused_attn
-        module.fused_attn = False
-        undo.append(lambda: setattr(module, "fused_attn", flag))
+        if hasattr(module, "fused_attn"):  # layers without it (Swin V2) always compute the softmax themselves
+            flag = module.fused_attn
+            module.fused_attn = False
+            undo.append(lambda: setattr(module, "fused_attn", flag))
 
         # the input of attn_drop is the softmax matrix itself (dropout is a no-op in eval anyway)
         def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -162,27 +148,7 @@ class TimmBackend(Backend):
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **extra, **rest
             )
 
-        mode = _TakeAttentionCall(kernel)
-        active: list[bool] = []
-
-        def enter(*_: Any) -> None:
-            mode.__enter__()
-            active.append(True)
-
-        def leave(*_: Any) -> None:
-            if active:
-                active.pop()
-                mode.__exit__(None, None, None)
-
-        undo.append(module.register_forward_pre_hook(enter).remove)
-        # always_call: the mode is popped even when the layer raises
-        undo.append(module.register_forward_hook(leave, always_call=True).remove)
-
-        def leave_all() -> None:
-            while active:
-                leave()
-
-        undo.append(leave_all)
+        take_calls(module, F.scaled_dot_product_attention, kernel, undo)
 
     # ------------------------------------------------------------------ models
 
