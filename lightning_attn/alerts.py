@@ -300,6 +300,9 @@ class Rule:
         """A finding at the last pass of ``history`` (whose first entry is the baseline), or None."""
         raise NotImplementedError
 
+    #: whether the rule reads the maps as a query token's attention (not the mean over every patch's row)
+    needs_query_token: ClassVar[bool] = False
+
     def applies(self, history: History) -> bool:
         """Whether the rule can fire in this run's configuration: the curves it reads are logged (``chance``
         needs faithfulness, ``pointing`` masks), and for ``overwrite`` the first pass shows learned attention."""
@@ -383,6 +386,9 @@ class UniformRule(Rule):
     patience: int = 100
     change: float = 0.002
     name: ClassVar[str] = "uniform"
+    # it reads the rows of a query token (a class token's); where the maps are the mean over every patch's row
+    # (Swin, GAP ViTs, SigLIP: attention each patch receives), a near-uniform map is what healthy models show
+    needs_query_token: ClassVar[bool] = True
     title: ClassVar[str] = "no layer learned where to look (attention stays uniform and is not forming)"
     advice: ClassVar[str] = (
         "check that the attention receives gradient (frozen or zeroed q/k weights, a too-small learning rate for "
@@ -717,7 +723,11 @@ class AlertBook:
             return []
         step = int(history[-1][0])
         new = []
-        self.applicable = [rule.name for rule in self.rules if rule.applies(history)]
+        # maps that are the mean over every patch's row (query "mean") are not a query token's attention
+        mean_rows = getattr(getattr(maps, "layout", None), "query", None) == "mean"
+        self.applicable = [
+            rule.name for rule in self.rules if rule.applies(history) and not (mean_rows and rule.needs_query_token)
+        ]
         for rule in self.rules:
             finding = rule.check(history) if rule.name in self.applicable else None
             if finding is None:

@@ -501,3 +501,27 @@ def test_calibration_script_fast_mode(capsys):
     for result in results.values():
         assert calibrate.live_matches_replay(result)  # the replay checks the rules as the callback did
         assert len(result["steps"]) == len(result["values"]) > 2
+
+
+def test_uniform_is_off_where_the_maps_are_the_mean_over_patch_rows():
+    """Swin, GAP ViTs and SigLIP have no query token: their maps are the mean over every patch's row (attention each
+    patch receives), which is near uniform in healthy models, so the rule must not read them; a class token's maps
+    with the same curves still get it."""
+    import timm
+
+    from lightning_attn import attention_maps
+
+    images = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    kwargs = dict(pretrained=False, img_size=32, patch_size=8, depth=2)
+    gap = timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **kwargs).eval()
+    cls = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    flat = _uniform_pass(0.999, 0.999)
+    history = [(10 * i, dict(flat)) for i in range(30)]
+    for model, query, fires in ((gap, "mean", False), (cls, "cls", True)):
+        maps = attention_maps(model, images)
+        assert maps.layout.query == query
+        book = AlertBook(rules_for(AlertThresholds(uniform_patience=100)))
+        fired = [a.rule for a in book.update(history, maps)]
+        assert ("uniform" in fired) is fires and ("uniform" in book.applicable) is fires
+        assert ("attention_alerts/uniform" in book.markers([])) is fires
