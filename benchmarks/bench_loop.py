@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps-only", action="store_true", help="only the step-by-step table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -109,27 +110,35 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"{date.today()}, {machine}, {os.cpu_count()} cores, torch {torch.__version__}")
 
+    if not args.steps_only:
+        _passes_table(args.passes)
+    _steps_table()
+
+
+def _passes_table(passes: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # one extra epoch so that the last window is complete (epoch durations are differences of starts)
-        plain = _run(args.passes + 1, 1, False, root / "plain")
-        watched = _run(args.passes + 1, 1, True, root / "watched")
+        plain = _run(passes + 1, 1, False, root / "plain")
+        watched = _run(passes + 1, 1, True, root / "watched")
     durations = {
         name: [b - a for a, b in zip(c.epochs, c.epochs[1:])] for name, c in (("plain", plain), ("watched", watched))
     }
     growth = [b - a for a, b in zip(watched.sizes, watched.sizes[1:])]
     title = "A pass at the defaults: 8 probes, tiny ViT, 1 training + 1 validation batch an epoch"
-    print(f"\n1. {title}; {args.passes} passes\n")
+    print(f"\n1. {title}; {passes} passes\n")
     print("| around pass | epoch without the monitor (s) | epoch with it (s) | added a pass (s) | event KiB a pass |")
     print("|---|---|---|---|---|")
     for centre in (10, 100, 1000):
-        if centre > args.passes:
+        if centre > passes:
             continue
         without = statistics.mean(_window(durations["plain"], centre))
         with_ = statistics.mean(_window(durations["watched"], centre))
         size = statistics.mean(_window(growth, centre)) / 1024
         print(f"| {centre} | {without:.3f} | {with_:.3f} | {with_ - without:.3f} | {size:.0f} |")
 
+
+def _steps_table() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         plain = _run(6, 40, False, root / "plain")
