@@ -14,6 +14,7 @@ the default keeps no token x token attention (it would take more than 4 MiB a pa
 from __future__ import annotations
 
 import platform
+import time
 
 import timm
 import torch
@@ -51,11 +52,20 @@ def _rows(runner: ProbeRunner, label: str, probes: int, layers: int, counts: lis
         runner.run(step=step, render=False)
     state = runner.state_dict()
     per_pass = _stored(state["report"][0]) / 1e6
+    # what storing a pass costs on the training loop: the float16 copy to the host of what the report keeps
+    maps, _ = runner.compute()
+    start = time.perf_counter()
+    for _ in range(5):
+        runner._report_entry(0, maps)
+    store_ms = (time.perf_counter() - start) / 5 * 1e3
     kept = ",".join(map(str, runner.report_layers)) or "none"
     for count in counts:
         partial = dict(state, report=state["report"][:count], scalar_history=state["scalar_history"][:count])
         page = report_html(partial).encode()
-        out.append(f"| {label} | {probes} | {layers} | {count} | {kept} | {per_pass:.2f} | {len(page) / 1e6:.2f} |")
+        out.append(
+            f"| {label} | {probes} | {layers} | {count} | {kept} | {per_pass:.2f} | {store_ms:.1f} | "
+            f"{len(page) / 1e6:.2f} |"
+        )
     return out
 
 
@@ -64,8 +74,11 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print("| model | probes | layers | passes | token matrices kept (layers) | kept per pass (MB) | page (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | probes | layers | passes | token matrices kept (layers) | kept per pass (MB) | storing a pass (ms) "
+        "| page (MB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     tiny = "vit_tiny_patch16_224"
     rows = _rows(_runner(tiny, 64, 4, 8), "example (ViT-Ti, 64 px, 8x8 patches)", 8, 4, [7, 25, 100])
     rows += _rows(_runner(tiny, 64, 4, 16), "example", 16, 4, [7])
