@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .animation import GifStream
 from .backends import Backend, backend_for
 from .faithfulness import PerturbationCurves, perturbation_curves, random_perturbation_curves
-from .html_report import report_html, report_iframe
+from .html_report import report_html, report_iframe, row_passes
 from .layout import TokenLayout
 from .maps import GRADIENT_METHODS, AttentionMaps, attention_maps, check_explainable
 from .options import ProbeOptions
@@ -439,7 +439,7 @@ class ProbeRunner:
             start += tensor.numel()
         # the prediction only where the grids name it (``predictions``): a classifier the training leaves alone says
         # nothing
-        shown = maps.logits is not None and self._show_predictions
+        shown = self._show_predictions
         entry["predicted"] = maps.logits.argmax(-1).cpu() if maps.logits is not None and shown else None
         return entry
 
@@ -656,11 +656,9 @@ MAX_STEP_COLUMNS = 120
 
 def _thinned(history: Sequence[tuple[int, Mapping[str, float]]]) -> Sequence[tuple[int, Mapping[str, float]]]:
     """At most :data:`MAX_STEP_COLUMNS` entries of ``history``, evenly spaced, the first and the last included."""
-    count = len(history)
-    if count <= MAX_STEP_COLUMNS:
+    if len(history) <= MAX_STEP_COLUMNS:
         return history
-    picks = np.unique(np.linspace(0, count - 1, MAX_STEP_COLUMNS).round().astype(np.int64))
-    return [history[i] for i in picks]
+    return [history[i] for i in row_passes(len(history), MAX_STEP_COLUMNS)]
 
 
 #: Natural bounds of the per-layer metrics drawn as layers x steps pictures, by section (after the prefix): with
