@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import find_vision_transformers, layer_backend, layers_of, unsupported_message
-from .backends.base import Undo
+from .backends.base import Chunk, Undo
 
 __all__ = [
     "AttentionRecorder",
@@ -193,12 +193,33 @@ def stream_attention(
     The weights ``softmax(q k^T * scale + bias)`` are rebuilt in float32 from the exact q, k and mask the layer feeds
     its kernel. A chunk holds as many heads as fit in ``memory_budget`` bytes (logits and weights, float32; default
     :data:`~lightning_attn.backends.base.DEFAULT_MEMORY_BUDGET`, on a GPU at most half its free memory): usually all
-    of them, one batched matmul, and then timm layers compute their output from these very weights instead of
-    running q k^T a second time (float32, no grad; the output equals the fused kernel's to rounding). Over the
-    budget, the heads come a few at a time, down to one: the extra memory stops growing with the heads. The
-    gradients of the model are never involved. Every module must pass :func:`supports_head_streaming`; everything is
-    undone on exit, errors included.
+    of them, one batched matmul, and then timm and Hugging Face layers compute their output from these very weights
+    instead of running q k^T a second time (float32, no grad; the output equals the fused kernel's to rounding).
+    Over the budget, the heads come a few at a time, down to one: the extra memory stops growing with the heads,
+    and the layer's own kernel gives its output. The gradients of the model are never involved. Every module must
+    pass :func:`supports_head_streaming`; everything is undone on exit, errors included.
     """
+
+    def every_probe(index: int, chunk: Chunk, attention: Tensor) -> None:
+        on_chunk(index, chunk.heads.start, chunk.num_heads, attention)
+
+    with stream_chunks(model, modules, every_probe, memory_budget):
+        yield
+
+
+@contextmanager
+def stream_chunks(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    on_chunk: Callable[[int, Chunk, Tensor], None],
+    memory_budget: int | None = None,
+    cache_bytes: int | None = None,
+) -> Iterator[None]:
+    """:func:`stream_attention` with chunks of probes as well as heads: ``on_chunk(layer_index, chunk, weights)``,
+    weights (b, h, N, N) for the probes and heads the :class:`~lightning_attn.backends.base.Chunk` names. With
+    ``cache_bytes`` (on a CPU, :data:`~lightning_attn.backends.base.CPU_CHUNK_BYTES`) a chunk's weights stay within
+    that many bytes, a few probes at a time, so that rebuilding, reducing them and computing the layer's output
+    from them happen in the cache; without, every chunk holds every probe, as in :func:`stream_attention`."""
     from .backends.base import capture_budget
 
     bad = [type(m).__name__ for m in modules if not supports_head_streaming(m)]
@@ -215,17 +236,17 @@ def stream_attention(
     calls: dict[int, int] = {}  # id(module) -> layer index of its current call
     order = [0]
 
-    def emit(module: nn.Module, first: int, heads: int, attention: Tensor) -> None:
-        if first == 0:
+    def emit(module: nn.Module, chunk: Chunk, attention: Tensor) -> None:
+        if chunk.probes.start == 0 and chunk.heads.start == 0:
             calls[id(module)] = order[0]
             order[0] += 1
-        on_chunk(calls[id(module)], first, heads, attention)
+        on_chunk(calls[id(module)], chunk, attention)
 
     try:
         for module in modules:
             backend = layer_backend(module)
             assert backend is not None, "checked above"
-            backend.attach_head_stream(module, emit, undo, budget)
+            backend.attach_head_stream(module, emit, undo, budget, cache_bytes)
         yield
     finally:
         while undo:

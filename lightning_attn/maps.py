@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from . import windows
 from .backends import Backend, backend_for
-from .backends.base import capture_budget
-from .capture import record_attention, stream_attention, supports_head_streaming
+from .backends.base import CPU_CHUNK_BYTES, Chunk, capture_budget
+from .capture import record_attention, stream_chunks, supports_head_streaming
 from .diagnostics import head_query_rows, mean_attention_distance
 from .layout import TokenLayout, query_row, query_vector
 from .names import METHODS
@@ -203,18 +203,18 @@ class _Collected:
 
 
 class _Reducer(_Collected):
-    """Consumes one attention matrix per layer as its hook fires and keeps only what the maps need."""
+    """Consumes each layer's attention as its hook fires, in chunks of probes and heads, and keeps only what the
+    maps need."""
 
     def __init__(self, *args: Any, keep_steps: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # keep every layer's rollout step and take the rows at the end (see `rollout_rows`), instead of one
         # (B, N, N) @ (B, N, N) product per layer
         self.keep_steps = keep_steps
-        self._head_chunks: list[Tensor] = []
         self._product: Tensor | None = None
-        self._fused: Tensor | None = None
-        self._head_rows: list[Tensor] = []
-        self._head_distances: list[Tensor] = []
+        self._fused: Tensor | None = None  # this layer's (B, N, N) head-fused matrix, filled chunk by chunk
+        self._heads: dict[str, list[Tensor]] = {}  # per-head results of this chunk of probes, over its heads
+        self._parts: dict[str, list[Tensor]] = {}  # per-head results of this layer, over its chunks of probes
 
     def _check_tokens(self, index: int, n: int) -> None:
         if n != self.layout.num_tokens:
@@ -229,40 +229,56 @@ class _Reducer(_Collected):
         return mean_attention_distance(attention, self.layout.grid_size, self.layout.num_prefix_tokens, patch)
 
     def __call__(self, index: int, attention: Tensor) -> None:
-        """Consume one layer's whole (B, heads, N, N) attention: one chunk holding every head."""
+        """Consume one layer's whole (B, heads, N, N) attention: one chunk holding every probe and head."""
+        b, heads = attention.shape[:2]
         # float32 math even when the forward runs under bf16 autocast (the hook fires inside it)
         with torch.autocast(device_type=attention.device.type, enabled=False):
-            self.chunk(index, 0, attention.shape[1], attention.detach().float())
+            self.chunk(index, Chunk(slice(0, b), slice(0, heads), b, heads), attention.detach().float())
 
-    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
-        """Consume a chunk of heads' (B, h, N, N) float32 attention; the layer is complete after its last head."""
-        if first == 0:
+    def chunk(self, index: int, chunk: Chunk, attention: Tensor) -> None:
+        """Consume a chunk's (b, h, N, N) float32 attention; the layer is complete after its last chunk.
+
+        Only what reads every head happens per chunk, while it is in the cache: the heads are fused into the
+        layer's (B, N, N) matrix in place, per-head rows and distances taken; the rest, on the fused matrix, once
+        the layer is complete."""
+        if chunk.probes.start == 0 and chunk.heads.start == 0:
             self._check_tokens(index, attention.shape[-1])
-            self._fused, self._head_rows, self._head_distances, self._head_chunks = None, [], [], []
-        if index in self.keep_heads:
-            self._head_chunks.append(attention.clone())  # the chunk's memory is reused for the next heads
-        if self.head_fusion == "mean":
-            part = attention.sum(dim=1)
-            self._fused = part if self._fused is None else self._fused.add_(part)
+            self._fused = attention.new_empty(chunk.num_probes, *attention.shape[-2:])
+            self._parts = {}
+        assert self._fused is not None
+        fused = self._fused[chunk.probes]
+        if chunk.heads.start == 0:
+            self._heads = {}
+            if self.head_fusion == "mean":
+                torch.sum(attention, dim=1, out=fused)
+            else:
+                (torch.amax if self.head_fusion == "max" else torch.amin)(attention, dim=1, out=fused)
+        elif self.head_fusion == "mean":
+            fused.add_(attention.sum(dim=1))
         else:
             part = attention.amax(dim=1) if self.head_fusion == "max" else attention.amin(dim=1)
-            reduce = torch.maximum if self.head_fusion == "max" else torch.minimum
-            self._fused = part if self._fused is None else reduce(self._fused, part, out=self._fused)
+            (torch.maximum if self.head_fusion == "max" else torch.minimum)(fused, part, out=fused)
+        if index in self.keep_heads:
+            self._heads.setdefault("matrices", []).append(attention.clone())  # the chunk's memory is reused
         if index in self.head_layers:
-            self._head_rows.append(head_query_rows(attention, self.layout))
+            self._heads.setdefault("rows", []).append(head_query_rows(attention, self.layout))
         if self.distance:
-            self._head_distances.append(self._distance(attention))
-        if first + attention.shape[1] == heads:
-            if self._head_rows:
-                self.head_maps[index] = torch.cat(self._head_rows, dim=1)
-            if self._head_distances:
-                self.distances.append(torch.cat(self._head_distances, dim=1))
-            if self._head_chunks:
-                self.head_matrices[index] = torch.cat(self._head_chunks, dim=1)
-                self._head_chunks = []
-            fused = self._fused.div_(heads) if self.head_fusion == "mean" else self._fused
-            self._fused = None
-            self._finish(index, fused)
+            self._heads.setdefault("distances", []).append(self._distance(attention))
+        if chunk.ends_probes:
+            for name, parts in self._heads.items():  # every head of these probes: joined along the heads
+                self._parts.setdefault(name, []).append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            self._heads = {}
+        if chunk.ends_call:
+            joined = {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in self._parts.items()}
+            self._parts = {}
+            if "matrices" in joined:
+                self.head_matrices[index] = joined["matrices"]
+            if "rows" in joined:
+                self.head_maps[index] = joined["rows"]
+            if "distances" in joined:
+                self.distances.append(joined["distances"])
+            whole, self._fused = self._fused, None
+            self._finish(index, whole.div_(chunk.num_heads) if self.head_fusion == "mean" else whole)
 
     def _finish(self, index: int, fused: Tensor) -> None:
         """Everything that needs only the head-fused (B, N, N) matrix of layer ``index``."""
@@ -309,11 +325,13 @@ class _WindowReducer(_Collected):
         self.windows = self.layout.windows
         self._chunks: list[Tensor] = []
 
-    def chunk(self, index: int, first: int, heads: int, attention: Tensor) -> None:
-        """Consume a chunk of heads' (B * windows, h, w, w) weights; the block is complete after its last head."""
-        self._chunks = [] if first == 0 else self._chunks
+    def chunk(self, index: int, chunk: Chunk, attention: Tensor) -> None:
+        """Consume a chunk of heads' (B * windows, h, w, w) weights, every window at once (windowed layers are
+        streamed without chunks of probes); the block is complete after its last head."""
+        assert chunk.probes == slice(0, chunk.num_probes), "a windowed block's chunks hold every window"
+        self._chunks = [] if chunk.heads.start == 0 else self._chunks
         self._chunks.append(attention)
-        if first + attention.shape[1] == heads:
+        if chunk.ends_call:
             whole, self._chunks = torch.cat(self._chunks, dim=1), []
             self(index, whole)
 
@@ -636,16 +654,23 @@ def attention_maps(
         if all(supports_head_streaming(m) for m in layers):
             # the model keeps its fused kernel; the weights are rebuilt from its q and k in chunks of heads that
             # fit in the memory budget (usually all at once)
-            heads_seen: list[int] = []
+            # on a CPU a few probes at a time, so that each chunk is reduced while it is in the cache (a windowed
+            # block's windows are small already, and its reducer places them all at once)
+            cache = CPU_CHUNK_BYTES if device.type == "cpu" and layout.windows is None else None
+            layers_seen: list[int] = []
 
-            def on_chunk(index: int, first: int, heads: int, attention: Tensor) -> None:
-                if first + attention.shape[1] == heads:
-                    heads_seen.append(index)
-                reducer.chunk(index, first, heads, attention)
+            def on_chunk(index: int, chunk: Chunk, attention: Tensor) -> None:
+                if chunk.ends_call:
+                    layers_seen.append(index)
+                reducer.chunk(index, chunk, attention)
 
-            with _ModeGuard(backend.model), torch.no_grad(), stream_attention(backend.model, layers, on_chunk, budget):
+            with (
+                _ModeGuard(backend.model),
+                torch.no_grad(),
+                stream_chunks(backend.model, layers, on_chunk, budget, cache),
+            ):
                 output = backend.forward(images)
-            _check_calls(len(heads_seen), len(modules))
+            _check_calls(len(layers_seen), len(modules))
         else:
             with (
                 _ModeGuard(backend.model),

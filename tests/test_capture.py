@@ -178,6 +178,48 @@ def test_head_streaming_equals_the_unfused_softmax(mask_kind, budget):
     assert not layer._forward_pre_hooks and not layer._forward_hooks
 
 
+@pytest.mark.parametrize("cache", ["probe", "head"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+def test_chunks_of_probes_equal_the_unfused_softmax(mask_kind, cache):
+    """With a cache size, a layer's weights come a probe (or a probe's head) at a time, each probe's own mask
+    applied, in order (probes first, then heads), and the layer's output is still computed from them."""
+    from timm.layers.attention import Attention
+
+    from lightning_attn.capture import stream_chunks
+
+    torch.manual_seed(0)
+    layer = Attention(dim=48, num_heads=3, qkv_bias=True).eval()
+    layer.qkv.weight.data.mul_(6)
+    x = torch.randn(3, 9, 48)
+    kwargs = {}
+    if mask_kind == "bool":
+        kwargs["attn_mask"] = (torch.rand(3, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)
+    elif mask_kind == "float":
+        kwargs["attn_mask"] = torch.randn(3, 3, 9, 9)
+    elif mask_kind == "causal":
+        kwargs["is_causal"] = True
+    cache_bytes = 4 * 9 * 9 * (3 if cache == "probe" else 1)
+    got = torch.zeros(3, 3, 9, 9)
+    order = []
+
+    def on_chunk(index, chunk, weights):
+        order.append((chunk.probes.start, chunk.heads.start, chunk.ends_probes, chunk.ends_call))
+        got[chunk.probes, chunk.heads] = weights
+
+    with torch.no_grad():
+        plain_out = layer(x, **kwargs)
+        with stream_chunks(layer, [layer], on_chunk, None, cache_bytes):
+            streamed_out = layer(x, **kwargs)
+        with record_attention(layer) as rec:
+            layer(x, **kwargs)
+    torch.testing.assert_close(got, rec.attentions[0], atol=1e-6, rtol=1e-5)
+    heads = [0] if cache == "probe" else [0, 1, 2]
+    expected = [(p, h, h == heads[-1], p == 2 and h == heads[-1]) for p in range(3) for h in heads]
+    assert order == expected
+    torch.testing.assert_close(streamed_out, plain_out, atol=1e-6, rtol=1e-5)
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 @pytest.mark.parametrize("budget", [0, None])
 def test_streaming_equals_the_recorded_softmax_in_every_timm_family(key, budget):

@@ -211,12 +211,24 @@ def test_float32_maps_under_autocast_on_both_capture_paths(key):
 
 @pytest.mark.parametrize("key", ["vit", "eva02", "beit", "deit_distilled"])
 @pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
-def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
-    """Whole softmax at once, two heads at a time, one at a time: the same maps (to 1e-6), and the same maps as
-    the recorded (unfused, in-graph) path the gradient methods take."""
+@pytest.mark.parametrize("cache_probes", [None, 2, 1, "head"])
+def test_every_memory_budget_gives_the_same_maps(key, head_fusion, cache_probes, monkeypatch):
+    """Whole softmax at once, two heads at a time, one at a time, and on a CPU in chunks of two probes, one probe,
+    one probe's single head: the same maps (to 1e-6), and the same maps as the recorded (unfused, in-graph) path
+    the gradient methods take."""
+    import lightning_attn.maps as maps_module
+
     model = make_vit(key)
-    x = input_for(key)
+    x = input_for(key, batch=3)
     n = token_layout(model, tuple(x.shape[-2:])).num_tokens
+    heads = model.blocks[0].attn.num_heads
+    if cache_probes is not None:  # the bytes of one chunk's weights
+        size = 4 * n * n if cache_probes == "head" else cache_probes * 4 * heads * n * n
+        monkeypatch.setattr(maps_module, "CPU_CHUNK_BYTES", size)
+    chunks = []
+    original = maps_module._Reducer.chunk
+    spy = lambda self, i, c, a: (chunks.append(c), original(self, i, c, a))  # noqa: E731
+    monkeypatch.setattr(maps_module._Reducer, "chunk", spy)
     two_heads = 2 * 4 * x.shape[0] * n * n * 2
     kw = dict(
         head_fusion=head_fusion,
@@ -229,7 +241,13 @@ def test_every_memory_budget_gives_the_same_maps(key, head_fusion):
     score = lambda output: output.flatten(1).sum(-1)  # noqa: E731 (some tiny models have no class head)
     recorded = attention_maps(model, x, methods=("raw", "rollout", "grad_rollout"), target=score, **kw)
     for budget in (None, two_heads, 0):
+        chunks.clear()
         got = attention_maps(model, x, memory_budget=budget, **kw)
+        probe_steps = {c.probes.stop - c.probes.start for c in chunks}
+        expected_probes = {None: {3}, 2: {2, 1}, 1: {1}, "head": {1}}[cache_probes]
+        assert probe_steps == expected_probes, "the chunks of probes asked for"
+        if cache_probes == "head":
+            assert {c.heads.stop - c.heads.start for c in chunks} == {1}
         for name in ("raw", "rollout", "attention_distance", "prefix_attention"):
             torch.testing.assert_close(getattr(got, name), getattr(recorded, name), atol=1e-6, rtol=1e-5)
         for index in (0, 2):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,12 +27,14 @@ from ..layout import TokenLayout
 
 __all__ = [
     "Backend",
+    "CPU_CHUNK_BYTES",
+    "Chunk",
     "DEFAULT_MEMORY_BUDGET",
     "EmitAttention",
     "EmitHeads",
     "Undo",
     "capture_budget",
-    "output_from_weights",
+    "chunk_steps",
     "stream_softmax",
     "take_calls",
     "take_softmax",
@@ -42,9 +44,9 @@ __all__ = [
 
 #: Hands over one call's softmax weights (B, heads, N, N) of ``module``; the tensor the layer used (in the graph).
 EmitAttention = Callable[[nn.Module, Tensor], None]
-#: Hands over a chunk of heads' float32 softmax weights: ``(module, first_head, num_heads, weights)``, weights
-#: (B, h, N, N) for heads ``first_head .. first_head + h - 1`` of ``num_heads``.
-EmitHeads = Callable[[nn.Module, int, int, Tensor], None]
+#: Hands over a chunk of float32 softmax weights: ``(module, chunk, weights)``, weights (b, h, N, N) for the probes
+#: and heads the :class:`Chunk` names.
+EmitHeads = Callable[[nn.Module, "Chunk", Tensor], None]
 #: Undo actions, run last-first when a recording ends (hook removal, flag and config restoration).
 Undo = list[Callable[[], None]]
 
@@ -78,56 +80,109 @@ def capture_budget(memory_budget: int | None, device: torch.device) -> int:
     return max(0, budget)
 
 
+class Chunk(NamedTuple):
+    """Where a chunk of softmax weights sits in its layer call's (B, heads, N, N) attention: weights (b, h, N, N)
+    of probes ``probes`` and heads ``heads``, out of ``num_probes`` and ``num_heads``. The chunks of a call come
+    probes first, then heads: every head of probes 0..b-1, then of the next probes."""
+
+    probes: slice
+    heads: slice
+    num_probes: int
+    num_heads: int
+
+    @property
+    def ends_probes(self) -> bool:
+        """The last chunk of its probes: every head of them has been handed over."""
+        return self.heads.stop == self.num_heads
+
+    @property
+    def ends_call(self) -> bool:
+        """The last chunk of the layer call."""
+        return self.ends_probes and self.probes.stop == self.num_probes
+
+
+#: On a CPU the probe pass rebuilds a layer's softmax a few probes at a time, each chunk's float32 weights at most
+#: this many bytes, so that its logits and weights stay in the cache while they are reduced and multiplied by the
+#: values, as the fused kernel's tiles do. A ViT-S/16 layer, 16 probes, 2 threads: 1.07x its fused forward this way,
+#: 1.47x with every probe at once; 1 MiB and 3 MiB were no better on any ViT size (``benchmarks/bench_chunks.py``).
+CPU_CHUNK_BYTES = 2 * 2**20
+
+
+def chunk_steps(
+    probes: int, heads: int, n_query: int, n_key: int, budget: int, cache_bytes: int | None
+) -> tuple[int, int, bool]:
+    """How many probes and heads one chunk of a layer's softmax holds, and whether every head of a chunk's
+    probes is there at once (then the layer's output may be computed from the weights).
+
+    The heads come all at once when their float32 logits and weights fit in ``budget`` bytes, else as many as fit,
+    down to one. With ``cache_bytes`` the probes come a few at a time, their weights within ``cache_bytes``, and the
+    heads too when one probe's heads exceed it (the output still comes from the weights when the budget held them).
+    """
+    per = 4 * n_query * n_key  # one head of one probe, float32
+    probe_step = probes if cache_bytes is None else min(probes, max(1, cache_bytes // (per * heads)))
+    whole = 2 * per * probe_step * heads <= budget
+    head_step = heads if whole else max(1, budget // (2 * per * probe_step))
+    if cache_bytes is not None:
+        head_step = min(head_step, max(1, cache_bytes // (per * probe_step)))
+    return probe_step, head_step, whole
+
+
 def stream_softmax(
     query: Tensor,
     key: Tensor,
     scale: float,
     bias: Callable[[int, int], Tensor | None],
-    emit: Callable[[int, int, Tensor], None],
+    emit: Callable[[Chunk, Tensor], None],
     budget: int,
+    value: Tensor | None = None,
+    cache_bytes: int | None = None,
 ) -> Tensor | None:
-    """Rebuild ``softmax(q k^T * scale + bias)`` in float32 and hand it to ``emit`` in chunks of heads.
+    """Rebuild ``softmax(q k^T * scale + bias)`` in float32 and hand it to ``emit`` in chunks.
 
     ``query``/``key`` are (B, heads, N, D) exactly as the layer feeds them to its attention kernel; ``bias(h0, h1)``
-    gives heads h0..h1-1's additive bias (broadcastable to (B, h1 - h0, N, N)) or None. Each chunk holds as many
-    heads as ``budget`` takes (their float32 logits and weights together, at least one head), and
-    ``emit(first_head, num_heads, weights)`` receives it as (B, h, N, N); only one chunk exists at a time, so with
-    a small budget memory does not grow with the heads. Returns the whole (B, heads, N, N) weights when they fit
-    in ``budget`` (one chunk held every head; the caller may reuse them, see :func:`output_from_weights`), else
-    None. Autocast is switched off: under bf16 it would turn these matmuls back into bf16.
+    gives heads h0..h1-1's additive bias (broadcastable to (B, h1 - h0, N, N)) or None. :func:`chunk_steps` says
+    what a chunk holds: every probe and as many heads as ``budget`` takes (their float32 logits and weights
+    together, at least one head), or with ``cache_bytes`` a few probes at a time. ``emit(chunk, weights)``
+    receives each as (b, h, N, N) with its :class:`Chunk`; only one chunk exists at a time, so with a small budget
+    memory does not grow with the heads.
+
+    Returns the attention output ``weights @ value``, (B, heads, N, Dv) (a view of (B, N, heads, Dv) memory, the
+    layout layers reshape to), computed chunk by chunk from the weights, when ``value`` is given, float32, autograd
+    is off and the budget held every head of a chunk: the kernel's math path without q k^T and the softmax a
+    second time. None otherwise: the layer's own kernel gives its output. Pass ``value`` only for dropout-free calls.
+    Autocast is switched off: under bf16 it would turn these matmuls back into bf16.
     """
-    heads = query.shape[1]
+    b, heads, n_q, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    per_head = 2 * 4 * query.shape[0] * query.shape[2] * key.shape[2]  # float32 logits and weights of one head
-    fits = per_head * heads <= budget
-    step = heads if fits else max(1, budget // per_head)
-    weights = None
+    probe_step, head_step, whole = chunk_steps(b, heads, n_q, key.shape[2], budget, cache_bytes)
+    reuse = whole and value is not None and value.dtype == torch.float32 and not torch.is_grad_enabled()
+    out = None
+    if reuse:
+        assert value is not None
+        if value.shape[1] != heads:  # grouped-query attention
+            value = value.repeat_interleave(heads // value.shape[1], dim=1)
+        out = value.new_empty(b, n_q, heads, value.shape[-1]).transpose(1, 2)
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         q, k = query.float(), key.float()
-        for h0 in range(0, heads, step):
-            h1 = min(heads, h0 + step)
-            # scaling q (N x D) rather than the logits (N x N): fewer multiplies, and it makes the strided q slice
-            # contiguous for the matmul in the same pass (timm's unfused path does the same)
-            logits = (q[:, h0:h1] * scale) @ k[:, h0:h1].transpose(-2, -1)
-            extra = bias(h0, h1)
-            if extra is not None:
-                logits.add_(extra)
-            weights = logits.softmax(dim=-1)
-            del logits
-            emit(h0, heads, weights)
-    return weights if fits else None
-
-
-def output_from_weights(weights: Tensor | None, value: Tensor, dropout_p: float) -> Tensor | None:
-    """``weights @ value``, (B, heads, N, D), when :func:`stream_softmax` returned every head's float32 weights for
-    a float32, dropout-free call outside autograd: the kernel's math path, without q k^T and the softmax a second
-    time. None otherwise: the layer's own kernel gives the output."""
-    if weights is None or dropout_p != 0.0 or value.dtype != torch.float32 or torch.is_grad_enabled():
-        return None
-    if value.shape[1] != weights.shape[1]:  # grouped-query attention
-        value = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)
-    return weights @ value
+        for b0 in range(0, b, probe_step):
+            b1 = min(b, b0 + probe_step)
+            for h0 in range(0, heads, head_step):
+                h1 = min(heads, h0 + head_step)
+                # scaling q (N x D) rather than the logits (N x N): fewer multiplies, and it makes the strided q
+                # slice contiguous for the matmul in the same pass (timm's unfused path does the same)
+                logits = (q[b0:b1, h0:h1] * scale) @ k[b0:b1, h0:h1].transpose(-2, -1)
+                extra = bias(h0, h1)
+                if extra is not None:
+                    logits.add_(extra[b0:b1] if extra.dim() == 4 and extra.shape[0] > 1 else extra)
+                weights = logits.softmax(dim=-1)
+                del logits
+                emit(Chunk(slice(b0, b1), slice(h0, h1), b, heads), weights)
+                if out is not None:
+                    assert value is not None
+                    out[b0:b1, h0:h1] = weights @ value[b0:b1, h0:h1]
+                del weights
+    return out
 
 
 def additive_bias(
@@ -253,10 +308,12 @@ class Backend(ABC):
         return False
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
-        """Make every call of ``module`` hand its float32 weights to ``emit`` in chunks of heads that fit in
-        ``budget`` bytes (:func:`stream_softmax`), its output as without the recording (to rounding where a layer
-        reuses the weights for it)."""
+    def attach_head_stream(
+        cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int, cache_bytes: int | None = None
+    ) -> None:
+        """Make every call of ``module`` hand its float32 weights to ``emit`` in chunks (:func:`stream_softmax`:
+        heads that fit in ``budget`` bytes, with ``cache_bytes`` a few probes at a time), its output as without
+        the recording (to rounding where a layer computes it from the weights)."""
         raise NotImplementedError(f"{cls.name} cannot stream the heads of {type(module).__name__}")
 
     # ------------------------------------------------------------------ models

@@ -25,7 +25,6 @@ from .base import (
     EmitHeads,
     Undo,
     additive_bias,
-    output_from_weights,
     stream_softmax,
     take_calls,
     to_pair,
@@ -121,7 +120,9 @@ class TimmBackend(Backend):
         return (type(module).__module__, type(module).__name__) in STREAMABLE
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
+    def attach_head_stream(
+        cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int, cache_bytes: int | None = None
+    ) -> None:
         flag = module.fused_attn
         module.fused_attn = True  # the layer must call the kernel whose arguments are taken
         undo.append(lambda: setattr(module, "fused_attn", flag))
@@ -139,8 +140,16 @@ class TimmBackend(Backend):
             n_q, n_k = q.shape[-2], k.shape[-2]
             bias = lambda h0, h1: additive_bias(attn_mask, slice(h0, h1), n_q, n_k, is_causal, q)  # noqa: E731
             scaling = q.shape[-1] ** -0.5 if scale is None else scale
-            weights = stream_softmax(q, k, scaling, bias, lambda h0, heads, a: emit(module, h0, heads, a), budget)
-            out = output_from_weights(weights, v, dropout_p)
+            out = stream_softmax(
+                q,
+                k,
+                scaling,
+                bias,
+                lambda c, a: emit(module, c, a),
+                budget,
+                v if dropout_p == 0.0 else None,
+                cache_bytes,
+            )
             if out is not None:
                 return out
             extra = {} if scale is None else {"scale": scale}

@@ -131,7 +131,9 @@ class TorchvisionBackend(Backend):
         return isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
+    def attach_head_stream(
+        cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int, cache_bytes: int | None = None
+    ) -> None:
         _check_mha(module)
 
         def stream(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -140,7 +142,7 @@ class TorchvisionBackend(Backend):
             with torch.no_grad():
                 q, k = _projections(mod, query, key, None)
             bias = _bias(mod, args, kwargs, q.shape[0], q.shape[2], k.shape[2], q)
-            stream_softmax(q, k, q.shape[-1] ** -0.5, bias, lambda h0, heads, a: emit(mod, h0, heads, a), budget)
+            stream_softmax(q, k, q.shape[-1] ** -0.5, bias, lambda c, a: emit(mod, c, a), budget, None, cache_bytes)
 
         undo.append(module.register_forward_pre_hook(stream, with_kwargs=True).remove)
 

@@ -29,7 +29,6 @@ from .base import (
     EmitHeads,
     Undo,
     additive_bias,
-    output_from_weights,
     stream_softmax,
     to_pair,
 )
@@ -198,7 +197,9 @@ class TransformersBackend(Backend):
         return True
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
+    def attach_head_stream(
+        cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int, cache_bytes: int | None = None
+    ) -> None:
         kernel = _switch(module, undo)
 
         def stream_then_kernel(
@@ -210,11 +211,17 @@ class TransformersBackend(Backend):
             def bias(h0: int, h1: int) -> Tensor | None:
                 return additive_bias(None if mask is None else mask[..., :n_k], slice(h0, h1), n_q, n_k, causal, query)
 
-            weights = stream_softmax(
-                query, key, _scaling(query, kwargs), bias, lambda h0, heads, a: emit(mod, h0, heads, a), budget
-            )
             dropout = float(kwargs.get("dropout", 0.0) or 0.0) if mod.training else 0.0
-            out = output_from_weights(weights, value, dropout)
+            out = stream_softmax(
+                query,
+                key,
+                _scaling(query, kwargs),
+                bias,
+                lambda c, a: emit(mod, c, a),
+                budget,
+                value if dropout == 0.0 else None,
+                cache_bytes,
+            )
             if out is not None:  # the eager computation from the weights, in the layout kernels return
                 return out.transpose(1, 2).contiguous(), None
             # the model's own kernel with exactly its arguments: outputs bitwise those of a plain forward

@@ -54,8 +54,10 @@ class TransformersSwinBackend(TransformersBackend):
         return not _computes_softmax(module)
 
     @classmethod
-    def attach_head_stream(cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int) -> None:
-        super().attach_head_stream(module, emit, undo, budget)
+    def attach_head_stream(
+        cls, module: nn.Module, emit: EmitHeads, undo: Undo, budget: int, cache_bytes: int | None = None
+    ) -> None:
+        super().attach_head_stream(module, emit, undo, budget, cache_bytes)
 
     @classmethod
     def recognises(cls, module: nn.Module) -> bool:
