@@ -4,12 +4,15 @@
     python benchmarks/bench_families.py --quick    # fewer repeats
 
     python benchmarks/bench_families.py --only swin    # the Swin-T rows alone
+    python benchmarks/bench_families.py --only "timm vit_small" --runs 10   # the spread over 10 independent runs
 
 For a ViT-S-sized timm model, a ViT-S-sized Hugging Face ``ViTForImageClassification`` (default ``sdpa``) and
 torchvision's ``vit_b_16``, and Swin-T in each of the three (windowed, 4 stages), all with random weights at
 224x224 and 16 probes: the probe pass (capture + raw and
 rollout maps, ``attention_maps``) against a plain forward of the same probes, timed alternately (median), and the
 peak extra memory of each beyond the plain forward, measured in fresh subprocesses as ``bench_monitor.py`` does.
+With ``--runs K`` the timing is repeated in K fresh processes (independent runs: the model, its memory layout and
+the machine's state drawn anew) and the ratio column gives their mean ± standard deviation and range.
 """
 
 from __future__ import annotations
@@ -86,8 +89,25 @@ def _images(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
+def _timing(family: str, probes: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of the probe pass and of a plain forward of the same probes, run alternately."""
+    model = _model(family)
+    backend = backend_for(model)
+    x = _images(probes)
+
+    def plain() -> None:
+        with torch.no_grad():
+            backend.forward(x)
+
+    return _alternate(lambda: attention_maps(model, x), plain, repeats)
+
+
 def _child(spec: dict) -> None:
     torch.set_num_threads(spec.get("threads", 2))
+    if spec["what"] == "timing":
+        ours, base = _timing(spec["family"], spec["probes"], spec["repeats"])
+        print(json.dumps({"ours": ours, "base": base}))
+        return
     model = _model(spec["family"])
     backend = backend_for(model)
     x = _images(spec["probes"])
@@ -101,12 +121,16 @@ def _child(spec: dict) -> None:
     print(json.dumps({"extra_kib": _rss_kib("VmHWM") - base}))
 
 
-def _peak(spec: dict) -> float:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back: RSS follows live tensors
+def _run_child(spec: dict, env: dict | None = None) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True, env=env
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_kib"] / 1024
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak(spec: dict) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back: RSS follows live tensors
+    return _run_child(spec, env)["extra_kib"] / 1024
 
 
 def main() -> None:
@@ -115,6 +139,7 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=16)
     parser.add_argument("--only", default="", help="only the families whose name contains this (e.g. swin)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a shared, busy machine)")
+    parser.add_argument("--runs", type=int, default=1, help="independent timing runs, each in a fresh process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -132,15 +157,21 @@ def main() -> None:
     print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
     print("|---|---|---|---|---|---|")
     for family in (f for f in FAMILIES if args.only.lower() in f.lower()):
-        model = _model(family)
-        backend = backend_for(model)
-        x = _images(args.probes)
-
-        def plain():
-            with torch.no_grad():
-                backend.forward(x)  # noqa: B023 (timed within this iteration)
-
-        ours, base = _alternate(lambda: attention_maps(model, x), plain, repeats)  # noqa: B023 (timed within this iteration)
+        if args.runs == 1:
+            runs = [_timing(family, args.probes, repeats)]
+        else:
+            spec = dict(family=family, probes=args.probes, what="timing", threads=args.threads, repeats=repeats)
+            runs = [(t["ours"], t["base"]) for t in (_run_child(spec) for _ in range(args.runs))]
+        ours = statistics.median(o for o, _ in runs)
+        base = statistics.median(b for _, b in runs)
+        ratios = [o / b for o, b in runs]
+        if len(ratios) == 1:
+            ratio = f"{ratios[0]:.2f}"
+        else:
+            ratio = (
+                f"{statistics.mean(ratios):.2f} ± {statistics.stdev(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}, "
+                f"{len(ratios)} runs)"
+            )
         memory = {
             what: statistics.median(
                 _peak(dict(family=family, probes=args.probes, what=what, threads=args.threads))
@@ -149,7 +180,7 @@ def main() -> None:
             for what in ("plain", "maps")
         }
         print(
-            f"| {family} | {ours:.3f} | {base:.3f} | {ours / base:.2f} | {memory['maps'] - memory['plain']:.1f} "
+            f"| {family} | {ours:.3f} | {base:.3f} | {ratio} | {memory['maps'] - memory['plain']:.1f} "
             f"| {memory['plain']:.1f} |",
             flush=True,
         )

@@ -290,7 +290,8 @@ class _Reducer(_Collected):
             p = self.layout.num_prefix_tokens
             self.prefix.append(query_vector(fused, self.layout)[:, :p].clone())  # not a view of the (B, N, N) matrix
         if "rollout" in self.methods:
-            step = residual_transition(discard_weakest(fused, self.discard_ratio))
+            # in place unless the matrix is kept: two fewer (B, N, N) tensors a layer
+            step = residual_transition(discard_weakest(fused, self.discard_ratio), in_place=index not in self.keep)
             if self.keep_steps:
                 self._steps.append(step)
             else:

@@ -81,15 +81,15 @@ def discard_weakest(fused: Tensor, discard_ratio: float) -> Tensor:
     return flat.scatter(-1, weakest, 0.0).reshape(b, n, n)
 
 
-def residual_transition(fused: Tensor) -> Tensor:
+def residual_transition(fused: Tensor, in_place: bool = False) -> Tensor:
     """Â = (F + I) / row sums: the residual connection modelled as identity, rows normalised to 1.
 
     The row sums keep their dimension; ``a / a.sum(dim=-1)`` would broadcast over the last axis and divide each
-    column ``j`` by the sum of row ``j`` instead.
+    column ``j`` by the sum of row ``j`` instead. ``in_place`` computes it in ``fused``'s memory.
     """
-    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-    a = fused + eye
-    return a / a.sum(dim=-1, keepdim=True)
+    a = fused if in_place else fused.clone()
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return a.div_(a.sum(dim=-1, keepdim=True))
 
 
 def attention_rollout(

@@ -216,7 +216,7 @@ def test_chunks_of_probes_equal_the_unfused_softmax(mask_kind, cache):
     heads = [0] if cache == "probe" else [0, 1, 2]
     expected = [(p, h, h == heads[-1], p == 2 and h == heads[-1]) for p in range(3) for h in heads]
     assert order == expected
-    torch.testing.assert_close(streamed_out, plain_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(streamed_out, plain_out, atol=1e-5, rtol=1e-5)  # the kernel's math, to rounding
     assert not layer._forward_pre_hooks and not layer._forward_hooks
 
 

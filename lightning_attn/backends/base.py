@@ -144,7 +144,8 @@ def stream_softmax(
     what a chunk holds: every probe and as many heads as ``budget`` takes (their float32 logits and weights
     together, at least one head), or with ``cache_bytes`` a few probes at a time. ``emit(chunk, weights)``
     receives each as (b, h, N, N) with its :class:`Chunk`; only one chunk exists at a time, so with a small budget
-    memory does not grow with the heads.
+    memory does not grow with the heads. With ``cache_bytes`` the weights handed over are overwritten by the next
+    chunk's: clone what you keep.
 
     Returns the attention output ``weights @ value``, (B, heads, N, Dv) (a view of (B, N, heads, Dv) memory, the
     layout layers reshape to), computed chunk by chunk from the weights, when ``value`` is given, float32, autograd
@@ -155,7 +156,8 @@ def stream_softmax(
     b, heads, n_q, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each key head serves several query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
-    probe_step, head_step, whole = chunk_steps(b, heads, n_q, key.shape[2], budget, cache_bytes)
+    n_k = key.shape[2]
+    probe_step, head_step, whole = chunk_steps(b, heads, n_q, n_k, budget, cache_bytes)
     reuse = whole and value is not None and value.dtype == torch.float32 and not torch.is_grad_enabled()
     out = None
     if reuse:
@@ -165,24 +167,52 @@ def stream_softmax(
         out = value.new_empty(b, n_q, heads, value.shape[-1]).transpose(1, 2)
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         q, k = query.float(), key.float()
+        # One scratch buffer for the layer call, each chunk's operands contiguous views of it: a fresh tensor per
+        # chunk costs the allocator new pages whenever it has just given freed ones back to the system. The weights
+        # too with cache_bytes (the probe pass's reducer keeps nothing of them); without, each chunk's weights are
+        # new memory, which a caller may keep.
+        most = probe_step * head_step
+        d_v = value.shape[-1] if out is not None and value is not None else 0
+        shapes = [(n_q, n_k), (n_q, q.shape[-1]), (n_k, k.shape[-1]), (n_k, d_v), (n_q, d_v)]
+        if cache_bytes is not None:
+            shapes.append((n_q, n_k))
+        scratch = q.new_empty(most * sum(rows * cols for rows, cols in shapes))
         for b0 in range(0, b, probe_step):
             b1 = min(b, b0 + probe_step)
             for h0 in range(0, heads, head_step):
                 h1 = min(heads, h0 + head_step)
+                shape = (b1 - b0, h1 - h0)
+                logits, q_chunk, k_chunk, v_chunk, o_chunk, *weights_memory = _views(
+                    scratch, most, shape[0] * shape[1], shapes
+                )
                 # scaling q (N x D) rather than the logits (N x N): fewer multiplies, and it makes the strided q
                 # slice contiguous for the matmul in the same pass (timm's unfused path does the same)
-                logits = (q[b0:b1, h0:h1] * scale) @ k[b0:b1, h0:h1].transpose(-2, -1)
+                q_chunk = torch.mul(q[b0:b1, h0:h1], scale, out=q_chunk.view(*shape, n_q, -1))
+                k_chunk = k_chunk.view(*shape, n_k, -1).copy_(k[b0:b1, h0:h1])
+                logits = torch.matmul(q_chunk, k_chunk.transpose(-2, -1), out=logits.view(*shape, n_q, n_k))
                 extra = bias(h0, h1)
                 if extra is not None:
                     logits.add_(extra[b0:b1] if extra.dim() == 4 and extra.shape[0] > 1 else extra)
-                weights = logits.softmax(dim=-1)
-                del logits
+                if weights_memory:
+                    weights = torch.softmax(logits, dim=-1, out=weights_memory[0].view(*shape, n_q, n_k))
+                else:
+                    weights = logits.softmax(dim=-1)
                 emit(Chunk(slice(b0, b1), slice(h0, h1), b, heads), weights)
                 if out is not None:
                     assert value is not None
-                    out[b0:b1, h0:h1] = weights @ value[b0:b1, h0:h1]
-                del weights
+                    v_chunk = v_chunk.view(*shape, n_k, d_v).copy_(value[b0:b1, h0:h1])
+                    out[b0:b1, h0:h1] = torch.matmul(weights, v_chunk, out=o_chunk.view(*shape, n_q, d_v))
     return out
+
+
+def _views(scratch: Tensor, most: int, size: int, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Flat, contiguous views of ``scratch`` for one chunk of ``size`` (probe, head) pairs: for each operand its
+    ``shapes`` entry per pair; operand i starts where room for ``most`` pairs of the operands before it ends."""
+    views, start = [], 0
+    for rows, cols in shapes:
+        views.append(scratch[start : start + size * rows * cols])
+        start += most * rows * cols
+    return views
 
 
 def additive_bias(
