@@ -13,6 +13,11 @@ rollout maps, ``attention_maps``) against a plain forward of the same probes, ti
 peak extra memory of each beyond the plain forward, measured in fresh subprocesses as ``bench_monitor.py`` does.
 With ``--runs K`` the timing is repeated in K fresh processes (independent runs: the model, its memory layout and
 the machine's state drawn anew) and the ratio column gives their mean ± standard deviation and range.
+
+``--allocator pinned`` runs those processes with glibc told never to give freed memory back to the system
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): with the default allocator either side of the comparison
+may pay for fresh pages, depending on what the allocator has just given back (the page-fault column: medians of
+each call's minor faults); pinned, both sides compute on memory already mapped.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -32,7 +39,7 @@ import torch
 from lightning_attn import attention_maps, backend_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_monitor import _alternate, _rss_kib  # noqa: E402  (the same timing and memory probes)
+from bench_monitor import _rss_kib  # noqa: E402  (the same memory probe)
 
 FAMILIES = (
     "timm vit_small_patch16_224",
@@ -89,8 +96,9 @@ def _images(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
-def _timing(family: str, probes: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of the probe pass and of a plain forward of the same probes, run alternately."""
+def _timing(family: str, probes: int, repeats: int) -> tuple[float, float, float, float]:
+    """Median seconds of the probe pass and of a plain forward of the same probes, run alternately after a warm-up,
+    and the median minor page faults of each call (fresh pages the allocator had to map)."""
     model = _model(family)
     backend = backend_for(model)
     x = _images(probes)
@@ -99,14 +107,32 @@ def _timing(family: str, probes: int, repeats: int) -> tuple[float, float]:
         with torch.no_grad():
             backend.forward(x)
 
-    return _alternate(lambda: attention_maps(model, x), plain, repeats)
+    def probe_pass() -> None:
+        attention_maps(model, x)
+
+    probe_pass(), plain()
+    seconds: dict[str, list[float]] = {"ours": [], "base": []}
+    faults: dict[str, list[int]] = {"ours": [], "base": []}
+    for _ in range(repeats):
+        for name, f in (("ours", probe_pass), ("base", plain)):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            f()
+            seconds[name].append(time.perf_counter() - start)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return (
+        statistics.median(seconds["ours"]),
+        statistics.median(seconds["base"]),
+        statistics.median(faults["ours"]),
+        statistics.median(faults["base"]),
+    )
 
 
 def _child(spec: dict) -> None:
     torch.set_num_threads(spec.get("threads", 2))
     if spec["what"] == "timing":
-        ours, base = _timing(spec["family"], spec["probes"], spec["repeats"])
-        print(json.dumps({"ours": ours, "base": base}))
+        ours, base, ours_faults, base_faults = _timing(spec["family"], spec["probes"], spec["repeats"])
+        print(json.dumps({"ours": ours, "base": base, "ours_faults": ours_faults, "base_faults": base_faults}))
         return
     model = _model(spec["family"])
     backend = backend_for(model)
@@ -119,6 +145,10 @@ def _child(spec: dict) -> None:
     else:
         attention_maps(model, x)
     print(json.dumps({"extra_kib": _rss_kib("VmHWM") - base}))
+
+
+#: glibc settings under which freed memory stays mapped (``--allocator pinned``)
+PINNED = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def _run_child(spec: dict, env: dict | None = None) -> dict:
@@ -140,6 +170,12 @@ def main() -> None:
     parser.add_argument("--only", default="", help="only the families whose name contains this (e.g. swin)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (1 on a shared, busy machine)")
     parser.add_argument("--runs", type=int, default=1, help="independent timing runs, each in a fresh process")
+    parser.add_argument(
+        "--allocator",
+        choices=("default", "pinned"),
+        default="default",
+        help="pinned: the timing processes keep freed memory mapped (glibc), so page faults do not enter the ratio",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,19 +188,28 @@ def main() -> None:
     print(
         f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({args.threads} threads), "
-        f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False\n"
+        f"transformers {transformers.__version__}, {args.probes} probes at 224x224, pretrained=False, "
+        f"{args.allocator} allocator\n"
     )
-    print("| model | probe pass (s) | plain forward (s) | ratio | extra peak memory (MiB) | plain forward peak (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | probe pass (s) | plain forward (s) | ratio | minor page faults a call, plain / pass "
+        "| extra peak memory (MiB) | plain forward peak (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for family in (f for f in FAMILIES if args.only.lower() in f.lower()):
-        if args.runs == 1:
+        if args.runs == 1 and args.allocator == "default":
             runs = [_timing(family, args.probes, repeats)]
         else:
             spec = dict(family=family, probes=args.probes, what="timing", threads=args.threads, repeats=repeats)
-            runs = [(t["ours"], t["base"]) for t in (_run_child(spec) for _ in range(args.runs))]
-        ours = statistics.median(o for o, _ in runs)
-        base = statistics.median(b for _, b in runs)
-        ratios = [o / b for o, b in runs]
+            env = {**os.environ, **PINNED} if args.allocator == "pinned" else None
+            runs = [
+                (t["ours"], t["base"], t["ours_faults"], t["base_faults"])
+                for t in (_run_child(spec, env) for _ in range(args.runs))
+            ]
+        ours = statistics.median(r[0] for r in runs)
+        base = statistics.median(r[1] for r in runs)
+        ratios = [r[0] / r[1] for r in runs]
+        faults = f"{statistics.median(r[3] for r in runs):,.0f} / {statistics.median(r[2] for r in runs):,.0f}"
         if len(ratios) == 1:
             ratio = f"{ratios[0]:.2f}"
         else:
@@ -180,7 +225,7 @@ def main() -> None:
             for what in ("plain", "maps")
         }
         print(
-            f"| {family} | {ours:.3f} | {base:.3f} | {ratio} | {memory['maps'] - memory['plain']:.1f} "
+            f"| {family} | {ours:.3f} | {base:.3f} | {ratio} | {faults} | {memory['maps'] - memory['plain']:.1f} "
             f"| {memory['plain']:.1f} |",
             flush=True,
         )
