@@ -103,8 +103,9 @@ class Chunk(NamedTuple):
 
 #: On a CPU the probe pass rebuilds a layer's softmax a few probes at a time, each chunk's float32 weights at most
 #: this many bytes, so that its logits and weights stay in the cache while they are reduced and multiplied by the
-#: values, as the fused kernel's tiles do. A ViT-S/16 layer, 16 probes, 2 threads: 1.07x its fused forward this way,
-#: 1.47x with every probe at once; 1 MiB and 3 MiB were no better on any ViT size (``benchmarks/bench_chunks.py``).
+#: values, as the fused kernel's tiles do. A ViT-S/16 layer, 16 probes, 2 threads: 1.00x its fused forward this way,
+#: 1.37x with every probe at once; smaller chunks were slower on every ViT size, 4 MiB on ViT-Ti and at 577 tokens
+#: (``benchmarks/bench_chunks.py``).
 CPU_CHUNK_BYTES = 2 * 2**20
 
 
