@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -272,6 +272,21 @@ def _streak(flags: Sequence[bool]) -> int:
     return count
 
 
+def _held_since(history: History, flag: Callable[[Mapping[str, float]], bool], patience: int) -> int | None:
+    """The index of the latest pass at least ``patience`` optimiser steps before the last one, when ``flag`` holds
+    at every pass from it to the last (the baseline, index 0, never counts), else None. Read from the last pass
+    back, stopping where the streak breaks or reaches that pass: a pass costs the same at pass 1000 as at pass 10
+    (:func:`_lasted` over every pass's flags gives the same verdict)."""
+    last = history[-1][0]
+    for index in range(len(history) - 1, 0, -1):
+        step, metrics = history[index]
+        if not flag(metrics):
+            return None
+        if last - step >= patience:
+            return index
+    return None
+
+
 def _lasted(history: History, flags: Sequence[bool], patience: int) -> bool:
     """Whether ``flags`` (one per pass after the baseline) hold at every pass from one at least ``patience``
     optimiser steps before the last pass to the last: the streak's duration in steps, not in passes."""
@@ -356,8 +371,7 @@ class CollapseRule(Rule):
         methods = [m for m in METHODS if f"{self.prefix}_entropy_median/{m}" in history[-1][1]]
         collapsed = []
         for method in methods:
-            flags = [bool(self._collapsed(h, method)) for _, h in history[1:]]
-            if _lasted(history, flags, self.patience):
+            if _held_since(history, lambda h: bool(self._collapsed(h, method)), self.patience) is not None:  # noqa: B023
                 collapsed.append(method)
         if not collapsed:
             return None
@@ -425,13 +439,16 @@ class UniformRule(Rule):
         methods = self._methods(history)
         if not methods or len(history) < 2:
             return None
-        lowest = [self._lowest(h, methods) for _, h in history[1:]]
-        flags = [v is not None and v >= self.entropy for v in lowest]
-        if not _lasted(history, flags, self.patience):
-            return None
+
+        def flat(metrics: Mapping[str, float]) -> bool:
+            v = self._lowest(metrics, methods)
+            return v is not None and v >= self.entropy
+
         # the pass `patience` steps back (the streak covers it): how much attention formed since
-        back = max(i for i, (step, _) in enumerate(history[1:]) if step <= history[-1][0] - self.patience)
-        first, now = lowest[back], lowest[-1]
+        back = _held_since(history, flat, self.patience)
+        if back is None:
+            return None
+        first, now = self._lowest(history[back][1], methods), self._lowest(history[-1][1], methods)
         assert first is not None and now is not None  # flagged
         if first - now >= self.change:
             return None  # attention is forming: not "never learned"
@@ -509,7 +526,7 @@ class OverwriteRule(Rule):
             d = drifts(metrics)
             return d is not None and d[0] >= self.min_drift and d[0] >= self.ratio * d[1]
 
-        if not _lasted(history, [overwritten(h) for _, h in history[1:]], self.patience):
+        if _held_since(history, overwritten, self.patience) is None:
             return None
         e, l_ = drifts(history[-1][1])  # type: ignore[misc]
         return Finding(
@@ -564,7 +581,7 @@ class ArtifactRule(Rule):
                     out.append(layer)
             return out
 
-        if not _lasted(history, [bool(hot(h)) for _, h in history[1:]], self.patience):
+        if _held_since(history, lambda h: bool(hot(h)), self.patience) is None:
             return None
         last = history[-1][1]
         found = hot(last)
@@ -656,12 +673,12 @@ class ChanceRule(Rule):
             tag = f"{chart}/{method}"
             if tag not in history[-1][1]:
                 continue
-            flags = []
-            for _, h in history[1:]:
-                v, r, d = _value(h, tag), _value(h, f"{chart}/random"), _value(h, drop)
-                flags.append(v is not None and r is not None and d is not None and v > r - self.margin)
-                flags[-1] = flags[-1] and d >= self.min_drop  # type: ignore[operator]  # d checked above
-            if _lasted(history, flags, self.patience):
+
+            def no_better(h: Mapping[str, float]) -> bool:
+                v, r, d = _value(h, tag), _value(h, f"{chart}/random"), _value(h, drop)  # noqa: B023
+                return v is not None and r is not None and d is not None and v > r - self.margin and d >= self.min_drop
+
+            if _held_since(history, no_better, self.patience) is not None:
                 bad.append(method)
                 numbers.append(f"{method} {history[-1][1][tag]:.3f}")
         if not bad:

@@ -525,3 +525,24 @@ def test_uniform_is_off_where_the_maps_are_the_mean_over_patch_rows():
         fired = [a.rule for a in book.update(history, maps)]
         assert ("uniform" in fired) is fires and ("uniform" in book.applicable) is fires
         assert ("attention_alerts/uniform" in book.markers([])) is fires
+
+
+def test_a_streak_read_from_the_last_pass_back_gives_the_verdict_over_every_pass():
+    """`_held_since` stops where the streak breaks or reaches the patience; its verdict and the pass it names are
+    those of every pass's flags read in full (`_lasted`, and the latest pass `patience` steps back)."""
+    import random
+
+    from lightning_attn.alerts import _held_since, _lasted
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 30)
+        steps = sorted(rng.sample(range(0, 400), n))
+        flags = [rng.random() < 0.8 for _ in range(n)]
+        history = [(step, {"flag": float(flag)}) for step, flag in zip(steps, flags)]
+        patience = rng.choice([0, 1, 10, 50, 120])
+        found = _held_since(history, lambda h: h["flag"] == 1.0, patience)
+        held = _lasted(history, flags[1:], patience)
+        assert (found is not None) == held
+        if held:
+            assert found == max(i for i in range(1, n) if steps[i] <= steps[-1] - patience)
