@@ -139,6 +139,17 @@ def test_explicit_modules_must_be_attention_layers():
     assert len(rec.attentions) == 1
 
 
+def _mask_kwargs(mask_kind, batch):
+    """The attention layer's mask arguments for `batch` inputs of 9 tokens and 3 heads, drawn from the global RNG."""
+    if mask_kind == "bool":
+        return {"attn_mask": (torch.rand(batch, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)}
+    if mask_kind == "float":
+        return {"attn_mask": torch.randn(batch, 3, 9, 9)}
+    if mask_kind == "causal":
+        return {"is_causal": True}
+    return {}
+
+
 @pytest.mark.parametrize("budget", [0, 2 * 4 * 2 * 9 * 9 * 2, None])  # one head, two heads, all three at a time
 @pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
 def test_head_streaming_equals_the_unfused_softmax(mask_kind, budget):
@@ -150,13 +161,7 @@ def test_head_streaming_equals_the_unfused_softmax(mask_kind, budget):
     layer = Attention(dim=48, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=torch.nn.LayerNorm).eval()
     layer.qkv.weight.data.mul_(6)
     x = torch.randn(2, 9, 48)
-    kwargs = {}
-    if mask_kind == "bool":
-        kwargs["attn_mask"] = (torch.rand(2, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)
-    elif mask_kind == "float":
-        kwargs["attn_mask"] = torch.randn(2, 3, 9, 9)
-    elif mask_kind == "causal":
-        kwargs["is_causal"] = True
+    kwargs = _mask_kwargs(mask_kind, batch=2)
     heads, chunks = {}, []
     with torch.no_grad():
         plain_out = layer(x, **kwargs)
@@ -191,13 +196,7 @@ def test_chunks_of_probes_equal_the_unfused_softmax(mask_kind, cache):
     layer = Attention(dim=48, num_heads=3, qkv_bias=True).eval()
     layer.qkv.weight.data.mul_(6)
     x = torch.randn(3, 9, 48)
-    kwargs = {}
-    if mask_kind == "bool":
-        kwargs["attn_mask"] = (torch.rand(3, 1, 9, 9) > 0.3) | torch.eye(9, dtype=torch.bool)
-    elif mask_kind == "float":
-        kwargs["attn_mask"] = torch.randn(3, 3, 9, 9)
-    elif mask_kind == "causal":
-        kwargs["is_causal"] = True
+    kwargs = _mask_kwargs(mask_kind, batch=3)
     cache_bytes = 4 * 9 * 9 * (3 if cache == "probe" else 1)
     got = torch.zeros(3, 3, 9, 9)
     order = []
