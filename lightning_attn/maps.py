@@ -267,7 +267,6 @@ class _Reducer(_Collected):
         if chunk.ends_probes:
             for name, parts in self._heads.items():  # every head of these probes: joined along the heads
                 self._parts.setdefault(name, []).append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
-            self._heads = {}
         if chunk.ends_call:
             joined = {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in self._parts.items()}
             self._parts = {}
