@@ -178,6 +178,8 @@ def stream_softmax(
         if cache_bytes is not None:
             shapes.append((n_q, n_k))
         scratch = q.new_empty(most * sum(rows * cols for rows, cols in shapes))
+        # a chunk of heads' bias serves each chunk of probes: built once per call, not once per chunk
+        biases: dict[int, Tensor | None] = {}
         for b0 in range(0, b, probe_step):
             b1 = min(b, b0 + probe_step)
             for h0 in range(0, heads, head_step):
@@ -191,7 +193,9 @@ def stream_softmax(
                 q_chunk = torch.mul(q[b0:b1, h0:h1], scale, out=q_chunk.view(*shape, n_q, -1))
                 k_chunk = k_chunk.view(*shape, n_k, -1).copy_(k[b0:b1, h0:h1])
                 logits = torch.matmul(q_chunk, k_chunk.transpose(-2, -1), out=logits.view(*shape, n_q, n_k))
-                extra = bias(h0, h1)
+                extra = biases[h0] if h0 in biases else bias(h0, h1)
+                if probe_step < b:
+                    biases[h0] = extra
                 if extra is not None:
                     logits.add_(extra[b0:b1] if extra.dim() == 4 and extra.shape[0] > 1 else extra)
                 if weights_memory:
