@@ -39,6 +39,14 @@ def test_tensorboard_writer_round_trip(tmp_path):
     assert [s.step for s in scalars] == list(written)
     np.testing.assert_allclose([s.value for s in scalars], [0.1 * s for s in written], rtol=1e-6)
 
+    # the PNG bytes are those SummaryWriter.add_image makes of the same pixels
+    plain = SummaryWriter(str(tmp_path / "plain"))
+    plain.add_image("attention/raw", written[0], global_step=0, dataformats="HWC")
+    plain.close()
+    reference = EventAccumulator(str(tmp_path / "plain"), size_guidance={"images": 0})
+    reference.Reload()
+    assert reference.Images("attention/raw")[0].encoded_image_string == events[0].encoded_image_string
+
 
 def test_png_writer_files_and_scalars(tmp_path):
     directory = tmp_path / "nested" / "attention"
@@ -317,7 +325,7 @@ def test_background_writer_bounds_the_passes_waiting_and_reports_errors_on_the_c
 
     gate = threading.Event()
     inner = _Recorder(gate=gate)
-    writer = BackgroundWriter(inner, max_pending=1)
+    writer = BackgroundWriter(inner, max_pending=1, settle=0)
     writer.add_scalar("a", 1.0, 0)
     writer.flush()  # taken by the worker, which waits at the gate
     time.sleep(0.1)
@@ -332,7 +340,7 @@ def test_background_writer_bounds_the_passes_waiting_and_reports_errors_on_the_c
     writer.drain()
     assert [c[1][1] for c in inner.calls if c[0] == "add_scalar"] == [1.0, 2.0, 3.0]
 
-    failing = BackgroundWriter(_Recorder(fail_on="add_image"))
+    failing = BackgroundWriter(_Recorder(fail_on="add_image"), settle=0)
     failing.add_image("attention/raw", image(), 0)
     failing.add_scalar("a", 1.0, 0)
     failing.flush()
@@ -343,6 +351,52 @@ def test_background_writer_bounds_the_passes_waiting_and_reports_errors_on_the_c
     failing.close()
     with pytest.raises(ValueError, match="max_pending"):
         BackgroundWriter(inner, max_pending=0)
+    with pytest.raises(ValueError, match="settle"):
+        BackgroundWriter(inner, settle=-1)
+
+
+def test_background_writer_prepares_on_the_callers_thread_and_waits_for_a_quick_store():
+    """A pass is prepared (encoded) by the caller and, on a quick destination, stored before flush returns: nothing
+    is left to run beside the training steps. A slow destination is waited for `settle` seconds, not more, and
+    still gets everything; a pass's error is raised at its own flush once it was stored within `settle`."""
+    import threading
+    import time
+
+    from lightning_attn.writers import BackgroundWriter
+
+    class Preparing(_Recorder):
+        def prepare(self, method, *args):
+            store = super().prepare(method, *args)
+            prepared_on = threading.current_thread().name
+            return lambda: (store(), self.calls.append(("prepared", method, prepared_on)))
+
+    inner = Preparing()
+    writer = BackgroundWriter(inner)
+    writer.add_image("attention/raw", image(), 0)
+    assert inner.calls == [], "prepared, not stored before flush"
+    writer.flush()
+    assert writer._queue is not None and writer._queue.unfinished_tasks == 0, "stored before flush returned"
+    assert ("add_image", ("attention/raw", 0), "lightning-attn-writer") in inner.calls
+    assert ("prepared", "add_image", threading.current_thread().name) in inner.calls
+    writer.close()
+
+    gate = threading.Event()
+    slow = BackgroundWriter(_Recorder(gate=gate), settle=0.2)
+    slow.add_scalar("a", 1.0, 0)
+    start = time.monotonic()
+    slow.flush()
+    assert 0.15 < time.monotonic() - start < 2, "waited `settle`, then left the store to the thread"
+    assert slow.writer.calls == []
+    gate.set()
+    slow.drain()
+    assert [c[0] for c in slow.writer.calls] == ["add_scalar", "flush"], "nothing dropped"
+    slow.close()
+
+    failing = BackgroundWriter(_Recorder(fail_on="add_image"))
+    failing.add_image("attention/raw", image(), 3)
+    with pytest.raises(RuntimeError, match=r"add_image failed: OSError: disk full \(step 3\)"):
+        failing.flush()
+    failing.close()
 
 
 def test_tensorboard_event_records_are_checksummed_in_c_with_tensorboards_values(tmp_path):

@@ -1,15 +1,18 @@
-"""Writing off the training loop: another writer's calls run on a worker thread, in order, a pass at a time.
+"""Writing off the training loop: a writer's stores run on a worker thread, in order, a pass at a time.
 
-Encoding the grids (JPEG/PNG) and writing TensorBoard events (whose own queue blocks once ten events wait) take
-most of a pass's writing time but need nothing from the training loop, so a :class:`BackgroundWriter` collects a
-pass's calls and hands them, at :meth:`~BackgroundWriter.flush`, to a thread of its own. Only writers that say
-they are :attr:`~lightning_attn.writers.AttentionWriter.thread_safe` are wrapped (TensorBoard, MLflow, files
-without a logger); the others keep writing on the caller's thread.
+A pass's records are prepared as the calls come, on the caller's thread (:meth:`AttentionWriter.prepare`:
+encoding the grids), while the training loop waits for the pass anyway; at :meth:`~BackgroundWriter.flush` they are
+handed to a thread of its own, which stores them (TensorBoard's event queue, a file, a tracking server's request),
+and the loop waits up to ``settle`` seconds for that. A local destination is done by then, so nothing of a pass is
+left to run beside the training steps that follow: on a machine whose training uses every core, whatever a writer
+thread does beside them (its CPU, and each handover of the GIL) slows those steps by about as much as it would
+take on the loop. A slow destination goes on storing in the background, and the loop goes on training. Only
+writers that say they are :attr:`~lightning_attn.writers.AttentionWriter.thread_safe` are wrapped (TensorBoard,
+MLflow, files without a logger); the others keep writing on the caller's thread.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 import threading
@@ -25,19 +28,31 @@ __all__ = ["BackgroundWriter", "in_background"]
 
 _STOP = None
 
+#: Seconds :meth:`BackgroundWriter.flush` waits for a pass to be stored. A pass at the defaults takes a few
+#: milliseconds to store in a local TensorBoard event file once prepared (ViT-S/16, 8 probes); a remote tracking
+#: server can take seconds, and goes on in the background.
+DEFAULT_SETTLE = 0.25
+
 
 class BackgroundWriter(AttentionWriter):
     """Runs ``writer``'s calls on a worker thread, in the order they were made.
 
-    The calls of a pass are collected and handed over at :meth:`flush` (the end of a pass); at most
-    ``max_pending`` passes wait for the worker, after which :meth:`flush` blocks until one is written, so memory
-    stays bounded however slow the destination. A call that fails does not stop the ones after it; its error is
-    raised on the caller's thread at the next :meth:`flush` or :meth:`drain` (any ``BaseException`` of the writer's,
-    ``SystemExit`` included: the worker goes on). :meth:`drain` waits until everything handed over is written (the
-    callback drains at the end of fit and before each checkpoint, so nothing is lost); :meth:`close` drains and
-    stops the thread. Both take a ``timeout``: past it they stop waiting, drop what is left and raise a
-    :class:`~lightning_attn.writers.WriteError` saying what was not written (the callback bounds its waits on an
-    exception and at teardown, so a hanging destination cannot keep a run from ending).
+    Each call is prepared at once (``writer.prepare``: the CPU work, on the caller's thread); the prepared calls
+    of a pass are handed over at :meth:`flush` (the end of a pass), which then waits up to ``settle`` seconds for
+    the worker to store them. At most ``max_pending`` passes wait for the worker, after which :meth:`flush` blocks
+    until one is written, so memory stays bounded however slow the destination. A call that fails does not stop
+    the ones after it; its error is raised on the caller's thread at the next :meth:`flush` or :meth:`drain` (any
+    ``BaseException`` of the writer's, ``SystemExit`` included: the worker goes on). :meth:`drain` waits until
+    everything handed over is written (the callback drains at the end of fit and before each checkpoint, so nothing
+    is lost); :meth:`close` drains and stops the thread. Both take a ``timeout``: past it they stop waiting, drop
+    what is left and raise a :class:`~lightning_attn.writers.WriteError` saying what was not written (the callback
+    bounds its waits on an exception and at teardown, so a hanging destination cannot keep a run from ending).
+
+    Args:
+        writer: the writer whose calls run on the thread.
+        max_pending: passes that may wait for the worker before :meth:`flush` blocks.
+        settle: seconds :meth:`flush` waits for the pass it hands over to be stored (0: none); past it, storing
+            goes on beside training and nothing is dropped.
 
     Example::
 
@@ -46,20 +61,23 @@ class BackgroundWriter(AttentionWriter):
         >>> from lightning_attn.writers import PNGWriter
         >>> with tempfile.TemporaryDirectory() as d:
         ...     writer = BackgroundWriter(PNGWriter(d))
-        ...     writer.add_image("attention/raw", np.zeros((4, 4, 3), np.uint8), step=1)
-        ...     writer.flush()  # handed to the worker
-        ...     writer.close()  # written
+        ...     writer.add_image("attention/raw", np.zeros((4, 4, 3), np.uint8), step=1)  # encoded now
+        ...     writer.flush()  # handed to the worker, which writes the file
+        ...     writer.close()
         ...     [p.name for p in Path(d).iterdir()]
         ['attention__raw_step0000001.png']
     """
 
     thread_safe = True
 
-    def __init__(self, writer: AttentionWriter, max_pending: int = 2) -> None:
+    def __init__(self, writer: AttentionWriter, max_pending: int = 2, settle: float = DEFAULT_SETTLE) -> None:
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"`max_pending` must be an int >= 1 (passes waiting to be written), got {max_pending!r}")
+        if isinstance(settle, bool) or not isinstance(settle, (int, float)) or not settle >= 0:
+            raise ValueError(f"`settle` must be a number of seconds >= 0, got {settle!r}")
         self.writer = writer
         self.max_pending = max_pending
+        self.settle = float(settle)
         self._calls: list[tuple[str, Callable[[], Any], int | None]] = []
         # created with the thread, so a writer that never wrote pickles (ddp_spawn sends callbacks to workers)
         self._queue: queue.Queue | None = None
@@ -71,7 +89,10 @@ class BackgroundWriter(AttentionWriter):
     # ------------------------------------------------------------------ the caller's side
 
     def _defer(self, method: str, *args: Any, step: int | None = None) -> None:
-        self._calls.append((method, functools.partial(getattr(self.writer, method), *args), step))
+        try:
+            self._calls.append((method, self.writer.prepare(method, *args), step))
+        except BaseException as err:  # noqa: BLE001 - as a failed store: raised at this pass's flush
+            self._errors.append((method, step, err))
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
         self._defer("add_image", tag, image, step, step=step)
@@ -98,7 +119,8 @@ class BackgroundWriter(AttentionWriter):
         self._defer("add_html", tag, page, step, step=step)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Hand this pass's calls (and the writer's own flush) to the worker; raise an earlier pass's error.
+        """Hand this pass's calls (and the writer's own flush) to the worker, wait up to ``settle`` seconds for
+        them to be stored, and raise an error of this pass's or an earlier one's.
 
         Blocks while ``max_pending`` passes wait, ``timeout`` seconds at most (None: no limit)."""
         self._defer("flush")
@@ -113,7 +135,23 @@ class BackgroundWriter(AttentionWriter):
             self._queue.put(calls, timeout=timeout)  # blocks while `max_pending` passes wait
         except queue.Full:
             raise self._gave_up(timeout, [calls]) from None
+        if self.settle > 0:
+            self._wait_stored(time.monotonic() + self.settle)
         self._raise_errors()
+
+    def _wait_stored(self, deadline: float | None) -> bool:
+        """Wait until every call handed over is stored, or until ``deadline`` (``time.monotonic()``; None: no
+        limit); whether they were."""
+        work_queue = self._queue
+        if work_queue is None:
+            return True
+        with work_queue.all_tasks_done:  # Queue.join, with a time limit
+            while work_queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                work_queue.all_tasks_done.wait(left)
+        return True
 
     def drain(self, timeout: float | None = None) -> None:
         """Wait until every call handed over is written, ``timeout`` seconds at most (None: no limit); raise the
@@ -121,14 +159,9 @@ class BackgroundWriter(AttentionWriter):
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._calls:
             self.flush(timeout)
-        work_queue = self._queue
-        if work_queue is not None:
-            with work_queue.all_tasks_done:  # Queue.join, with a time limit
-                while work_queue.unfinished_tasks:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise self._gave_up(timeout, list(work_queue.queue))
-                    work_queue.all_tasks_done.wait(left)
+        if not self._wait_stored(deadline):
+            assert self._queue is not None
+            raise self._gave_up(timeout, list(self._queue.queue))
         self._raise_errors()
 
     def close(self, timeout: float | None = None) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,29 @@ class AttentionWriter(ABC):
     def add_html(self, tag: str, page: str, step: int) -> None:
         """Record a self-contained HTML page (the interactive report, at the end of fit) under ``tag``; by
         default nothing (no place for it)."""
+
+    def prepare(self, method: str, *args: Any) -> Callable[[], None]:
+        """Split the call ``method(*args)`` in two: do now the work that needs only the arguments (encoding an
+        image), and return the call that stores the result. By default nothing is done now: the call itself.
+
+        A :class:`~lightning_attn.writers.BackgroundWriter` prepares a pass's calls before its
+        :meth:`~lightning_attn.writers.BackgroundWriter.flush` returns, while the training loop waits for the pass
+        anyway, and leaves only storing to its thread, which then takes little CPU (and GIL) from the training
+        steps beside it. Thread-safe writers must prepare safely on any thread.
+
+        Example::
+
+            >>> import tempfile
+            >>> from pathlib import Path
+            >>> from lightning_attn.writers import PNGWriter
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     store = PNGWriter(d).prepare("add_image", "attention/raw", np.zeros((4, 4, 3), np.uint8), 1)
+            ...     before = sorted(Path(d).iterdir())  # encoded, not written yet
+            ...     store()
+            ...     before, [p.name for p in Path(d).iterdir()]
+            ([], ['attention__raw_step0000001.png'])
+        """
+        return functools.partial(getattr(self, method), *args)
 
     def flush(self) -> None:
         """Push buffered records to storage; writers that write at once need not override it."""

@@ -7,8 +7,10 @@ Scalars go to the logger's own ``log_metrics`` (a CSVLogger's ``metrics.csv``), 
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from PIL import Image
 from ..animation import GifStream, gif_stream
 from .base import Animation, LoggerWriter, check_frames, check_image
 
-__all__ = ["PNGWriter", "gif_bytes", "save_gif"]
+__all__ = ["IMAGE_FORMATS", "PNGWriter", "encode_image", "gif_bytes", "save_gif"]
+
+IMAGE_FORMATS = ("png", "jpeg")
 
 
 def file_name(tag: str) -> str:
@@ -79,9 +83,22 @@ class PNGWriter(LoggerWriter):
         return self.directory / f"{file_name(tag)}.gif"
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
-        check_image(image)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(self.image_path(tag, step))
+        self.prepare("add_image", tag, image, step)()
+
+    def prepare(self, method: str, *args: Any) -> Callable[[], None]:
+        """Images and animations are encoded now (PNG, GIF); the call returned writes the bytes to their file."""
+        if method in ("add_image", "add_grid"):
+            tag, image, step = args[:3]
+            return functools.partial(self._write, self.image_path(tag, step), encode_image(image, "png"))
+        if method == "add_animation":
+            tag, frames, _, *duration_ms = args
+            return functools.partial(self._write, self.animation_path(tag), gif_bytes(frames, *duration_ms))
+        return super().prepare(method, *args)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
     def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +117,7 @@ class PNGWriter(LoggerWriter):
             f.write(f"{step}\t{tag}\t{' '.join(text.split())}\n")
 
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
-        save_gif(frames, self.animation_path(tag), duration_ms)
+        self.prepare("add_animation", tag, frames, step, duration_ms)()
 
     def add_html(self, tag: str, page: str, step: int) -> None:
         """Written to ``directory/<tag>.html``."""
@@ -111,6 +128,26 @@ class PNGWriter(LoggerWriter):
         save = getattr(self.logger, "save", None)
         if callable(save):
             save()  # a CSVLogger keeps rows in memory until then
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
+    """Encode an (H, W, 3) uint8 image as PNG (lossless) or JPEG (``quality`` 1-95, 4:2:0 chroma), in memory.
+
+    Example::
+
+        >>> data = encode_image(np.zeros((8, 8, 3), np.uint8), "jpeg")
+        >>> data[:3] == b"\\xff\\xd8\\xff", Image.open(io.BytesIO(data)).size
+        (True, (8, 8))
+    """
+    check_image(image)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    out = io.BytesIO()
+    if image_format == "jpeg":
+        Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(image).save(out, format="PNG")  # Pillow's default compression, as add_image uses
+    return out.getvalue()
 
 
 def gif_bytes(frames: Animation, duration_ms: int = 500) -> bytes:

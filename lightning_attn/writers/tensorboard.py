@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import io
+import functools
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .base import Animation, ChartLayout, LoggerWriter, animation_size, check_image
-from .files import file_name, gif_bytes
+from .files import IMAGE_FORMATS, encode_image, file_name, gif_bytes
 
 __all__ = ["IMAGE_FORMATS", "TensorBoardWriter", "encode_image", "fast_event_checksums"]
-
-IMAGE_FORMATS = ("png", "jpeg")
 
 # One merged layout per SummaryWriter: TensorBoard shows only the last layout written to a run, so monitors
 # sharing a logger each add their charts to it and the whole is written again.
@@ -59,26 +56,6 @@ def fast_event_checksums() -> bool:
         return False  # its pure-Python fallback would be no faster
     record_writer.masked_crc32c = _masked_crc32c
     return True
-
-
-def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 90) -> bytes:
-    """Encode an (H, W, 3) uint8 image as PNG (lossless) or JPEG (``quality`` 1-95, 4:2:0 chroma), in memory.
-
-    Example::
-
-        >>> data = encode_image(np.zeros((8, 8, 3), np.uint8), "jpeg")
-        >>> data[:3] == b"\\xff\\xd8\\xff", Image.open(io.BytesIO(data)).size
-        (True, (8, 8))
-    """
-    check_image(image)
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    out = io.BytesIO()
-    if image_format == "jpeg":
-        Image.fromarray(image).save(out, format="JPEG", quality=quality)
-    else:
-        Image.fromarray(image).save(out, format="PNG")  # Pillow's default compression, as add_image uses
-    return out.getvalue()
 
 
 class TensorBoardWriter(LoggerWriter):
@@ -154,21 +131,34 @@ class TensorBoardWriter(LoggerWriter):
         self.experiment._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
-        check_image(image)
-        if self.image_format == "png" or not hasattr(self.experiment, "_get_file_writer"):
-            self.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
-            return
-        height, width = image.shape[:2]
-        self._add_encoded(tag, encode_image(image, self.image_format, self.quality), height, width, step)
+        self.prepare("add_image", tag, image, step)()
+
+    def prepare(self, method: str, *args: Any) -> Callable[[], None]:
+        """Images are encoded now (``image_format``) and animations as GIF; the call returned adds the encoded
+        bytes to the event file (and writes the GIF file)."""
+        if method in ("add_image", "add_grid") and hasattr(self.experiment, "_get_file_writer"):
+            tag, image, step = args[:3]
+            data = encode_image(image, self.image_format, self.quality)  # PNG: the bytes add_image would make
+            return functools.partial(self._add_encoded, tag, data, image.shape[0], image.shape[1], step)
+        if method == "add_image":  # a SummaryWriter look-alike without the file writer: its own add_image
+            tag, image, step = args
+            check_image(image)
+            return functools.partial(self.experiment.add_image, tag, image, global_step=step, dataformats="HWC")
+        if method == "add_animation":
+            tag, frames, step, *duration_ms = args
+            height, width = animation_size(frames)
+            return functools.partial(self._add_gif, tag, gif_bytes(frames, *duration_ms), height, width, step)
+        return super().prepare(method, *args)
 
     def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         for tag, value in metrics.items():
             self.experiment.add_scalar(tag, value, global_step=step)
 
     def add_animation(self, tag: str, frames: Animation, step: int, duration_ms: int = 500) -> None:
-        data = gif_bytes(frames, duration_ms)
+        self.prepare("add_animation", tag, frames, step, duration_ms)()
+
+    def _add_gif(self, tag: str, data: bytes, height: int, width: int, step: int) -> None:
         if hasattr(self.experiment, "_get_file_writer"):
-            height, width = animation_size(frames)
             self._add_encoded(tag, data, height, width, step)  # the images tab plays GIFs
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
