@@ -286,7 +286,7 @@ def test_one_host_copy_per_grid(monkeypatch):
     tiles = overlay(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 4, 4), tile_size=32)
     assert calls == []
     make_grid(tiles, col_labels=["image", "L0", "L1", "L2"], row_labels=["0", "1"])
-    assert calls == [(2, 4, 32, 32, 3)]  # the tiles as uint8, once; the canvas is laid out on the host
+    assert calls == [(2, 32, 4, 32, 3)]  # the tiles as uint8 in canvas order, once; laid out on the host
 
 
 # --- to_display ---------------------------------------------------------------------------------------------------
