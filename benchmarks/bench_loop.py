@@ -15,7 +15,7 @@ the same run without the monitor alongside. Two tables:
    that does not. Each of the first 10 steps after a pass is compared with the step at the same place of the next
    epoch (the target is <= 1.05), and the table counts the steps that began while the monitor's writer thread was
    still storing a pass. Comparing two runs instead would measure the machine: on the 2-core machine the median
-   step of one plain run drifts by 10% from epoch to epoch and from run to run, more than the effect measured.
+   step of runs of the same code differs by 10% and more from run to run, more than the effect measured.
 """
 
 from __future__ import annotations
