@@ -5,8 +5,9 @@ encoding the grids), while the training loop waits for the pass anyway; at :meth
 handed to a thread of its own, which stores them (TensorBoard's event queue, a file, a tracking server's request),
 and the loop waits up to ``settle`` seconds for that. A local destination is done by then, so nothing of a pass is
 left to run beside the training steps that follow: on a machine whose training uses every core, whatever a writer
-thread does beside them (its CPU, and each handover of the GIL) slows those steps by about as much as it would
-take on the loop. A slow destination goes on storing in the background, and the loop goes on training. Only
+thread does beside them (its CPU, and each handover of the GIL) slows those steps, even at the lowest scheduling
+priority (docs/performance.md, the steps after a pass). A slow destination goes on storing in the background, and
+the loop goes on training. Only
 writers that say they are :attr:`~lightning_attn.writers.AttentionWriter.thread_safe` are wrapped (TensorBoard,
 MLflow, files without a logger); the others keep writing on the caller's thread.
 """
