@@ -509,9 +509,9 @@ def make_grid(
     top = LABEL_SIZE if col_labels is not None else 0
     left = LABEL_SIZE if row_labels is not None else 0
 
-    # The tiles become uint8 HWC on their device (one pass over the floats) and are copied to the host once; the
-    # white canvas with its strips is laid out in numpy, each tile written into a strided view of it.
-    # uint8 in the canvas's (row, y, col, x, channel) order in one copy, so the host side is a plain block copy
+    # The tiles become uint8 on their device, put in the canvas's (row, y, col, x, channel) order by the conversion's
+    # copy, and are copied to the host once; the white canvas with its strips is laid out in numpy, and the tiles go
+    # into a strided view of it as one block copy.
     scaled = tiles.float().mul(255).round_().clamp_(0, 255)
     pixels8 = torch.empty((rows, th, cols, tw, 3), dtype=torch.uint8, device=tiles.device)
     pixels8.copy_(scaled.permute(0, 3, 1, 4, 2))

@@ -89,16 +89,11 @@ class PNGWriter(LoggerWriter):
         """Images and animations are encoded now (PNG, GIF); the call returned writes the bytes to their file."""
         if method in ("add_image", "add_grid"):
             tag, image, step = args[:3]
-            return functools.partial(self._write, self.image_path(tag, step), encode_image(image, "png"))
+            return functools.partial(write_file, self.image_path(tag, step), encode_image(image, "png"))
         if method == "add_animation":
             tag, frames, _, *duration_ms = args
-            return functools.partial(self._write, self.animation_path(tag), gif_bytes(frames, *duration_ms))
+            return functools.partial(write_file, self.animation_path(tag), gif_bytes(frames, *duration_ms))
         return super().prepare(method, *args)
-
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
 
     def _add_scalars_without_logger(self, metrics: Mapping[str, float], step: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -191,6 +186,11 @@ def save_gif(frames: Animation, path: str | os.PathLike[str], duration_ms: int =
     """
     data = gif_bytes(frames, duration_ms)  # checks everything before touching the disk
     path = Path(path)
+    write_file(path, data)
+    return path
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, its parent directories created first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return path

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .base import Animation, ChartLayout, LoggerWriter, animation_size, check_image
-from .files import IMAGE_FORMATS, encode_image, file_name, gif_bytes
+from .files import IMAGE_FORMATS, encode_image, file_name, gif_bytes, write_file
 
 __all__ = ["IMAGE_FORMATS", "TensorBoardWriter", "encode_image", "fast_event_checksums"]
 
@@ -161,8 +161,7 @@ class TensorBoardWriter(LoggerWriter):
         if hasattr(self.experiment, "_get_file_writer"):
             self._add_encoded(tag, data, height, width, step)  # the images tab plays GIFs
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / f"{file_name(tag)}.gif").write_bytes(data)
+            write_file(self.directory / f"{file_name(tag)}.gif", data)
 
     def add_html(self, tag: str, page: str, step: int) -> None:
         """TensorBoard shows no HTML: with a ``directory``, the page is written there as ``<tag>.html``."""
